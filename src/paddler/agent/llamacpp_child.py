@@ -1,0 +1,121 @@
+"""Runs llama.cpp's HTTP server (through the ``xllamacpp`` wheel) in a process of its own.
+
+Usage::
+
+    python -m paddler.agent.llamacpp_child --model PATH --host H --port P --slots N --ctx N
+        [--threads N] [--alias A] [--api-key K] [--cache-ram-mib N] [--no-slots]
+
+Contract with the parent:
+
+- Once llama.cpp listens, exactly one line ``PADDLER_LLAMACPP_READY <url>`` is written to stdout.
+  ``--port 0`` lets the server pick a free port; the URL tells which.
+- The process exits when its stdin reaches end of file (the parent closed it, or died), on SIGTERM
+  or SIGINT, and on Linux when the parent dies (``PR_SET_PDEATHSIG``), so it is never orphaned.
+  The parent must therefore keep stdin open while it wants the server.
+- A server that fails to start exits with status 1 and a reason on stderr; llama.cpp's own log
+  goes to stderr too.
+- The API key may come from ``PADDLER_LLAMACPP_API_KEY`` instead of ``--api-key``: unlike the
+  command line, a process's environment is not readable by other users.
+
+The C++ server has no clean way to stop mid-request, so the process ends with ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import NoReturn
+
+READY_PREFIX = "PADDLER_LLAMACPP_READY"
+API_KEY_ENV = "PADDLER_LLAMACPP_API_KEY"
+_PR_SET_PDEATHSIG = 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m paddler.agent.llamacpp_child")
+    parser.add_argument("--model", required=True, help="path of the GGUF model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--slots", type=int, default=4, help="parallel sequences (n_parallel)")
+    parser.add_argument("--ctx", type=int, default=0, help="total context, shared by the slots")
+    parser.add_argument("--threads", type=int, default=0, help="0 lets llama.cpp choose")
+    parser.add_argument("--alias", default=None, help="model name clients may use")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None)
+    parser.add_argument("--cache-ram-mib", type=int, default=None)
+    parser.add_argument("--no-slots", action="store_true", help="disable GET /slots")
+    return parser.parse_args(argv)
+
+
+def start_server(args: argparse.Namespace) -> tuple[object, str]:
+    """Start llama.cpp in this process; return the server (keep it alive) and its URL."""
+    import xllamacpp  # imported here so that --help works without loading the native library
+
+    params = xllamacpp.CommonParams()
+    params.model.path = args.model
+    params.n_ctx = args.ctx
+    params.n_parallel = args.slots
+    params.port = args.port
+    params.hostnames = [args.host]
+    params.endpoint_slots = not args.no_slots
+    params.endpoint_metrics = True
+    if args.threads > 0:
+        params.cpuparams.n_threads = args.threads
+        params.cpuparams_batch.n_threads = args.threads
+    if args.cache_ram_mib is not None:
+        params.cache_ram_mib = args.cache_ram_mib
+    if args.alias:
+        params.model_alias = {args.alias}
+    if args.api_key:
+        params.api_keys = [args.api_key]
+    server = xllamacpp.Server(params)
+    return server, str(server.listening_address)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    _exit_with_parent()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_on_signal)
+    try:
+        # ``server`` must stay referenced until the process exits: dropping it stops llama.cpp.
+        server, url = start_server(args)
+    except RuntimeError as error:  # xllamacpp's only report: "Failed to init server, ..."
+        print(f"llama.cpp did not start: {error} (see its log above)", file=sys.stderr)
+        _exit(1)
+    print(f"{READY_PREFIX} {url}", flush=True)
+    # Blocks until EOF; a signal interrupts the read and its handler exits.
+    while sys.stdin.buffer.read1(65536):
+        pass
+    _exit(0)
+
+
+def _exit_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # The parent may have died between fork and prctl; then nobody would send the signal.
+    if os.getppid() == 1:
+        _exit(0)
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> NoReturn:
+    _exit(0)
+
+
+def _exit(code: int) -> NoReturn:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # the parent may have closed the pipe already; there is nobody left to tell
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The balancer's view of one llama.cpp server: what its agent reports and what we reserved.
+
+Two sources describe how busy a server is, and neither is complete alone:
+
+- the agent's report (``slots_processing``) is a sample of llama.cpp's ``/slots`` taken a moment
+  ago: it misses what we dispatched since, and it includes traffic that bypasses the balancer;
+- our own reservations (``reserved``) are exact for our traffic, but know nothing of anyone else.
+
+A slot counts as busy if either source says so, never twice:
+``busy = max(reserved + settling, reported_processing)``. A slot is freed only by the guard that
+reserved it (see ``slot_guard``), so a report can never free a reservation.
+
+``settling`` covers one gap: when a client disconnects we release its reservation at once, but
+llama.cpp notices the closed connection and frees the slot a little later. Until the agent's next
+report arrives (or ``settle_timeout`` passes), such a slot still counts as busy, so that the next
+request does not land in llama.cpp's own wait queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from paddler.config import Address
+from paddler.protocol import LlamaCppState, Status
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """An immutable view of one agent, for the API, health and dashboards."""
+
+    id: str
+    name: str
+    url: str
+    state: str
+    error: str | None
+    models: tuple[str, ...]
+    slots_total: int
+    slots_idle: int
+    slots_processing: int
+    slots_reported_processing: int
+    requests_in_flight: int
+    circuit_open: bool
+    last_report_age: float
+    registered_at: float
+
+
+@dataclass(eq=False)
+class AgentController:
+    id: str
+    name: str
+    address: Address
+    status: Status
+    last_report_at: float
+    registered_at: float
+    session_id: int = 0
+    reserved: int = 0
+    in_flight: int = 0
+    settling: list[float] = field(default_factory=list)
+    circuit_opened_at: float | None = None
+    consecutive_failures: int = 0
+    removed: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.address.url
+
+    @property
+    def slots_total(self) -> int:
+        return self.status.slots_total
+
+    def busy_slots(self) -> int:
+        return max(self.reserved + len(self.settling), self.status.slots_processing)
+
+    def free_slots(self) -> int:
+        return max(0, self.slots_total - self.busy_slots())
+
+    @property
+    def circuit_open(self) -> bool:
+        return self.circuit_opened_at is not None
+
+    def usable(self) -> bool:
+        """Whether requests may be sent here at all (a slot is a separate question)."""
+        return not self.removed and not self.circuit_open and self.status.state is LlamaCppState.OK
+
+    def expire_settling(self, now: float) -> bool:
+        """Drop settling slots whose deadline passed; return whether any was dropped."""
+        before = len(self.settling)
+        self.settling = [deadline for deadline in self.settling if deadline > now]
+        return len(self.settling) != before
+
+    def accept_report(self, status: Status, now: float, cooldown: float) -> None:
+        self.status = status
+        self.last_report_at = now
+        # A report sent after a disconnect shows whether llama.cpp still holds the slot, and
+        # ``slots_processing`` then covers it; the settling estimate is no longer needed.
+        self.settling.clear()
+        if (
+            self.circuit_opened_at is not None
+            and status.state is LlamaCppState.OK
+            and now - self.circuit_opened_at >= cooldown
+        ):
+            self.circuit_opened_at = None
+            self.consecutive_failures = 0
+
+    def snapshot(self, now: float) -> AgentSnapshot:
+        busy = self.busy_slots() if self.status.state is LlamaCppState.OK else 0
+        return AgentSnapshot(
+            id=self.id,
+            name=self.name,
+            url=self.url,
+            state=self.status.state.value,
+            error=self.status.error,
+            models=self.status.models,
+            slots_total=self.slots_total,
+            slots_idle=max(0, self.slots_total - busy),
+            slots_processing=min(busy, self.slots_total),
+            slots_reported_processing=self.status.slots_processing,
+            requests_in_flight=self.in_flight,
+            circuit_open=self.circuit_open,
+            last_report_age=max(0.0, now - self.last_report_at),
+            registered_at=self.registered_at,
+        )

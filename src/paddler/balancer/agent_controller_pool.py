@@ -1,0 +1,218 @@
+"""The fleet: which agents exist, which can take a request, and who gets the next slot.
+
+Membership policy (documented in docs/membership.md):
+
+- An agent is keyed by the address the balancer proxies to. A registration for an address that is
+  already known takes it over (a reconnecting agent keeps its reservations); the older socket then
+  no longer owns the agent and its closing removes nothing.
+- An agent is removed when it deregisters, when its socket closes, or when no report arrived for
+  ``stale_after`` seconds.
+- Removal only stops new requests: requests already running on that server hold a reference to
+  its controller and finish normally; their release is then a no-op for the fleet.
+
+Everything here runs on the event loop between awaits, so no locks are needed. Changes that may
+free capacity call the ``on_capacity`` listeners, which is how buffered requests are woken.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from paddler.balancer.agent_controller import AgentController, AgentSnapshot
+from paddler.balancer.slot_guard import SlotGuard
+from paddler.config import Address
+from paddler.protocol import Status
+
+log = logging.getLogger(__name__)
+
+
+class FleetFull(Exception):
+    """The balancer already tracks ``max_agents`` agents."""
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    agents: tuple[AgentSnapshot, ...]
+    slots_idle: int
+    slots_processing: int
+    usable_agents: int
+
+    @property
+    def slots_total(self) -> int:
+        return self.slots_idle + self.slots_processing
+
+
+class AgentControllerPool:
+    def __init__(
+        self,
+        *,
+        settle_timeout: float = 2.0,
+        circuit_cooldown: float = 5.0,
+        failure_threshold: int = 3,
+        max_agents: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._agents: dict[str, AgentController] = {}
+        self._settle_timeout = settle_timeout
+        self._circuit_cooldown = circuit_cooldown
+        self._failure_threshold = failure_threshold
+        self._max_agents = max_agents
+        self._clock = clock
+        self._next_session = 0
+        self._capacity_listeners: list[Callable[[], None]] = []
+
+    # -- membership -------------------------------------------------------------------------
+
+    def register(self, name: str, address: Address, status: Status) -> tuple[AgentController, int]:
+        """Add an agent, or take over the one at the same address; return it and the session."""
+        now = self._clock()
+        self._next_session += 1
+        agent = self._agents.get(address.url)
+        if agent is None:
+            if len(self._agents) >= self._max_agents:
+                raise FleetFull(f"the balancer already tracks {self._max_agents} agents")
+            agent = AgentController(
+                id=f"{name}@{address.authority}",
+                name=name,
+                address=address,
+                status=status,
+                last_report_at=now,
+                registered_at=time.time(),
+            )
+            self._agents[address.url] = agent
+            log.info("agent %s registered at %s: %s", name, address.url, _describe(status))
+        else:
+            log.info(
+                "agent %s re-registered at %s, replacing its previous session", name, address.url
+            )
+            agent.name = name
+        agent.session_id = self._next_session
+        agent.accept_report(status, now, self._circuit_cooldown)
+        self._capacity_changed()
+        return agent, agent.session_id
+
+    def report(self, agent: AgentController, session: int, status: Status) -> bool:
+        """Record a status report; return False if that session no longer owns the agent."""
+        if agent.removed or agent.session_id != session:
+            return False
+        previous = agent.status
+        agent.accept_report(status, self._clock(), self._circuit_cooldown)
+        if (previous.state, previous.error) != (status.state, status.error):
+            log.info("agent %s is now %s", agent.name, _describe(status))
+        self._capacity_changed()
+        return True
+
+    def remove(self, agent: AgentController, session: int | None, reason: str) -> bool:
+        """Remove an agent, unless a newer session took it over; return whether it was removed."""
+        if agent.removed or (session is not None and agent.session_id != session):
+            return False
+        agent.removed = True
+        del self._agents[agent.address.url]
+        log.info(
+            "agent %s removed (%s); %d request(s) still running there will finish",
+            agent.name,
+            reason,
+            agent.in_flight,
+        )
+        return True
+
+    def sweep(self, stale_after: float) -> None:
+        """Remove agents that stopped reporting and expire settling slots."""
+        now = self._clock()
+        for agent in list(self._agents.values()):
+            if now - agent.last_report_at > stale_after:
+                self.remove(agent, None, f"no report for {now - agent.last_report_at:.1f}s")
+        if any([agent.expire_settling(now) for agent in self._agents.values()]):
+            self._capacity_changed()
+
+    def agents(self) -> list[AgentController]:
+        return list(self._agents.values())
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def snapshot(self) -> FleetSnapshot:
+        now = self._clock()
+        agents = tuple(agent.snapshot(now) for agent in self._agents.values())
+        usable = [agent for agent in self._agents.values() if agent.usable()]
+        return FleetSnapshot(
+            agents=agents,
+            slots_idle=sum(agent.free_slots() for agent in usable),
+            slots_processing=sum(min(agent.busy_slots(), agent.slots_total) for agent in usable),
+            usable_agents=len(usable),
+        )
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def on_capacity(self, listener: Callable[[], None]) -> None:
+        self._capacity_listeners.append(listener)
+
+    def pick(self, needs_slot: bool, exclude: Iterable[str] = ()) -> AgentController | None:
+        """The usable agent with the most free slots; ties go to the least busy, then by name.
+
+        With ``needs_slot`` only agents with a free slot qualify.
+        """
+        excluded = set(exclude)
+        best: AgentController | None = None
+        best_key: tuple[int, int, str, str] | None = None
+        for agent in self._agents.values():
+            if agent.id in excluded or not agent.usable():
+                continue
+            free = agent.free_slots()
+            if needs_slot and free < 1:
+                continue
+            key = (-free, agent.busy_slots(), agent.name, agent.url)
+            if best_key is None or key < best_key:
+                best, best_key = agent, key
+        return best
+
+    def has_candidates(self, exclude: Iterable[str]) -> bool:
+        """Whether any agent outside ``exclude`` exists at all (usable now or not)."""
+        excluded = set(exclude)
+        return any(agent.id not in excluded for agent in self._agents.values())
+
+    def reserve(self, agent: AgentController, needs_slot: bool) -> SlotGuard:
+        agent.in_flight += 1
+        if needs_slot:
+            agent.reserved += 1
+        return SlotGuard(self, agent, needs_slot)
+
+    def release(self, guard: SlotGuard, *, abandoned: bool) -> None:
+        """Called by ``SlotGuard.release`` only, exactly once per guard."""
+        agent = guard.agent
+        agent.in_flight -= 1
+        if guard.holds_slot:
+            agent.reserved -= 1
+            if abandoned and not agent.removed:
+                agent.settling.append(self._clock() + self._settle_timeout)
+        self._capacity_changed()
+
+    # -- failures ---------------------------------------------------------------------------
+
+    def trip(self, agent: AgentController, reason: str) -> None:
+        """Take an agent out of rotation until it reports healthy again."""
+        agent.consecutive_failures += 1
+        if agent.circuit_opened_at is None:
+            log.warning("circuit opened for agent %s: %s", agent.name, reason)
+        agent.circuit_opened_at = self._clock()
+
+    def record_failure(self, agent: AgentController, reason: str) -> None:
+        """A failure that may be the request's own fault; trips after repeated failures."""
+        agent.consecutive_failures += 1
+        if agent.consecutive_failures >= self._failure_threshold:
+            self.trip(agent, f"{agent.consecutive_failures} failures in a row, last: {reason}")
+
+    def record_success(self, agent: AgentController) -> None:
+        agent.consecutive_failures = 0
+
+    def _capacity_changed(self) -> None:
+        for listener in self._capacity_listeners:
+            listener()
+
+
+def _describe(status: Status) -> str:
+    text = f"{status.state.value}, {status.slots_idle} idle / {status.slots_total} slots"
+    return f"{text} ({status.error})" if status.error else text

@@ -1,0 +1,76 @@
+"""Every error the balancer itself answers, in llama.cpp's (and OpenAI's) error shape.
+
+``{"error": {"code": <http status>, "message": <text>, "type": <llama.cpp error type>}}``.
+This is the one place where a failure becomes an HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from paddler.balancer.request_buffer import (
+    BufferFull,
+    BufferRejection,
+    BufferTimeout,
+    NoCandidates,
+    ShuttingDown,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApiError(Exception):
+    status: int
+    message: str
+    type: str
+    retry_after: int | None = None
+
+    def body(self) -> dict[str, dict[str, object]]:
+        return {"error": {"code": self.status, "message": self.message, "type": self.type}}
+
+    def response(self) -> web.Response:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return web.json_response(self.body(), status=self.status, headers=headers)
+
+    def sse_event(self) -> bytes:
+        """The error as a server-sent event, for a stream whose headers were already sent."""
+        return f"data: {json.dumps(self.body())}\n\n".encode()
+
+
+def from_buffer(rejection: BufferRejection) -> ApiError:
+    if isinstance(rejection, BufferFull):
+        # 503, not 429: the fleet is out of capacity, the client did nothing wrong. OpenAI SDKs
+        # retry both, honouring Retry-After.
+        return ApiError(503, str(rejection), "unavailable_error", retry_after=1)
+    if isinstance(rejection, BufferTimeout):
+        return ApiError(504, str(rejection), "unavailable_error")
+    if isinstance(rejection, ShuttingDown):
+        return ApiError(503, str(rejection), "unavailable_error", retry_after=1)
+    if isinstance(rejection, NoCandidates):
+        return ApiError(
+            502, f"every llama.cpp server failed this request ({rejection})", "server_error"
+        )
+    return ApiError(503, str(rejection), "unavailable_error", retry_after=1)
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, f"the request body is larger than the limit of {limit} bytes", "invalid_request_error"
+    )
+
+
+def upstream_failed(detail: str) -> ApiError:
+    return ApiError(502, f"the llama.cpp server failed: {detail}", "server_error")
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "missing or wrong management token", "authentication_error")
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, message, "invalid_request_error")

@@ -1,0 +1,116 @@
+"""The balancer as one service: both ports, the fleet, the buffer and the membership sweep.
+
+Shutdown, in order: the proxy port stops accepting; buffered requests are answered 503; requests
+in flight get ``shutdown_drain_timeout`` seconds to finish and are then cut; finally the agents'
+sockets and the management port close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.agent_socket import AgentSocket
+from paddler.balancer.management_app import ManagementApp
+from paddler.balancer.request_buffer import RequestBuffer
+from paddler.balancer.reverse_proxy import ReverseProxy
+from paddler.balancer.upstream import Upstream
+from paddler.config import BalancerConfig
+from paddler.lifecycle import wait_or_shutdown
+
+log = logging.getLogger(__name__)
+
+
+class Balancer:
+    def __init__(
+        self,
+        config: BalancerConfig,
+        on_listening: Callable[[str, int], None] | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.pool = AgentControllerPool(
+            settle_timeout=config.slot_settle_timeout,
+            circuit_cooldown=config.circuit_breaker_cooldown,
+            failure_threshold=config.circuit_breaker_failure_threshold,
+            max_agents=config.max_agents,
+        )
+        self.buffer = RequestBuffer(
+            self.pool, size=config.request_buffer_size, timeout=config.request_buffer_timeout
+        )
+        self._on_listening = on_listening
+        self.management_port: int | None = None
+        self.reverseproxy_port: int | None = None
+        self.ready = asyncio.Event()
+
+    async def run(self, shutdown: asyncio.Event) -> None:
+        config = self.config
+        socket = AgentSocket(self.pool, config.management_token, heartbeat=config.agent_stale_after)
+        async with Upstream(
+            connect_timeout=config.upstream_connect_timeout,
+            keepalive_timeout=config.upstream_keepalive_timeout,
+            rewrite_host_header=config.rewrite_host_header,
+        ) as upstream:
+            proxy_app = ReverseProxy(config, self.pool, self.buffer, upstream).app()
+            proxy_app.on_shutdown.append(self._close_buffer)
+            management_app = ManagementApp(self.pool, self.buffer, socket).app()
+
+            async def close_sockets(_: web.Application) -> None:
+                await socket.close_all()
+
+            management_app.on_shutdown.append(close_sockets)
+            management = web.AppRunner(management_app, access_log=None, handle_signals=False)
+            proxy = web.AppRunner(
+                proxy_app,
+                access_log=None,
+                handle_signals=False,
+                handler_cancellation=True,
+                shutdown_timeout=config.shutdown_drain_timeout,
+            )
+            await management.setup()
+            try:
+                await proxy.setup()
+                try:
+                    self.management_port = await _listen(
+                        management, config.management_host, config.management_port
+                    )
+                    self.reverseproxy_port = await _listen(
+                        proxy, config.reverseproxy_host, config.reverseproxy_port
+                    )
+                    self._announce("management", config.management_host, self.management_port)
+                    self._announce("reverseproxy", config.reverseproxy_host, self.reverseproxy_port)
+                    self.ready.set()
+                    await self._sweep_until(shutdown)
+                    log.info("shutting down: draining requests in flight")
+                finally:
+                    await proxy.cleanup()
+            finally:
+                await management.cleanup()
+        log.info("balancer stopped")
+
+    async def _close_buffer(self, _: web.Application) -> None:
+        waiting = self.buffer.waiting
+        self.buffer.close()
+        if waiting:
+            log.info("answered %d buffered request(s) with 503", waiting)
+
+    async def _sweep_until(self, shutdown: asyncio.Event) -> None:
+        interval = min(0.25, self.config.agent_stale_after / 4)
+        while not await wait_or_shutdown(shutdown, interval):
+            self.pool.sweep(self.config.agent_stale_after)
+
+    def _announce(self, role: str, host: str, port: int) -> None:
+        log.info("%s listening on http://%s:%d", role, host, port)
+        if self._on_listening is not None:
+            self._on_listening(role, port)
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    address = runner.addresses[-1]
+    return int(address[1])

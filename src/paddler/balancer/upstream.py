@@ -1,0 +1,233 @@
+"""Sending a request to a llama.cpp server and relaying its answer, chunk by chunk.
+
+Connection reuse: llama.cpp closes an idle keep-alive connection after 5 s and after 100 requests.
+A pooled connection that llama.cpp has just closed fails on first use ("Cannot write to closing
+transport", a reset, or a disconnect before any response byte). Two measures keep that from ever
+reaching a client:
+
+- the pool forgets idle connections sooner than llama.cpp does (``upstream_keepalive_timeout``);
+- a request that fails that way before any response arrived is sent once more on a connection
+  that is opened for it alone. Nothing of the first attempt reached llama.cpp's handler (it
+  closed the connection before reading it), so resending is safe.
+
+A failure to *open* a connection is the server's fault, not the pool's: it surfaces as
+``ConnectFailed`` and the caller tries another agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from paddler.balancer.agent_controller import AgentController
+from paddler.balancer.errors import upstream_failed
+
+log = logging.getLogger(__name__)
+
+# RFC 9110 section 7.6.1, plus the framing headers that each side of the proxy sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+
+
+class ConnectFailed(Exception):
+    """No connection to the llama.cpp server could be opened."""
+
+
+class UpstreamBroken(Exception):
+    """The server accepted the request but failed before or while answering."""
+
+
+def _forwardable(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The end-to-end headers: hop-by-hop ones, and any the Connection header names, dropped."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+    }
+    return CIMultiDict(
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in HOP_BY_HOP and name.lower() not in named
+    )
+
+
+class Upstream:
+    """The balancer's HTTP client towards llama.cpp servers; one per process."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        keepalive_timeout: float,
+        rewrite_host_header: bool,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._keepalive_timeout = keepalive_timeout
+        self._rewrite_host_header = rewrite_host_header
+        self._pooled: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Upstream:
+        self._pooled = self._session(
+            aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive_timeout)
+        )
+        self._fresh = self._session(aiohttp.TCPConnector(limit=0, force_close=True))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for session in (self._pooled, self._fresh):
+            if session is not None:
+                await session.close()
+
+    def _session(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=connector,
+            # Per phase, never in total: a stream may rightly run for many minutes.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def send(
+        self, agent: AgentController, request: web.Request, body: bytes
+    ) -> aiohttp.ClientResponse:
+        """Send the client's request to ``agent``; return once the response headers arrived."""
+        assert self._pooled is not None and self._fresh is not None, "use as a context manager"
+        url = agent.url + request.rel_url.raw_path_qs
+        headers = _forwardable(request.headers)
+        if self._rewrite_host_header:
+            headers["Host"] = agent.address.authority
+        try:
+            return await self._request(self._pooled, request.method, url, headers, body)
+        except ConnectFailed:
+            raise
+        except (aiohttp.ClientConnectionError, ConnectionResetError) as first:
+            log.debug(
+                "pooled connection to %s failed (%r); resending on a fresh one", agent.name, first
+            )
+        try:
+            return await self._request(self._fresh, request.method, url, headers, body)
+        except (aiohttp.ClientConnectionError, ConnectionResetError) as second:
+            raise UpstreamBroken(f"{agent.name} closed the connection: {second!r}") from second
+
+    async def _request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+    ) -> aiohttp.ClientResponse:
+        try:
+            return await session.request(
+                method, url, headers=headers, data=body or None, allow_redirects=False
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            raise ConnectFailed(str(error) or repr(error)) from error
+
+
+def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
+
+
+@dataclass
+class Relayed:
+    """How relaying ended. ``response`` is always the one to return from the handler."""
+
+    response: web.StreamResponse
+    failure: str | None = None
+    client_gone: bool = False
+
+
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    *,
+    extra_headers: Mapping[str, str] | None = None,
+    on_first_chunk: Callable[[], None] | None = None,
+) -> Relayed:
+    """Copy the upstream response to the client as it arrives, never buffering it whole.
+
+    If the server fails mid-answer, an event stream gets a clean end with an error event and
+    any other body is cut off, so that the client sees it incomplete.
+    """
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.update(_forwardable(upstream.headers))
+    if extra_headers:
+        response.headers.update(extra_headers)
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    outcome = Relayed(response)
+    try:
+        await response.prepare(request)
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as error:
+                outcome.failure = f"the server failed mid-response: {error!r}"
+                await _end_broken_stream(request, response, is_event_stream(upstream), error)
+                return outcome
+            if not chunk:
+                break
+            if on_first_chunk is not None:
+                on_first_chunk()
+                on_first_chunk = None
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        outcome.client_gone = True
+    finally:
+        if outcome.failure is None and not outcome.client_gone and response.prepared:
+            upstream.release()
+        else:
+            # Closing, not releasing: llama.cpp must see the connection drop to stop generating.
+            upstream.close()
+    return outcome
+
+
+async def _end_broken_stream(
+    request: web.Request, response: web.StreamResponse, streaming: bool, error: BaseException
+) -> None:
+    if streaming:
+        # The client gets a well-formed end: an error event, as llama.cpp itself sends after the
+        # first chunk, then the end of the chunked body.
+        try:
+            await response.write(upstream_failed(f"stream interrupted ({error!r})").sse_event())
+            await response.write_eof()
+        except ConnectionResetError:
+            pass
+        return
+    # Anything else must not look complete: cut the connection so the client sees a truncation.
+    if request.transport is not None:
+        request.transport.close()
+
+
+async def discard(response: aiohttp.ClientResponse, limit: int = 4096) -> str:
+    """Read a little of a failed response for the log, then close it."""
+    try:
+        async with asyncio.timeout(1.0):
+            text = (await response.content.read(limit)).decode("utf-8", "replace")
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        text = ""
+    response.close()
+    return text

@@ -1,0 +1,113 @@
+"""Frozen configuration, built once by the CLI from flags and ``PADDLER_*`` variables.
+
+Nothing below the CLI reads the environment: every service takes one of these in its
+constructor.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Address:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def authority(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    management_host: str = "127.0.0.1"
+    management_port: int = 8085
+    reverseproxy_host: str = "127.0.0.1"
+    reverseproxy_port: int = 8086
+    management_token: str | None = None
+    management_insecure: bool = False
+    request_buffer_size: int = 20
+    request_buffer_timeout: float = 60.0
+    rewrite_host_header: bool = False
+    max_request_body_size: int = 32 * 1024 * 1024
+    agent_stale_after: float = 5.0
+    upstream_connect_timeout: float = 5.0
+    upstream_keepalive_timeout: float = 2.0
+    max_retries: int = 2
+    circuit_breaker_cooldown: float = 5.0
+    circuit_breaker_failure_threshold: int = 3
+    slot_settle_timeout: float = 2.0
+    shutdown_drain_timeout: float = 30.0
+    max_agents: int = 1024
+
+    def validate(self) -> None:
+        """Refuse configurations that would be unsafe or meaningless."""
+        if (
+            not self.management_token
+            and not self.management_insecure
+            and not is_loopback(self.management_host)
+        ):
+            raise ValueError(
+                f"the management address {self.management_host} is not loopback: anyone who "
+                "reaches it could register a backend. Set --management-token "
+                "(PADDLER_MANAGEMENT_TOKEN), or pass --management-insecure to accept that."
+            )
+        if self.request_buffer_size < 0:
+            raise ValueError("--request-buffer-size must be 0 or more")
+        if self.request_buffer_timeout <= 0:
+            raise ValueError("--request-buffer-timeout must be positive")
+
+
+@dataclass(frozen=True)
+class LlamaCppLaunch:
+    """How an agent runs llama.cpp itself (``paddler agent --model``)."""
+
+    model: Path
+    slots: int = 4
+    context_size: int = 0  # 0: 4096 tokens per slot
+    threads: int = 0  # 0: let llama.cpp choose
+    alias: str | None = None
+    cache_ram_mib: int = 1024
+    restart_backoff_max: float = 30.0
+
+    @property
+    def total_context(self) -> int:
+        return self.context_size or 4096 * self.slots
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    local: Address
+    external: Address
+    management_host: str = "127.0.0.1"
+    management_port: int = 8085
+    management_token: str | None = None
+    local_llamacpp_api_key: str | None = None
+    name: str = ""
+    reporting_interval: float = 1.0
+    monitoring_interval: float = 0.25
+    llamacpp_timeout: float = 3.0
+    reconnect_backoff_max: float = 10.0
+    launch: LlamaCppLaunch | None = None
+
+    @property
+    def management_url(self) -> str:
+        return Address("http", self.management_host, self.management_port).url

@@ -1,0 +1,222 @@
+"""The fleet's bookkeeping: the pick, reservations, reconciliation with reports, membership."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from paddler.balancer.agent_controller_pool import AgentControllerPool, FleetFull
+from paddler.config import Address
+from paddler.protocol import LlamaCppState, Status
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def status(idle: int, processing: int = 0, state: LlamaCppState = LlamaCppState.OK) -> Status:
+    return Status(state=state, slots_idle=idle, slots_processing=processing)
+
+
+def address(port: int) -> Address:
+    return Address("http", "127.0.0.1", port)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def pool(clock: Clock) -> AgentControllerPool:
+    return AgentControllerPool(settle_timeout=2.0, circuit_cooldown=5.0, failure_threshold=3, clock=clock)
+
+
+def test_pick_prefers_the_agent_with_most_free_slots(pool: AgentControllerPool) -> None:
+    """The free agent with the most idle slots wins."""
+    pool.register("a", address(1), status(idle=1, processing=3))
+    pool.register("b", address(2), status(idle=3, processing=1))
+    pool.register("c", address(3), status(idle=2, processing=2))
+    picked = pool.pick(needs_slot=True)
+    assert picked is not None
+    assert picked.name == "b"
+
+
+def test_pick_breaks_ties_by_fewest_busy_then_name(pool: AgentControllerPool) -> None:
+    """Equal free slots go to the least busy agent, then to the first name, deterministically."""
+    pool.register("zeta", address(1), status(idle=2, processing=0))
+    pool.register("alpha", address(2), status(idle=2, processing=2))
+    pool.register("beta", address(3), status(idle=2, processing=0))
+    picked = pool.pick(needs_slot=True)
+    assert picked is not None
+    assert picked.name == "beta"
+
+
+def test_pick_skips_agents_without_a_free_slot_or_not_ok(pool: AgentControllerPool) -> None:
+    """Only usable agents with a free slot qualify for generating requests."""
+    pool.register("full", address(1), status(idle=0, processing=2))
+    pool.register("loading", address(2), status(idle=4, state=LlamaCppState.LOADING))
+    assert pool.pick(needs_slot=True) is None
+    full = pool.pick(needs_slot=False)
+    assert full is not None
+    assert full.name == "full"
+
+
+def test_reservations_count_against_free_slots(pool: AgentControllerPool) -> None:
+    """Dispatching reserves a slot at once, before any report shows it busy."""
+    agent, _ = pool.register("a", address(1), status(idle=2))
+    first = pool.reserve(agent, needs_slot=True)
+    pool.reserve(agent, needs_slot=True)
+    assert pool.pick(needs_slot=True) is None
+    first.release()
+    assert pool.pick(needs_slot=True) is agent
+
+
+def test_a_report_never_frees_or_double_counts_a_reserved_slot(pool: AgentControllerPool) -> None:
+    """busy = max(reserved, reported): a slot both reserved and reported counts once."""
+    agent, session = pool.register("a", address(1), status(idle=4))
+    guards = [pool.reserve(agent, needs_slot=True) for _ in range(2)]
+    pool.report(agent, session, status(idle=4, processing=0))  # stale sample: shows nothing busy
+    assert agent.free_slots() == 2
+    pool.report(agent, session, status(idle=2, processing=2))  # the same two requests, seen
+    assert agent.free_slots() == 2
+    pool.report(agent, session, status(idle=1, processing=3))  # one more from outside Paddler
+    assert agent.free_slots() == 1
+    for guard in guards:
+        guard.release()
+    assert agent.free_slots() == 1
+
+
+def test_release_is_exactly_once(pool: AgentControllerPool) -> None:
+    """Releasing a guard twice gives the slot back once."""
+    agent, _ = pool.register("a", address(1), status(idle=2))
+    guard = pool.reserve(agent, needs_slot=True)
+    guard.release()
+    guard.release()
+    assert agent.reserved == 0
+    assert agent.in_flight == 0
+
+
+def test_guard_releases_on_exception(pool: AgentControllerPool) -> None:
+    """Leaving the guard's block by an error releases the slot."""
+    agent, _ = pool.register("a", address(1), status(idle=1))
+    with pytest.raises(RuntimeError), pool.reserve(agent, needs_slot=True):
+        raise RuntimeError("upstream exploded")
+    assert agent.free_slots() == 1
+
+
+async def test_guard_released_by_cancellation_settles_until_next_report(
+    pool: AgentControllerPool, clock: Clock
+) -> None:
+    """A cancelled request's slot stays counted until a report shows llama.cpp let it go."""
+    agent, session = pool.register("a", address(1), status(idle=1))
+
+    async def request() -> None:
+        with pool.reserve(agent, needs_slot=True):
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert agent.reserved == 0
+    assert agent.free_slots() == 0
+    pool.report(agent, session, status(idle=1))
+    assert agent.free_slots() == 1
+
+
+def test_settling_slots_expire_without_a_report(pool: AgentControllerPool, clock: Clock) -> None:
+    """A settling slot is freed by the sweep once the settle timeout passes."""
+    agent, _ = pool.register("a", address(1), status(idle=1))
+    pool.reserve(agent, needs_slot=True).release(abandoned=True)
+    assert agent.free_slots() == 0
+    clock.now += 2.5
+    pool.sweep(stale_after=10)
+    assert agent.free_slots() == 1
+
+
+def test_stale_agents_are_removed_by_the_sweep(pool: AgentControllerPool, clock: Clock) -> None:
+    """An agent that misses reports for the staleness window is removed."""
+    quiet, _ = pool.register("quiet", address(1), status(idle=1))
+    chatty, session = pool.register("chatty", address(2), status(idle=1))
+    clock.now += 4
+    pool.report(chatty, session, status(idle=1))
+    clock.now += 2
+    pool.sweep(stale_after=5)
+    assert [agent.name for agent in pool.agents()] == ["chatty"]
+    assert quiet.removed
+
+
+def test_removing_an_agent_keeps_its_running_requests_valid(pool: AgentControllerPool) -> None:
+    """Requests running on a removed agent finish and release without error."""
+    agent, session = pool.register("a", address(1), status(idle=2))
+    guard = pool.reserve(agent, needs_slot=True)
+    assert pool.remove(agent, session, "test")
+    assert pool.pick(needs_slot=False) is None
+    guard.release()
+    assert agent.in_flight == 0
+
+
+def test_reregistration_takes_over_and_old_session_cannot_remove(pool: AgentControllerPool) -> None:
+    """A reconnecting agent keeps its reservations; its old socket's close removes nothing."""
+    agent, old_session = pool.register("a", address(1), status(idle=2))
+    pool.reserve(agent, needs_slot=True)
+    again, new_session = pool.register("a", address(1), status(idle=2))
+    assert again is agent
+    assert agent.reserved == 1
+    assert not pool.remove(agent, old_session, "old socket closed")
+    assert not pool.report(agent, old_session, status(idle=2))
+    assert pool.remove(agent, new_session, "new socket closed")
+
+
+def test_fleet_size_is_bounded(clock: Clock) -> None:
+    """Registrations beyond max_agents are refused."""
+    pool = AgentControllerPool(max_agents=2, clock=clock)
+    pool.register("a", address(1), status(idle=1))
+    pool.register("b", address(2), status(idle=1))
+    with pytest.raises(FleetFull):
+        pool.register("c", address(3), status(idle=1))
+
+
+def test_tripped_agent_returns_after_cooldown_and_a_healthy_report(
+    pool: AgentControllerPool, clock: Clock
+) -> None:
+    """An open circuit closes with the first healthy report after the cooldown."""
+    agent, session = pool.register("a", address(1), status(idle=1))
+    pool.trip(agent, "connection refused")
+    assert pool.pick(needs_slot=True) is None
+    clock.now += 1
+    pool.report(agent, session, status(idle=1))
+    assert pool.pick(needs_slot=True) is None
+    clock.now += 5
+    pool.report(agent, session, status(idle=1))
+    assert pool.pick(needs_slot=True) is agent
+
+
+def test_repeated_request_failures_open_the_circuit(pool: AgentControllerPool) -> None:
+    """Failures that may be the request's fault trip only after the threshold, and reset."""
+    agent, _ = pool.register("a", address(1), status(idle=1))
+    pool.record_failure(agent, "500")
+    pool.record_failure(agent, "500")
+    pool.record_success(agent)
+    pool.record_failure(agent, "500")
+    pool.record_failure(agent, "500")
+    assert not agent.circuit_open
+    pool.record_failure(agent, "500")
+    assert agent.circuit_open
+
+
+def test_snapshot_aggregates_usable_agents(pool: AgentControllerPool) -> None:
+    """The fleet snapshot sums slots of usable agents only."""
+    agent, _ = pool.register("a", address(1), status(idle=3, processing=1))
+    pool.register("b", address(2), status(idle=2, state=LlamaCppState.UNREACHABLE))
+    pool.reserve(agent, needs_slot=True)
+    fleet = pool.snapshot()
+    assert (fleet.slots_idle, fleet.slots_processing, fleet.usable_agents) == (3, 1, 1)
+    assert len(fleet.agents) == 2

@@ -1,0 +1,217 @@
+"""Buffered requests: FIFO order, the size limit, the timeout, cancellation and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.request_buffer import (
+    BufferFull,
+    BufferTimeout,
+    NoCandidates,
+    RequestBuffer,
+    ShuttingDown,
+)
+from paddler.balancer.slot_guard import SlotGuard
+from paddler.config import Address
+from paddler.protocol import LlamaCppState, Status
+
+
+def status(idle: int, processing: int = 0) -> Status:
+    return Status(state=LlamaCppState.OK, slots_idle=idle, slots_processing=processing)
+
+
+def address(port: int) -> Address:
+    return Address("http", "127.0.0.1", port)
+
+
+@pytest.fixture
+def pool() -> AgentControllerPool:
+    return AgentControllerPool()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_free_slot_is_granted_without_waiting(pool: AgentControllerPool) -> None:
+    """With a free slot and nobody waiting, acquire returns at once."""
+    pool.register("a", address(1), status(idle=1))
+    buffer = RequestBuffer(pool, size=0, timeout=1)
+    guard = await buffer.acquire(needs_slot=True)
+    assert guard.agent.name == "a"
+    assert buffer.waiting == 0
+
+
+async def test_waiters_are_served_in_arrival_order(pool: AgentControllerPool) -> None:
+    """When slots free up one by one, buffered requests get them first come, first served."""
+    agent, _ = pool.register("a", address(1), status(idle=1))
+    buffer = RequestBuffer(pool, size=10, timeout=5)
+    holder = await buffer.acquire(needs_slot=True)
+    served: list[int] = []
+
+    async def request(number: int) -> None:
+        with await buffer.acquire(needs_slot=True):
+            served.append(number)
+            await asyncio.sleep(0)
+
+    tasks = []
+    for number in range(5):
+        tasks.append(asyncio.create_task(request(number)))
+        await settle()
+    assert buffer.waiting == 5
+    holder.release()
+    await asyncio.gather(*tasks)
+    assert served == [0, 1, 2, 3, 4]
+    assert agent.reserved == 0
+
+
+async def test_a_newcomer_does_not_overtake_a_waiter(pool: AgentControllerPool) -> None:
+    """A slot freed while someone waits goes to the waiter, not to a later arrival."""
+    agent, _ = pool.register("a", address(1), status(idle=1))
+    buffer = RequestBuffer(pool, size=10, timeout=5)
+    holder = await buffer.acquire(needs_slot=True)
+    waiter = asyncio.create_task(buffer.acquire(needs_slot=True))
+    await settle()
+    holder.release()
+    newcomer = asyncio.create_task(buffer.acquire(needs_slot=True))
+    await settle()
+    assert waiter.done()
+    assert not newcomer.done()
+    waiter.result().release()
+    (await newcomer).release()
+    assert agent.reserved == 0
+
+
+async def test_a_full_buffer_rejects_at_once(pool: AgentControllerPool) -> None:
+    """Beyond the size limit a request is refused immediately."""
+    pool.register("a", address(1), status(idle=0, processing=1))
+    buffer = RequestBuffer(pool, size=2, timeout=5)
+    waiters = [asyncio.create_task(buffer.acquire(needs_slot=True)) for _ in range(2)]
+    await settle()
+    with pytest.raises(BufferFull):
+        await buffer.acquire(needs_slot=True)
+    assert buffer.waiting == 2
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert buffer.waiting == 0
+
+
+async def test_a_zero_size_buffer_refuses_when_no_slot_is_free(pool: AgentControllerPool) -> None:
+    """--request-buffer-size 0 means no buffering at all."""
+    buffer = RequestBuffer(pool, size=0, timeout=5)
+    with pytest.raises(BufferFull):
+        await buffer.acquire(needs_slot=True)
+
+
+async def test_waiting_ends_with_timeout(pool: AgentControllerPool) -> None:
+    """A request that waits longer than the buffer timeout gets BufferTimeout and leaves."""
+    buffer = RequestBuffer(pool, size=5, timeout=0.05)
+    with pytest.raises(BufferTimeout):
+        await buffer.acquire(needs_slot=True)
+    assert buffer.waiting == 0
+
+
+async def test_requests_wait_for_the_first_agent_to_join(pool: AgentControllerPool) -> None:
+    """With no agent at all a request is buffered, and served when an agent registers."""
+    buffer = RequestBuffer(pool, size=5, timeout=5)
+    waiter = asyncio.create_task(buffer.acquire(needs_slot=True))
+    await settle()
+    assert not waiter.done()
+    pool.register("late", address(1), status(idle=1))
+    guard = await waiter
+    assert guard.agent.name == "late"
+
+
+async def test_a_cancelled_waiter_leaves_the_buffer_at_once(pool: AgentControllerPool) -> None:
+    """A client that disconnects while buffered is dropped immediately."""
+    buffer = RequestBuffer(pool, size=5, timeout=5)
+    waiter = asyncio.create_task(buffer.acquire(needs_slot=True))
+    await settle()
+    assert buffer.waiting == 1
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert buffer.waiting == 0
+
+
+async def test_a_slot_handed_to_a_cancelled_waiter_goes_back(pool: AgentControllerPool) -> None:
+    """If a waiter is cancelled just after being handed a slot, the slot is released."""
+    buffer = RequestBuffer(pool, size=5, timeout=5)
+    waiter = asyncio.create_task(buffer.acquire(needs_slot=True))
+    await settle()
+    agent, _ = pool.register("a", address(1), status(idle=1))  # hands the slot over...
+    waiter.cancel()  # ...and the client leaves before the waiter runs again
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert waiter.cancelled()
+    assert agent.reserved == 0
+    assert agent.in_flight == 0
+
+
+async def test_closing_fails_every_waiter_with_shutting_down(pool: AgentControllerPool) -> None:
+    """On shutdown buffered requests are answered, and new ones refused."""
+    buffer = RequestBuffer(pool, size=5, timeout=5)
+    waiters = [asyncio.create_task(buffer.acquire(needs_slot=True)) for _ in range(3)]
+    await settle()
+    buffer.close()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(result, ShuttingDown) for result in results)
+    with pytest.raises(ShuttingDown):
+        await buffer.acquire(needs_slot=True)
+
+
+async def test_an_unservable_waiter_does_not_block_the_queue(pool: AgentControllerPool) -> None:
+    """A retry that excludes the only free agent does not hold up requests behind it."""
+    agent, _ = pool.register("a", address(1), status(idle=1))
+    pool.register("b", address(2), status(idle=0, processing=1))
+    buffer = RequestBuffer(pool, size=5, timeout=5)
+    holder = await buffer.acquire(needs_slot=True)
+    retry = asyncio.create_task(buffer.acquire(needs_slot=True, exclude=frozenset({agent.id})))
+    fresh = asyncio.create_task(buffer.acquire(needs_slot=True))
+    await settle()
+    holder.release()
+    await settle()
+    assert fresh.done()
+    assert not retry.done()
+    retry.cancel()
+    await asyncio.gather(retry, return_exceptions=True)
+    fresh.result().release()
+
+
+async def test_excluding_every_agent_fails_fast(pool: AgentControllerPool) -> None:
+    """A retry with no other agent registered gets NoCandidates instead of waiting."""
+    agent, _ = pool.register("a", address(1), status(idle=1))
+    buffer = RequestBuffer(pool, size=5, timeout=5)
+    with pytest.raises(NoCandidates):
+        await buffer.acquire(needs_slot=True, exclude=frozenset({agent.id}))
+
+
+async def test_non_generating_requests_need_no_free_slot(pool: AgentControllerPool) -> None:
+    """Requests that take no slot go to a busy agent without waiting and reserve nothing."""
+    agent, _ = pool.register("a", address(1), status(idle=0, processing=2))
+    buffer = RequestBuffer(pool, size=0, timeout=5)
+    guard: SlotGuard = await buffer.acquire(needs_slot=False)
+    assert guard.agent is agent
+    assert agent.reserved == 0
+    guard.release()
+
+
+async def test_many_concurrent_requests_never_oversubscribe(pool: AgentControllerPool) -> None:
+    """However many requests race for slots, at most the free slots are held at once."""
+    agents = [pool.register(name, address(port), status(idle=3))[0] for port, name in ((1, "a"), (2, "b"))]
+    buffer = RequestBuffer(pool, size=100, timeout=5)
+    peak = 0
+
+    async def request() -> None:
+        nonlocal peak
+        with await buffer.acquire(needs_slot=True) as guard:
+            assert guard.agent.reserved <= 3
+            peak = max(peak, sum(agent.reserved for agent in agents))
+            await asyncio.sleep(0.001)
+
+    await asyncio.gather(*(request() for _ in range(60)))
+    assert peak == 6
+    assert all(agent.reserved == 0 and agent.in_flight == 0 for agent in agents)
