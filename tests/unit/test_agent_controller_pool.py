@@ -34,7 +34,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def pool(clock: Clock) -> AgentControllerPool:
-    return AgentControllerPool(settle_timeout=2.0, circuit_cooldown=5.0, failure_threshold=3, clock=clock)
+    return AgentControllerPool(
+        settle_timeout=2.0, circuit_cooldown=5.0, failure_threshold=3, clock=clock
+    )
 
 
 def test_pick_prefers_the_agent_with_most_free_slots(pool: AgentControllerPool) -> None:

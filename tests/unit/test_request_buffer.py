@@ -201,7 +201,9 @@ async def test_non_generating_requests_need_no_free_slot(pool: AgentControllerPo
 
 async def test_many_concurrent_requests_never_oversubscribe(pool: AgentControllerPool) -> None:
     """However many requests race for slots, at most the free slots are held at once."""
-    agents = [pool.register(name, address(port), status(idle=3))[0] for port, name in ((1, "a"), (2, "b"))]
+    agents = [
+        pool.register(name, address(port), status(idle=3))[0] for port, name in ((1, "a"), (2, "b"))
+    ]
     buffer = RequestBuffer(pool, size=100, timeout=5)
     peak = 0
 

@@ -23,6 +23,7 @@ The C++ server has no clean way to stop mid-request, so the process ends with ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -82,14 +83,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_on_signal)
     try:
-        # ``server`` must stay referenced until the process exits: dropping it stops llama.cpp.
-        server, url = start_server(args)
+        # The server must stay referenced until the process exits: dropping it stops llama.cpp.
+        _server, url = start_server(args)
     except RuntimeError as error:  # xllamacpp's only report: "Failed to init server, ..."
         print(f"llama.cpp did not start: {error} (see its log above)", file=sys.stderr)
-        _exit(1)
+        # A normal exit, unlike os._exit, runs llama.cpp's static destructors, which flush the
+        # log lines its logging thread still holds: the ones that say why it failed.
+        sys.exit(1)
     print(f"{READY_PREFIX} {url}", flush=True)
     # Blocks until EOF; a signal interrupts the read and its handler exits.
-    while sys.stdin.buffer.read1(65536):
+    while os.read(sys.stdin.fileno(), 65536):
         pass
     _exit(0)
 
@@ -110,10 +113,9 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> NoReturn:
 
 def _exit(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
-        try:
+        # The parent may have closed the pipe already; then there is nobody left to tell.
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass  # the parent may have closed the pipe already; there is nobody left to tell
     os._exit(code)
 
 

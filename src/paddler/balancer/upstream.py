@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.errors import upstream_failed
@@ -113,7 +114,8 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """Send the client's request to ``agent``; return once the response headers arrived."""
         assert self._pooled is not None and self._fresh is not None, "use as a context manager"
-        url = agent.url + request.rel_url.raw_path_qs
+        # encoded=True: the path and query go out byte for byte as the client sent them.
+        url = URL(agent.url + request.raw_path, encoded=True)
         headers = _forwardable(request.headers)
         if self._rewrite_host_header:
             headers["Host"] = agent.address.authority
@@ -134,7 +136,7 @@ class Upstream:
         self,
         session: aiohttp.ClientSession,
         method: str,
-        url: str,
+        url: URL,
         headers: CIMultiDict[str],
         body: bytes,
     ) -> aiohttp.ClientResponse:

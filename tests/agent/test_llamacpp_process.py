@@ -1,0 +1,122 @@
+"""LlamaCppProcess runs real llama.cpp children: restarts them, and never leaves one behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from paddler.agent.llamacpp_process import LlamaCppProcess
+from paddler.config import LlamaCppLaunch
+from tests.support.llamacpp import process_exists
+
+pytestmark = pytest.mark.llamacpp
+
+
+def launch(model: Path) -> LlamaCppLaunch:
+    return LlamaCppLaunch(
+        model=model,
+        slots=2,
+        context_size=2048,
+        threads=1,
+        cache_ram_mib=0,
+        restart_backoff_max=0.5,
+    )
+
+
+@contextlib.asynccontextmanager
+async def supervising(process: LlamaCppProcess) -> AsyncIterator[asyncio.Event]:
+    shutdown = asyncio.Event()
+    task = asyncio.create_task(process.run(shutdown))
+    try:
+        yield shutdown
+    finally:
+        shutdown.set()
+        await task
+
+
+async def health(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.get(f"{url}/health") as response:
+        return response.status
+
+
+async def test_process_restarts_a_killed_child_on_the_same_port(
+    tiny_model: Path, session: aiohttp.ClientSession
+) -> None:
+    """After the child is killed with SIGKILL, a new one serves on the port the first one chose."""
+    process = LlamaCppProcess(launch(tiny_model), "127.0.0.1", 0, None)
+    async with supervising(process):
+        async with asyncio.timeout(20):
+            first_url = await process.wait_ready()
+        first_pid, first_port = process.pid, process.port
+        assert first_pid is not None and first_port is not None
+        os.kill(first_pid, signal.SIGKILL)
+        async with asyncio.timeout(20):
+            second_url = await process.wait_ready(after=process.generation)
+        assert second_url == first_url == f"http://127.0.0.1:{first_port}"
+        assert process.port == first_port
+        assert process.pid not in (None, first_pid)
+        assert await health(session, second_url) == 200
+        second_pid = process.pid
+    assert process.url is None
+    assert not process_exists(first_pid)
+    assert not process_exists(second_pid)
+
+
+async def test_process_leaves_no_child_behind_when_its_task_is_cancelled(
+    tiny_model: Path,
+) -> None:
+    """Cancelling run() instead of setting shutdown still stops and reaps the child."""
+    process = LlamaCppProcess(launch(tiny_model), "127.0.0.1", 0, None)
+    task = asyncio.create_task(process.run(asyncio.Event()))
+    async with asyncio.timeout(20):
+        await process.wait_ready()
+    pid = process.pid
+    assert pid is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not process_exists(pid)
+
+
+async def test_process_passes_the_api_key_to_llamacpp(
+    tiny_model: Path, session: aiohttp.ClientSession
+) -> None:
+    """A child started with an API key refuses requests without it."""
+    process = LlamaCppProcess(launch(tiny_model), "127.0.0.1", 0, "secret")
+    async with supervising(process):
+        async with asyncio.timeout(20):
+            url = await process.wait_ready()
+        async with session.get(f"{url}/slots") as response:
+            assert response.status == 401
+        headers = {"Authorization": "Bearer secret"}
+        async with session.get(f"{url}/slots", headers=headers) as response:
+            assert response.status == 200
+            assert len(await response.json()) == 2
+
+
+async def test_process_logs_why_a_child_failed_to_start_and_tries_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child that cannot load its model is reported with llama.cpp's last words, then retried."""
+    caplog.set_level(logging.INFO, logger="paddler.agent.llamacpp_process")
+    process = LlamaCppProcess(launch(tmp_path / "missing.gguf"), "127.0.0.1", 0, None)
+
+    def failures() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "did not start" in r.getMessage()]
+
+    async with supervising(process):
+        async with asyncio.timeout(20):
+            while len(failures()) < 2:
+                await asyncio.sleep(0.02)
+    message = failures()[0].getMessage()
+    assert "failed to load model" in message
+    assert "exited with code 1 before it was ready" in message
+    assert process.url is None and process.generation == 0

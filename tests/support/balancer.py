@@ -1,0 +1,102 @@
+"""A balancer running in the test's event loop, and a scripted agent to drive its socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+
+from paddler import protocol
+from paddler.balancer.service import Balancer
+from paddler.config import BalancerConfig
+from paddler.protocol import LlamaCppState, Status
+
+
+@dataclass
+class RunningBalancer:
+    balancer: Balancer
+    proxy_url: str
+    management_url: str
+
+    @property
+    def pool(self) -> Any:
+        return self.balancer.pool
+
+    async def agents(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        async with session.get(f"{self.management_url}/api/v1/agents") as response:
+            body = await response.json()
+            return list(body["agents"])
+
+
+@contextlib.asynccontextmanager
+async def running_balancer(**overrides: Any) -> AsyncIterator[RunningBalancer]:
+    config = replace(BalancerConfig(management_port=0, reverseproxy_port=0), **overrides)
+    balancer = Balancer(config)
+    shutdown = asyncio.Event()
+    task = asyncio.create_task(balancer.run(shutdown))
+    ready = asyncio.create_task(balancer.ready.wait())
+    await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()
+    try:
+        yield RunningBalancer(
+            balancer,
+            f"http://127.0.0.1:{balancer.reverseproxy_port}",
+            f"http://127.0.0.1:{balancer.management_port}",
+        )
+    finally:
+        shutdown.set()
+        await task
+
+
+def ok(idle: int, processing: int = 0, models: tuple[str, ...] = ()) -> Status:
+    return Status(
+        state=LlamaCppState.OK, slots_idle=idle, slots_processing=processing, models=models
+    )
+
+
+class ScriptedAgent:
+    """Speaks the agent protocol from a test, so that it controls every report."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, management_url: str, token: str | None = None
+    ):
+        self._session = session
+        self._url = management_url + protocol.AGENT_SOCKET_PATH
+        self._token = token
+        self.socket: aiohttp.ClientWebSocketResponse | None = None
+
+    async def register(self, name: str, port: int, status: Status, host: str = "127.0.0.1") -> str:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        self.socket = await self._session.ws_connect(self._url, headers=headers)
+        await self.socket.send_str(
+            protocol.encode(protocol.Register(name=name, host=host, port=port, status=status))
+        )
+        reply = protocol.parse_balancer_message(await self.socket.receive_str())
+        assert isinstance(reply, protocol.Registered), reply
+        return reply.agent_id
+
+    async def report(self, status: Status) -> None:
+        assert self.socket is not None
+        await self.socket.send_str(protocol.encode(status))
+
+    async def close(self) -> None:
+        if self.socket is not None:
+            await self.socket.close()
+
+
+async def wait_until(condition: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll a cheap in-process condition (sync or async) until it holds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = condition()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(interval)
