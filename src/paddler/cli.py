@@ -126,7 +126,7 @@ def log_level_option(function: Callable[..., Any]) -> Callable[..., Any]:
 @option(
     "--management-token",
     default=None,
-    help="Shared secret that agents must present (Bearer token). Required when the management address is not loopback.",
+    help="Shared secret that agents must present (Bearer token). Required when the management address is not loopback. Prefer the environment variable: a command line is visible to every user of the machine.",
 )
 @option(
     "--management-insecure",
@@ -229,7 +229,7 @@ def balancer(log_level: str, **options: Any) -> None:
 @option(
     "--local-llamacpp-api-key",
     default=None,
-    help="llama.cpp's API key, needed for /slots and /props when llama.cpp has one.",
+    help="llama.cpp's API key, needed for /slots and /props when llama.cpp has one (with --model, llama.cpp is started with it). Prefer the environment variable.",
 )
 @option(
     "--external-llamacpp-host",
@@ -250,7 +250,11 @@ def balancer(log_level: str, **options: Any) -> None:
 )
 @option("--management-host", default="127.0.0.1", help="Host of the balancer's management port.")
 @option("--management-port", type=PORT, default=8085, help="The balancer's management port.")
-@option("--management-token", default=None, help="Shared secret to present to the balancer.")
+@option(
+    "--management-token",
+    default=None,
+    help="Shared secret to present to the balancer. Prefer the environment variable: a command line is visible to every user of the machine.",
+)
 @option("--name", default="", help="Name shown in the balancer [default: hostname:external port].")
 @option(
     "--reporting-interval",

@@ -16,6 +16,7 @@ import pytest
 from paddler.agent.llamacpp_process import LlamaCppProcess
 from paddler.config import LlamaCppLaunch
 from tests.support.llamacpp import process_exists
+from tests.support.logs import watching
 
 pytestmark = pytest.mark.llamacpp
 
@@ -102,21 +103,12 @@ async def test_process_passes_the_api_key_to_llamacpp(
             assert len(await response.json()) == 2
 
 
-async def test_process_logs_why_a_child_failed_to_start_and_tries_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_process_logs_why_a_child_failed_to_start_and_tries_again(tmp_path: Path) -> None:
     """A child that cannot load its model is reported with llama.cpp's last words, then retried."""
-    caplog.set_level(logging.INFO, logger="paddler.agent.llamacpp_process")
     process = LlamaCppProcess(launch(tmp_path / "missing.gguf"), "127.0.0.1", 0, None)
-
-    def failures() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if "did not start" in r.getMessage()]
-
-    async with supervising(process):
-        async with asyncio.timeout(20):
-            while len(failures()) < 2:
-                await asyncio.sleep(0.02)
-    message = failures()[0].getMessage()
-    assert "failed to load model" in message
-    assert "exited with code 1 before it was ready" in message
+    with watching("paddler.agent.llamacpp_process") as log:
+        async with supervising(process):
+            failures = await log.wait_for(logging.ERROR, count=2, containing="did not start")
+    assert "exited with code 1 before it was ready" in failures[0]
+    assert "failed to load model" in failures[0]
     assert process.url is None and process.generation == 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Literal
 
 import aiohttp
@@ -136,7 +137,7 @@ class BalancerLink:
                 f"HTTP {error.status} {error.message}"
             ) from None
         except aiohttp.ClientConnectorError as error:
-            reason = error.os_error.strerror or str(error.os_error)
+            reason = _os_reason(error.os_error)
             raise LinkLost(f"cannot connect to the balancer at {self._url}: {reason}") from None
         except TimeoutError:
             raise LinkLost(
@@ -256,3 +257,9 @@ class BalancerLink:
     def _closed_reason(self, ws: aiohttp.ClientWebSocketResponse, when: str) -> str:
         detail = f" ({ws.exception()})" if ws.exception() else ""
         return f"the balancer at {self._url} closed the socket {when}: code {ws.close_code}{detail}"
+
+
+def _os_reason(error: OSError) -> str:
+    # asyncio's connect errors read "Connect call failed ('127.0.0.1', 8085)"; the errno is
+    # what the operator needs.
+    return os.strerror(error.errno) if error.errno else str(error)

@@ -19,6 +19,7 @@ changed, its URL changed, or ``forget()`` was called.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -152,7 +153,7 @@ class LlamaCppMonitor:
                 f"llama.cpp at {url} did not answer GET {path} within {self._timeout_seconds:g}s",
             ) from None
         except aiohttp.ClientConnectorError as error:
-            reason = error.os_error.strerror or str(error.os_error)
+            reason = _os_reason(error.os_error)
             raise _Failure(
                 LlamaCppState.UNREACHABLE, f"cannot connect to llama.cpp at {url}: {reason}"
             ) from None
@@ -209,3 +210,9 @@ def _model_names(candidates: list[Any]) -> tuple[str, ...]:
 
 def _clip(text: str, limit: int = _MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _os_reason(error: OSError) -> str:
+    # asyncio's connect errors read "Connect call failed ('127.0.0.1', 8085)"; the errno is
+    # what the operator needs.
+    return os.strerror(error.errno) if error.errno else str(error)

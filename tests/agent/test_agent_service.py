@@ -1,0 +1,69 @@
+"""The whole agent: its own llama.cpp child, the monitor and the link, against a scripted balancer."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from paddler import protocol
+from paddler.agent.service import Agent
+from paddler.config import Address, AgentConfig, LlamaCppLaunch
+from paddler.protocol import LlamaCppState
+from tests.support.fake_balancer import running_fake_balancer
+from tests.support.llamacpp import process_exists
+
+
+@pytest.mark.llamacpp
+async def test_agent_runs_llamacpp_registers_its_port_and_cleans_up_on_shutdown(
+    tiny_model: Path,
+) -> None:
+    """With --model and port 0, the agent registers the child's real port and an ok status;
+    shutdown deregisters it and leaves no llama.cpp behind."""
+    async with running_fake_balancer() as balancer:
+        config = AgentConfig(
+            local=Address("http", "127.0.0.1", 0),
+            external=Address("http", "127.0.0.1", 0),
+            management_port=balancer.port,
+            monitoring_interval=0.05,
+            launch=LlamaCppLaunch(
+                model=tiny_model, slots=2, context_size=2048, threads=1, alias="tiny"
+            ),
+        )
+        agent = Agent(config)
+        shutdown = asyncio.Event()
+        task = asyncio.create_task(agent.run(shutdown))
+        try:
+            _, register = await balancer.next_message(timeout=20)
+            assert isinstance(register, protocol.Register)
+            assert agent.process is not None
+            port = agent.process.port
+            pid = agent.process.pid
+            assert register.port == port
+            assert register.name == f"{socket.gethostname()}:{port}"
+            status = register.status
+            while status.state is not LlamaCppState.OK:
+                _, message = await balancer.next_message(timeout=20)
+                assert isinstance(message, protocol.Status)
+                status = message
+            assert status.slots_idle == 2
+            assert status.models == ("tiny",)
+        finally:
+            shutdown.set()
+            async with asyncio.timeout(10):
+                await task
+        _, last = await balancer.next_message()
+        while not isinstance(last, protocol.Deregister):
+            _, last = await balancer.next_message()
+    assert pid is not None and not process_exists(pid)
+
+
+def test_agent_refuses_port_zero_without_a_model_to_run() -> None:
+    """Port 0 means "the port our llama.cpp picked", so it needs --model."""
+    config = AgentConfig(
+        local=Address("http", "127.0.0.1", 8088), external=Address("http", "127.0.0.1", 0)
+    )
+    with pytest.raises(ValueError, match="port 0"):
+        Agent(config)

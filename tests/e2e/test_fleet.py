@@ -1,0 +1,301 @@
+"""End to end: real llama.cpp servers, real ``paddler agent`` processes, the balancer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from paddler.tiny_model import TinyModelShape, ensure_tiny_model
+from tests.support.agent import running_agent
+from tests.support.balancer import RunningBalancer, running_balancer, wait_until
+from tests.support.llamacpp import LlamaCppServer, running_llamacpp
+from tests.support.metrics import llamacpp_metrics
+
+TOKEN = "e2e-secret-token"
+# Slow enough (about 240 tokens/s on one core) that a long generation is still running when the
+# test acts on it.
+SLOW_SHAPE = TinyModelShape(embedding_length=256, block_count=4, feed_forward_length=768)
+
+
+@pytest.fixture(scope="session")
+def slow_model() -> Path:
+    return ensure_tiny_model(SLOW_SHAPE)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@dataclass
+class Fleet:
+    balancer: RunningBalancer
+    servers: list[LlamaCppServer]
+    agents: list[asyncio.subprocess.Process]
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    count: int, *, slots: int = 2, model: Path | None = None, **balancer_options: object
+) -> AsyncIterator[Fleet]:
+    """``count`` llama.cpp servers with an agent each, behind one balancer; all ready."""
+    async with contextlib.AsyncExitStack() as stack:
+        running = await stack.enter_async_context(
+            running_balancer(management_token=TOKEN, **balancer_options)
+        )
+        servers = [
+            await stack.enter_async_context(running_llamacpp(model, slots=slots))
+            for _ in range(count)
+        ]
+        agents = [
+            await stack.enter_async_context(
+                running_agent(
+                    llamacpp_port=server.port,
+                    management_port=running.balancer.management_port or 0,
+                    name=f"agent-{index}",
+                    token=TOKEN,
+                )
+            )
+            for index, server in enumerate(servers)
+        ]
+        await wait_until(
+            lambda: sum(agent.usable() for agent in running.pool.agents()) == count, timeout=30
+        )
+        yield Fleet(running, servers, agents)
+
+
+async def test_the_openai_sdk_works_through_the_balancer(session: aiohttp.ClientSession) -> None:
+    """Chat and completions, streaming and not, through the official SDK."""
+    async with fleet(2) as cluster:
+        client = openai.AsyncOpenAI(base_url=f"{cluster.balancer.proxy_url}/v1", api_key="unused")
+        chat = await client.chat.completions.create(
+            model="any",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=8,
+            extra_body={"ignore_eos": True},
+        )
+        assert chat.usage is not None
+        assert chat.usage.completion_tokens == 8
+        stream = await client.chat.completions.create(
+            model="any",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=8,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) >= 1
+        completion = await client.completions.create(
+            model="any", prompt="Once upon", max_tokens=5, extra_body={"ignore_eos": True}
+        )
+        assert completion.choices[0].finish_reason == "length"
+        models = await client.models.list()
+        assert len(models.data) >= 1
+        await client.close()
+
+
+async def test_three_times_more_requests_than_slots_never_queue_inside_llamacpp(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Under 3x oversubscription across 2 servers, requests_deferred stays 0 everywhere."""
+    async with fleet(2, slots=2, request_buffer_size=100) as cluster:
+        total_slots = 4
+        deferred: list[float] = []
+        processing: list[float] = []
+        done = asyncio.Event()
+
+        async def watch() -> None:
+            while not done.is_set():
+                for server in cluster.servers:
+                    metrics = await llamacpp_metrics(session, server.url)
+                    deferred.append(metrics["requests_deferred"])
+                    processing.append(metrics["requests_processing"])
+                await asyncio.sleep(0.01)
+
+        async def generate(number: int) -> int:
+            async with session.post(
+                f"{cluster.balancer.proxy_url}/completion",
+                json={"prompt": f"request {number}", "n_predict": 96, "ignore_eos": True},
+            ) as response:
+                body = await response.json()
+                assert response.status == 200, body
+                return int(body["tokens_predicted"])
+
+        watcher = asyncio.create_task(watch())
+        predicted = await asyncio.gather(*(generate(n) for n in range(3 * total_slots)))
+        done.set()
+        await watcher
+        assert predicted == [96] * (3 * total_slots)
+        assert len(deferred) > 20
+        assert max(deferred) == 0
+        assert max(processing) == 2  # the slots were really full, not trickled one by one
+        for agent in cluster.balancer.pool.agents():
+            assert agent.reserved == 0
+
+
+async def test_a_client_disconnect_mid_stream_frees_the_llamacpp_slot(
+    session: aiohttp.ClientSession, slow_model: Path
+) -> None:
+    """Leaving mid-stream cancels the upstream request: the slot is free within 2 s."""
+    async with fleet(1, slots=1, model=slow_model) as cluster:
+        server = cluster.servers[0]
+        response = await session.post(
+            f"{cluster.balancer.proxy_url}/completion",
+            json={"prompt": "tell me", "n_predict": 4000, "ignore_eos": True, "stream": True},
+        )
+        assert response.status == 200
+        first = await response.content.readuntil(b"\n\n")
+        assert first.startswith(b"data: ")
+        assert (await llamacpp_metrics(session, server.url))["requests_processing"] == 1
+        response.close()
+        left_at = time.monotonic()
+
+        async def slot_idle() -> bool:
+            async with session.get(f"{server.url}/slots") as slots:
+                return not any(slot["is_processing"] for slot in await slots.json())
+
+        await wait_until(slot_idle, timeout=2.0)
+        freed_after = time.monotonic() - left_at
+        assert freed_after < 2.0
+        agent = cluster.balancer.pool.agents()[0]
+        await wait_until(lambda: agent.free_slots() == 1, timeout=2.0)
+        assert agent.reserved == 0
+        async with session.post(
+            f"{cluster.balancer.proxy_url}/completion",
+            json={"prompt": "again", "n_predict": 4, "ignore_eos": True},
+        ) as again:
+            assert again.status == 200
+
+
+async def test_a_killed_agent_is_removed_and_its_server_gets_no_new_requests(
+    session: aiohttp.ClientSession,
+) -> None:
+    """SIGKILL an agent: it leaves the fleet at once and its llama.cpp is no longer used."""
+    async with fleet(2) as cluster:
+        victim, survivor = cluster.servers
+        cluster.agents[0].send_signal(signal.SIGKILL)
+        await cluster.agents[0].wait()
+        await wait_until(lambda: len(cluster.balancer.pool.agents()) == 1, timeout=5)
+        assert cluster.balancer.pool.agents()[0].name == "agent-1"
+        before = await llamacpp_metrics(session, victim.url)
+        for number in range(8):
+            async with session.post(
+                f"{cluster.balancer.proxy_url}/completion",
+                json={"prompt": f"after {number}", "n_predict": 4, "ignore_eos": True},
+            ) as response:
+                assert response.status == 200
+        after = await llamacpp_metrics(session, victim.url)
+        assert after["prompt_tokens_total"] == before["prompt_tokens_total"]
+        assert after["tokens_predicted_total"] == before["tokens_predicted_total"]
+        assert (await llamacpp_metrics(session, survivor.url))["tokens_predicted_total"] >= 32
+
+
+async def test_a_joining_agent_is_used(session: aiohttp.ClientSession, slow_model: Path) -> None:
+    """An agent that registers while the fleet runs takes requests the others have no room for."""
+    async with (
+        fleet(1, slots=1, model=slow_model) as cluster,
+        running_llamacpp(slow_model, slots=1) as joiner,
+    ):
+        busy = asyncio.create_task(
+            session.post(
+                f"{cluster.balancer.proxy_url}/completion",
+                json={"prompt": "long", "n_predict": 400, "ignore_eos": True},
+            )
+        )
+        await wait_until(lambda: cluster.balancer.pool.agents()[0].reserved == 1)
+        async with running_agent(
+            llamacpp_port=joiner.port,
+            management_port=cluster.balancer.balancer.management_port or 0,
+            name="joiner",
+            token=TOKEN,
+        ):
+            async with session.post(
+                f"{cluster.balancer.proxy_url}/completion",
+                json={"prompt": "short", "n_predict": 4, "ignore_eos": True},
+            ) as response:
+                assert response.status == 200
+                assert (await response.json())["tokens_predicted"] == 4
+            assert (await llamacpp_metrics(session, joiner.url))["tokens_predicted_total"] == 4
+            (await busy).release()
+
+
+async def test_pooled_connections_survive_llamacpp_keepalive_limits(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Past llama.cpp's 100 requests per connection and its 5 s idle close, no client sees an error."""
+    async with fleet(1) as cluster:
+        url = f"{cluster.balancer.proxy_url}/tokenize"
+        for number in range(250):
+            async with session.post(url, json={"content": f"word {number}"}) as response:
+                assert response.status == 200, number
+        await asyncio.sleep(5.5)  # the idle window itself is what is being tested
+        async with session.post(url, json={"content": "after idle"}) as response:
+            assert response.status == 200
+
+
+async def test_an_unauthenticated_agent_is_refused(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent with a wrong token is refused, logged, and never joins the fleet."""
+    caplog.set_level(logging.WARNING, logger="paddler")
+    async with (
+        running_balancer(management_token=TOKEN) as running,
+        running_llamacpp(slots=1) as server,
+        running_agent(
+            llamacpp_port=server.port,
+            management_port=running.balancer.management_port or 0,
+            name="intruder",
+            token="wrong-token",
+        ) as intruder,
+    ):
+        async with session.get(
+            f"{running.management_url}/api/v1/agents/socket",
+            headers={"Authorization": "Bearer wrong-token"},
+        ) as response:
+            assert response.status == 401
+            body = await response.json()
+            assert body["error"]["type"] == "authentication_error"
+        await wait_until(lambda: caplog.text.count("missing or wrong token") >= 3, timeout=10)
+        assert running.pool.agents() == []
+        assert intruder.returncode is None  # it keeps retrying with backoff; it does not crash
+
+
+async def test_a_sigterm_deregisters_the_agent(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM makes the agent deregister before it exits."""
+    caplog.set_level(logging.INFO, logger="paddler")
+    async with fleet(1) as cluster:
+        agent = cluster.agents[0]
+        agent.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(agent.wait(), 10) == 0
+        assert cluster.balancer.pool.agents() == []
+        assert "agent agent-0 removed (it deregistered)" in caplog.text
+
+
+def test_nothing_is_left_running() -> None:
+    """No llama.cpp or agent child outlives the tests above."""
+    own = os.getpid()
+    children = [pid for pid in os.listdir("/proc") if pid.isdigit() and _parent_of(int(pid)) == own]
+    assert children == []
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return -1
