@@ -11,7 +11,6 @@ import asyncio
 import logging
 import re
 import signal
-import socket
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -333,7 +332,6 @@ def _agent_config(
         external_port = local_port
     if model is None and local_port == 0:
         raise click.UsageError("--local-llamacpp-port 0 only makes sense with --model")
-    name = options["name"] or f"{socket.gethostname()}:{external_port}"
     launch = (
         LlamaCppLaunch(
             model=model,
@@ -354,7 +352,7 @@ def _agent_config(
         management_port=options["management_port"],
         management_token=options["management_token"],
         local_llamacpp_api_key=options["local_llamacpp_api_key"],
-        name=name,
+        name=options["name"],
         reporting_interval=options["reporting_interval"],
         monitoring_interval=options["monitoring_interval"],
         launch=launch,

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
 from paddler import protocol
 from paddler.agent.balancer_link import BalancerLink

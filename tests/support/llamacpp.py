@@ -71,6 +71,8 @@ async def running_llamacpp(
         str(threads),
         "--cache-ram-mib",
         "0",
+        "--parent-pid",
+        str(os.getpid()),
     ]
     if alias:
         argv += ["--alias", alias]

@@ -4,13 +4,15 @@ Usage::
 
     python -m paddler.agent.llamacpp_child --model PATH --host H --port P --slots N --ctx N
         [--threads N] [--alias A] [--api-key K] [--cache-ram-mib N] [--no-slots]
+        [--parent-pid PID]
 
 Contract with the parent:
 
 - Once llama.cpp listens, exactly one line ``PADDLER_LLAMACPP_READY <url>`` is written to stdout.
   ``--port 0`` lets the server pick a free port; the URL tells which.
 - The process exits when its stdin reaches end of file (the parent closed it, or died), on SIGTERM
-  or SIGINT, and on Linux when the parent dies (``PR_SET_PDEATHSIG``), so it is never orphaned.
+  or SIGINT, and on Linux when the parent dies (``PR_SET_PDEATHSIG``; ``--parent-pid`` closes the
+  gap before that is set up), so it is never orphaned.
   The parent must therefore keep stdin open while it wants the server.
 - A server that fails to start exits with status 1 and a reason on stderr; llama.cpp's own log
   goes to stderr too.
@@ -49,6 +51,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None)
     parser.add_argument("--cache-ram-mib", type=int, default=None)
     parser.add_argument("--no-slots", action="store_true", help="disable GET /slots")
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="exit at once if this is not our parent"
+    )
     return parser.parse_args(argv)
 
 
@@ -79,7 +84,7 @@ def start_server(args: argparse.Namespace) -> tuple[object, str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    _exit_with_parent()
+    _exit_with_parent(args.parent_pid)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_on_signal)
     try:
@@ -97,13 +102,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     _exit(0)
 
 
-def _exit_with_parent() -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    # The parent may have died between fork and prctl; then nobody would send the signal.
-    if os.getppid() == 1:
+def _exit_with_parent(parent_pid: int | None) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # The parent may have died before prctl; then nobody would send the signal. (Comparing with
+    # 1 instead would fail in a container, where the parent may well be PID 1.)
+    if parent_pid is not None and os.getppid() != parent_pid:
         _exit(0)
 
 

@@ -216,6 +216,8 @@ class LlamaCppProcess:
             str(launch.threads),
             "--cache-ram-mib",
             str(launch.cache_ram_mib),
+            "--parent-pid",
+            str(os.getpid()),
         ]
         if launch.alias:
             argv += ["--alias", launch.alias]

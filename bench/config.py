@@ -1,0 +1,42 @@
+"""The benchmark's settings, built once from the command line and passed to every part."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONTEXT_PER_SLOT = 512
+"""Tokens of context per slot: a prompt of about 40 tokens plus ``n_predict`` fit many times."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    concurrency: tuple[int, ...]
+    requests: int
+    """Measured requests per cell (one contestant at one concurrency), over all rounds."""
+    rounds: int
+    """Each cell is measured in this many rounds; the contestants take turns within a round."""
+    n_predict: int
+    servers: int
+    slots: int
+    """Slots per llama.cpp server."""
+    threads: int
+    """llama.cpp CPU threads per server."""
+    poll_interval: float
+    output: Path | None
+    results_dir: Path
+    quick: bool
+    command: str
+
+    def requests_in_round(self, round_index: int) -> int:
+        """Split ``requests`` over the rounds; the first rounds take the remainder."""
+        share, remainder = divmod(self.requests, self.rounds)
+        return share + (1 if round_index < remainder else 0)
+
+    def warmup_requests(self, concurrency: int) -> int:
+        """Unmeasured requests before each run: enough to open every connection it will use."""
+        return max(2 * concurrency, 8)
+
+    @property
+    def context_size(self) -> int:
+        return self.slots * CONTEXT_PER_SLOT

@@ -1,0 +1,49 @@
+"""The three ways a client can reach the same llama.cpp servers, started side by side.
+
+- ``direct``: the client talks to llama.cpp itself (round robin over the servers);
+- ``nginx``: a plain streaming reverse proxy, the price of any proxy hop;
+- ``paddler``: the balancer with an agent beside each server.
+
+All three run for the whole benchmark, so that each is measured against the same servers, under
+the same background (the agents poll ``/slots`` throughout), in the same minute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.config import BenchConfig
+from bench.llamacpp import Backend
+from bench.nginx import running_nginx
+from bench.paddler import RunningPaddler, running_paddler
+
+BASELINE = "direct"
+
+
+@dataclass(frozen=True)
+class Contestant:
+    name: str
+    urls: tuple[str, ...]
+    """Where requests go; request ``i`` goes to ``urls[i % len(urls)]``."""
+    paddler: RunningPaddler | None = None
+    """Set for Paddler, whose buffer the benchmark watches as well."""
+
+    def url_for(self, index: int) -> str:
+        return self.urls[index % len(self.urls)]
+
+
+@contextlib.asynccontextmanager
+async def running_contestants(
+    config: BenchConfig, backends: list[Backend], workdir: Path
+) -> AsyncIterator[list[Contestant]]:
+    async with contextlib.AsyncExitStack() as stack:
+        nginx_url = await stack.enter_async_context(running_nginx(backends, workdir))
+        paddler = await stack.enter_async_context(running_paddler(config, backends, workdir))
+        yield [
+            Contestant(BASELINE, tuple(backend.url for backend in backends)),
+            Contestant("nginx", (nginx_url,)),
+            Contestant("paddler", (paddler.proxy_url,), paddler=paddler),
+        ]

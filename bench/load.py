@@ -1,0 +1,142 @@
+"""The load generator: closed-loop streams of streaming ``/completion`` requests.
+
+``concurrency`` workers each send one request, read its stream to the end, and send the next,
+until the run's requests are used up. Every request has a prompt of its own, all of the same
+length, so that no contestant benefits from another one's prompt cache and each one's prefill
+costs the same.
+
+Time to first token (TTFT) runs from just before the request is sent to the first SSE event that
+carries a token; total latency runs to the end of the response body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from bench.contestants import Contestant
+
+ROUTE = "/completion"
+_HEADERS = {"Content-Type": "application/json"}
+_DATA = b"data: "
+
+
+@dataclass(frozen=True)
+class Sample:
+    ttft: float | None
+    total: float | None
+    tokens: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class Run:
+    samples: list[Sample]
+    wall: float
+    """Seconds from the first request sent to the last response ended."""
+
+
+class Prompts:
+    """Unique prompts of one length; numbered across the whole benchmark, never reused."""
+
+    def __init__(self) -> None:
+        self._numbers = itertools.count()
+
+    def take(self, count: int) -> list[str]:
+        return [self._prompt(next(self._numbers)) for _ in range(count)]
+
+    @staticmethod
+    def _prompt(number: int) -> str:
+        return f"Request {number:07d}: write a short poem about the number {number * 7919 % 10000:04d}."
+
+
+def request_body(prompt: str, n_predict: int) -> bytes:
+    # cache_prompt stays at llama.cpp's default (on), as real clients leave it.
+    return json.dumps(
+        {"prompt": prompt, "n_predict": n_predict, "ignore_eos": True, "stream": True}
+    ).encode()
+
+
+def client_session(max_concurrency: int) -> aiohttp.ClientSession:
+    """The one client session of the benchmark, shared by every contestant."""
+    connector = aiohttp.TCPConnector(
+        limit=4 * max_concurrency + 16,
+        # Below llama.cpp's 5 s, so that no pooled connection races its close on the server.
+        keepalive_timeout=2.0,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # Per phase, never in total; still bounded, so that a stuck stream cannot hang the run.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=30.0),
+    )
+
+
+async def run_closed_loop(
+    session: aiohttp.ClientSession,
+    contestant: Contestant,
+    prompts: Sequence[str],
+    concurrency: int,
+    n_predict: int,
+) -> Run:
+    bodies = [request_body(prompt, n_predict) for prompt in prompts]
+    samples: list[Sample | None] = [None] * len(bodies)
+    indexes = iter(range(len(bodies)))
+
+    async def worker() -> None:
+        for index in indexes:
+            url = contestant.url_for(index) + ROUTE
+            samples[index] = await stream_one(session, url, bodies[index], n_predict)
+
+    started = time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for _ in range(min(concurrency, len(bodies))):
+            group.create_task(worker())
+    wall = time.perf_counter() - started
+    return Run([sample for sample in samples if sample is not None], wall)
+
+
+async def stream_one(
+    session: aiohttp.ClientSession, url: str, body: bytes, n_predict: int
+) -> Sample:
+    """Send one streaming request and time it; any failure becomes a sample with an error."""
+    started = time.perf_counter()
+    first: float | None = None
+    final: dict[str, Any] | None = None
+    try:
+        async with session.post(url, data=body, headers=_HEADERS) as response:
+            if response.status != 200:
+                text = (await response.read())[:200].decode(errors="replace")
+                return Sample(None, None, 0, f"HTTP {response.status}: {text}")
+            async for line in response.content:
+                if not line.startswith(_DATA):
+                    continue
+                # Only the first event and the last one are parsed: the client's own CPU time
+                # is part of every measurement, and on a small machine it is not free.
+                if first is None or b'"stop":true' in line:
+                    event = json.loads(line[len(_DATA) :])
+                    if "error" in event:
+                        return Sample(None, None, 0, f"error event: {event['error']}")
+                    if first is None and (event.get("tokens") or event.get("content")):
+                        first = time.perf_counter() - started
+                    if event.get("stop"):
+                        final = event
+        total = time.perf_counter() - started
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as error:
+        return Sample(None, None, 0, f"{type(error).__name__}: {error}")
+    if final is None or first is None:
+        return Sample(None, None, 0, "the stream ended without a token or without its last event")
+    tokens = int(final.get("tokens_predicted", 0))
+    if tokens != n_predict:
+        return Sample(first, total, tokens, f"{tokens} tokens instead of {n_predict}")
+    return Sample(first, total, tokens)

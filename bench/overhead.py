@@ -1,0 +1,219 @@
+"""What Paddler adds to time-to-first-token and total latency, next to nginx and to no proxy.
+
+Usage: ``./scripts/bench [--quick] [--concurrency 1,16,64] [--requests N] [--output PATH]``
+(or ``python -m bench.overhead`` inside the venv). ``--help`` lists every flag.
+
+This is the command-line layer: it reads the flags, owns the child processes through context
+managers (so that every one is stopped, whatever happens) and turns SIGTERM into cancellation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+
+from bench.config import BenchConfig
+from bench.contestants import Contestant, running_contestants
+from bench.environment import hardware, versions
+from bench.llamacpp import Backend, props, running_backends
+from bench.load import Prompts, client_session, run_closed_loop
+from bench.nginx import nginx_version
+from bench.queue_watch import watching_queues
+from bench.report import Report, markdown_document, tables, write_json
+from bench.stats import Cell
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = Path("docs/benchmarks.md")
+
+
+def parse_args(argv: Sequence[str]) -> BenchConfig:
+    parser = argparse.ArgumentParser(
+        prog="./scripts/bench",
+        description="Measure the TTFT and total latency that Paddler (and nginx, for reference) "
+        "add over talking to llama.cpp directly.",
+    )
+    parser.add_argument("--quick", action="store_true", help="few requests: a smoke run")
+    parser.add_argument(
+        "--concurrency",
+        default="1,16,64",
+        help="comma-separated numbers of concurrent streams (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="measured requests per cell, over all rounds (default: 600, or 64 with --quick)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds per cell (default: 3, or 1 with --quick)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"Markdown report to write (default: {DEFAULT_OUTPUT}; none with --quick)",
+    )
+    parser.add_argument("--n-predict", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--servers", type=int, default=1, help="llama.cpp servers")
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        help="slots per server (default: the highest concurrency spread over the servers)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads per server")
+    args = parser.parse_args(argv)
+    try:
+        concurrency = tuple(int(level) for level in args.concurrency.split(",") if level.strip())
+    except ValueError:
+        parser.error(f"--concurrency wants numbers such as 1,16,64, not {args.concurrency!r}")
+    if not concurrency or min(concurrency) < 1:
+        parser.error("--concurrency needs at least one number, each 1 or more")
+    requests = args.requests or (64 if args.quick else 600)
+    rounds = args.rounds or (1 if args.quick else 3)
+    if requests < rounds:
+        parser.error("--requests must be at least --rounds")
+    output = args.output
+    if output is None and not args.quick:
+        output = DEFAULT_OUTPUT
+    return BenchConfig(
+        concurrency=concurrency,
+        requests=requests,
+        rounds=rounds,
+        n_predict=args.n_predict,
+        servers=args.servers,
+        slots=args.slots or -(-max(concurrency) // args.servers),
+        threads=args.threads,
+        poll_interval=0.05,
+        output=output,
+        results_dir=ROOT / "bench" / "results",
+        quick=args.quick,
+        command=shlex.join(["./scripts/bench", *argv]),
+    )
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def measure(
+    config: BenchConfig,
+    session: aiohttp.ClientSession,
+    poll_session: aiohttp.ClientSession,
+    backends: list[Backend],
+    contestants: list[Contestant],
+) -> list[Cell]:
+    """Every cell, concurrency by concurrency, the contestants taking turns within each round."""
+    prompts = Prompts()
+    cells: list[Cell] = []
+    for concurrency in config.concurrency:
+        row = {contestant.name: Cell(contestant.name, concurrency) for contestant in contestants}
+        for round_index in range(config.rounds):
+            shift = round_index % len(contestants)
+            for contestant in contestants[shift:] + contestants[:shift]:
+                await run_closed_loop(
+                    session,
+                    contestant,
+                    prompts.take(config.warmup_requests(concurrency)),
+                    concurrency,
+                    config.n_predict,
+                )
+                async with watching_queues(
+                    poll_session, backends, contestant.paddler, config.poll_interval
+                ) as peaks:
+                    run = await run_closed_loop(
+                        session,
+                        contestant,
+                        prompts.take(config.requests_in_round(round_index)),
+                        concurrency,
+                        config.n_predict,
+                    )
+                row[contestant.name].add(run, peaks)
+                failed = sum(not sample.ok for sample in run.samples)
+                say(
+                    f"  {concurrency:>3} streams, round {round_index + 1}/{config.rounds}, "
+                    f"{contestant.name:<8} {len(run.samples)} requests in {run.wall:.2f} s"
+                    + (f", {failed} failed" if failed else "")
+                )
+        cells += row.values()
+    return cells
+
+
+async def benchmark(config: BenchConfig) -> int:
+    started = time.monotonic()
+    started_at = datetime.now(UTC).replace(microsecond=0).isoformat()
+    stamp = started_at.replace(":", "").replace("-", "").replace("+0000", "Z")
+    with tempfile.TemporaryDirectory(prefix="paddler-bench-") as temporary:
+        workdir = Path(temporary)
+        # nginx's workers run as "nobody" and must reach their directory below this one.
+        workdir.chmod(0o755)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                say(f"starting {config.servers} llama.cpp server(s) with {config.slots} slots")
+                backends = await stack.enter_async_context(running_backends(config, workdir))
+                say("starting nginx and Paddler (balancer and agents)")
+                contestants = await stack.enter_async_context(
+                    running_contestants(config, backends, workdir)
+                )
+                session = await stack.enter_async_context(client_session(max(config.concurrency)))
+                poll_session = await stack.enter_async_context(aiohttp.ClientSession())
+                server_props = await props(poll_session, backends[0])
+                say(f"measuring: {config.command}")
+                cells = await measure(config, session, poll_session, backends, contestants)
+        except BaseException:
+            kept = config.results_dir / f"logs-{stamp}"
+            shutil.copytree(workdir, kept, dirs_exist_ok=True)
+            say(f"the benchmark failed; the processes' logs are in {kept}")
+            raise
+    report = Report(
+        config=config,
+        started_at=started_at,
+        duration_seconds=time.monotonic() - started,
+        hardware=hardware(),
+        versions=versions(server_props, await nginx_version()),
+        cells=[cell.stats() for cell in cells],
+    )
+    json_path = config.results_dir / f"overhead-{stamp}.json"
+    write_json(report, cells, json_path)
+    print(tables(report))
+    say(f"raw results: {json_path}")
+    if config.output is not None:
+        output = config.output if config.output.is_absolute() else ROOT / config.output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(markdown_document(report))
+        say(f"report: {output}")
+    return 1 if any(cell.errors for cell in report.cells) else 0
+
+
+async def _main(config: BenchConfig) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    # SIGTERM cancels like Ctrl-C does, so that every child process is stopped on the way out.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await benchmark(config)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        sys.exit(asyncio.run(_main(config)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except asyncio.CancelledError:  # SIGTERM
+        sys.exit(143)
+
+
+if __name__ == "__main__":
+    main()

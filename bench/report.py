@@ -1,0 +1,223 @@
+"""The benchmark's outputs: Markdown tables, the raw JSON, and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.config import BenchConfig
+from bench.contestants import BASELINE
+from bench.environment import Hardware, Versions
+from bench.stats import Cell, CellStats, Ratios, ratios
+
+
+@dataclass(frozen=True)
+class Report:
+    config: BenchConfig
+    started_at: str
+    """UTC, ISO 8601."""
+    duration_seconds: float
+    hardware: Hardware
+    versions: Versions
+    cells: list[CellStats]
+
+    def ratios(self) -> list[Ratios]:
+        baselines = {cell.concurrency: cell for cell in self.cells if cell.contestant == BASELINE}
+        return [
+            ratios(cell, baselines[cell.concurrency])
+            for cell in self.cells
+            if cell.contestant != BASELINE and cell.concurrency in baselines
+        ]
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.2f}"
+
+
+def _times(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
+
+
+def _added(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:+.2f}"
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def results_table(cells: list[CellStats]) -> str:
+    rows = [
+        "| streams | contestant | requests | errors | TTFT p50 | TTFT p90 | TTFT p99 "
+        "| total p50 | total p90 | total p99 | req/s | tokens/s | max deferred | max buffered |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in cells:
+        rows.append(
+            f"| {cell.concurrency} | {cell.contestant} | {cell.requests} | {cell.errors} "
+            f"| {_ms(cell.ttft.p50)} | {_ms(cell.ttft.p90)} | {_ms(cell.ttft.p99)} "
+            f"| {_ms(cell.total.p50)} | {_ms(cell.total.p90)} | {_ms(cell.total.p99)} "
+            f"| {cell.requests_per_second:.1f} | {cell.tokens_per_second:.0f} "
+            f"| {_count(cell.max_deferred)} | {_count(cell.max_buffered)} |"
+        )
+    return "\n".join(rows)
+
+
+def ratio_table(report_ratios: list[Ratios]) -> str:
+    rows = [
+        "| streams | ratio | TTFT p50 | TTFT p90 | total p50 | total p90 "
+        "| TTFT p50 added (ms) | total p50 added (ms) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for ratio in report_ratios:
+        rows.append(
+            f"| {ratio.concurrency} | {ratio.contestant} / {BASELINE} "
+            f"| {_times(ratio.ttft_p50)} | {_times(ratio.ttft_p90)} "
+            f"| {_times(ratio.total_p50)} | {_times(ratio.total_p90)} "
+            f"| {_added(ratio.ttft_p50_added)} | {_added(ratio.total_p50_added)} |"
+        )
+    return "\n".join(rows)
+
+
+def tables(report: Report) -> str:
+    return (
+        "Latencies in milliseconds.\n\n"
+        f"{results_table(report.cells)}\n\n{ratio_table(report.ratios())}\n"
+    )
+
+
+def method(config: BenchConfig) -> str:
+    servers = "One llama.cpp server" if config.servers == 1 else f"{config.servers} servers"
+    return f"""\
+- **Backend.** {servers} (llama.cpp's own HTTP server through xllamacpp, {config.threads} CPU \
+thread(s), {config.slots} slots of {config.context_size // config.slots} tokens each) on the \
+tiny random-weight llama model that Paddler generates (`TinyModelShape()`: 64-dim, 2 layers), so \
+that generation is fast and what a proxy adds is visible. There are as many slots as the highest \
+concurrency, so no request ever has to wait for a slot.
+- **Contestants**, all started once and kept running for the whole run, against the same \
+server(s): `direct` (the client talks to llama.cpp), `nginx` (a plain reverse proxy, one worker, \
+`proxy_buffering off`, HTTP/1.1 with upstream keep-alive) and `paddler` (`paddler balancer` plus \
+one `paddler agent` per server, monitoring every 100 ms).
+- **Load.** One Python process with one aiohttp `ClientSession` runs closed-loop streams: each \
+stream sends a request, reads its event stream to the end, then sends the next. Each request is a \
+streaming `POST /completion` with a prompt of its own (all of the same length, about 60 tokens), \
+`n_predict` {config.n_predict}, `ignore_eos`, and `cache_prompt` left at its default.
+- **Rounds.** For each number of streams, {config.rounds} round(s); in each round every contestant \
+in turn (the order rotates from round to round) gets unmeasured warm-up requests (twice the \
+number of streams, at least 8) and then its share of {config.requests} measured requests per cell.
+- **Measures.** TTFT runs from just before the request is sent to the first SSE event carrying a \
+token; total latency to the end of the response body. Throughput is successful requests (and \
+generated tokens) divided by the summed wall time of the measured runs. Ratios divide a \
+proxy's percentile by direct's at the same number of streams.
+- **Queues.** During every measured run each server's `/metrics` is polled every \
+{config.poll_interval * 1000:.0f} ms: "max deferred" is the highest `llamacpp:requests_deferred` \
+seen (llama.cpp's own wait queue; 0 means nothing queued there). For Paddler, "max buffered" is \
+the highest `requests_buffered` its management API showed (requests Paddler held back because it \
+counted no free slot).
+- **Caveat.** Everything shares this machine's CPUs: the client, the proxy and llama.cpp compete \
+for them, so a proxy that burns CPU also slows the server beside it. That is part of what is \
+measured here, as it would be on a host that runs both."""
+
+
+def markdown_document(report: Report) -> str:
+    hardware, versions = report.hardware, report.versions
+    return f"""\
+# Benchmarks
+
+## What Paddler adds over talking to llama.cpp directly
+
+Written by `{report.config.command}` on {report.started_at} (UTC), in \
+{report.duration_seconds:.0f} s. This file is generated: run the command again rather than \
+editing it. Raw results go to `bench/results/` (not kept in git).
+
+### Machine
+
+- CPUs (`nproc`): {hardware.cpus}, {hardware.cpu_model}
+- Memory: {hardware.memory_gib:.1f} GiB
+- Kernel: {hardware.kernel}
+
+### Versions
+
+- llama.cpp: build `{versions.llamacpp_build}` (`build_info` from `/props`), through xllamacpp \
+{versions.xllamacpp}
+- nginx: {versions.nginx}
+- Paddler {versions.paddler}; aiohttp {versions.aiohttp}; Python {versions.python}
+
+### Method
+
+{method(report.config)}
+
+### Results
+
+{tables(report)}
+### Checks
+
+{checks(report)}
+"""
+
+
+def checks(report: Report) -> str:
+    errors = sum(cell.errors for cell in report.cells)
+    requests = sum(cell.requests for cell in report.cells)
+    deferred = max((cell.max_deferred for cell in report.cells), default=0.0)
+    buffered = max((cell.max_buffered or 0.0 for cell in report.cells), default=0.0)
+    polls = sum(cell.queue_polls for cell in report.cells)
+    lines = [
+        f"- Errors: {errors} of {requests} measured requests.",
+        f"- Highest `requests_deferred` in llama.cpp over {polls} polls: {deferred:g}.",
+        f"- Highest `requests_buffered` in Paddler: {buffered:g}.",
+    ]
+    examples = {
+        error: count for cell in report.cells for error, count in cell.error_examples.items()
+    }
+    lines += [f"  - `{error}` ({count} times)" for error, count in list(examples.items())[:5]]
+    return "\n".join(lines)
+
+
+def write_json(report: Report, cells: list[Cell], path: Path) -> None:
+    """Everything: settings, machine, versions, cell statistics and every single request."""
+    document: dict[str, Any] = {
+        "started_at": report.started_at,
+        "duration_seconds": report.duration_seconds,
+        "config": asdict(report.config),
+        "hardware": asdict(report.hardware),
+        "versions": asdict(report.versions),
+        "cells": [asdict(cell) for cell in report.cells],
+        "ratios": [asdict(ratio) for ratio in report.ratios()],
+        "samples": [
+            {
+                "contestant": cell.contestant,
+                "concurrency": cell.concurrency,
+                "runs": [
+                    {
+                        "wall": run.wall,
+                        # [ttft seconds, total seconds, tokens, error]
+                        "requests": [
+                            [sample.ttft, sample.total, sample.tokens, sample.error]
+                            for sample in run.samples
+                        ],
+                    }
+                    for run in cell.runs
+                ],
+            }
+            for cell in cells
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(document), indent=1) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """NaN is not JSON: it becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
