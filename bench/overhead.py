@@ -151,32 +151,21 @@ async def measure(
     return cells
 
 
-async def benchmark(config: BenchConfig) -> int:
+async def benchmark(config: BenchConfig, workdir: Path, started_at: str, stamp: str) -> int:
+    """Run everything, children's logs in ``workdir``; return the exit status."""
     started = time.monotonic()
-    started_at = datetime.now(UTC).replace(microsecond=0).isoformat()
-    stamp = started_at.replace(":", "").replace("-", "").replace("+0000", "Z")
-    with tempfile.TemporaryDirectory(prefix="paddler-bench-") as temporary:
-        workdir = Path(temporary)
-        # nginx's workers run as "nobody" and must reach their directory below this one.
-        workdir.chmod(0o755)
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                say(f"starting {config.servers} llama.cpp server(s) with {config.slots} slots")
-                backends = await stack.enter_async_context(running_backends(config, workdir))
-                say("starting nginx and Paddler (balancer and agents)")
-                contestants = await stack.enter_async_context(
-                    running_contestants(config, backends, workdir)
-                )
-                session = await stack.enter_async_context(client_session(max(config.concurrency)))
-                poll_session = await stack.enter_async_context(aiohttp.ClientSession())
-                server_props = await props(poll_session, backends[0])
-                say(f"measuring: {config.command}")
-                cells = await measure(config, session, poll_session, backends, contestants)
-        except BaseException:
-            kept = config.results_dir / f"logs-{stamp}"
-            shutil.copytree(workdir, kept, dirs_exist_ok=True)
-            say(f"the benchmark failed; the processes' logs are in {kept}")
-            raise
+    async with contextlib.AsyncExitStack() as stack:
+        say(f"starting {config.servers} llama.cpp server(s) with {config.slots} slots")
+        backends = await stack.enter_async_context(running_backends(config, workdir))
+        say("starting nginx and Paddler (balancer and agents)")
+        contestants = await stack.enter_async_context(
+            running_contestants(config, backends, workdir)
+        )
+        session = await stack.enter_async_context(client_session(max(config.concurrency)))
+        poll_session = await stack.enter_async_context(aiohttp.ClientSession())
+        server_props = await props(poll_session, backends[0])
+        say(f"measuring: {config.command}")
+        cells = await measure(config, session, poll_session, backends, contestants)
     report = Report(
         config=config,
         started_at=started_at,
@@ -185,34 +174,51 @@ async def benchmark(config: BenchConfig) -> int:
         versions=versions(server_props, await nginx_version()),
         cells=[cell.stats() for cell in cells],
     )
+    write_outputs(report, cells, stamp)
+    return 1 if any(cell.errors for cell in report.cells) else 0
+
+
+def write_outputs(report: Report, cells: list[Cell], stamp: str) -> None:
+    config = report.config
     json_path = config.results_dir / f"overhead-{stamp}.json"
     write_json(report, cells, json_path)
-    print(tables(report))
+    print(tables(report), flush=True)
     say(f"raw results: {json_path}")
     if config.output is not None:
         output = config.output if config.output.is_absolute() else ROOT / config.output
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(markdown_document(report))
         say(f"report: {output}")
-    return 1 if any(cell.errors for cell in report.cells) else 0
 
 
-async def _main(config: BenchConfig) -> int:
+async def _main(config: BenchConfig, workdir: Path, started_at: str, stamp: str) -> int:
     task = asyncio.current_task()
     assert task is not None
     # SIGTERM cancels like Ctrl-C does, so that every child process is stopped on the way out.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await benchmark(config)
+    return await benchmark(config, workdir, started_at, stamp)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        sys.exit(asyncio.run(_main(config)))
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except asyncio.CancelledError:  # SIGTERM
-        sys.exit(143)
+    started_at = datetime.now(UTC).replace(microsecond=0).isoformat()
+    stamp = started_at.replace(":", "").replace("-", "").replace("+0000", "Z")
+    with tempfile.TemporaryDirectory(prefix="paddler-bench-") as temporary:
+        workdir = Path(temporary)
+        # nginx's workers run as "nobody" and must reach their directory below this one.
+        workdir.chmod(0o755)
+        try:
+            status = asyncio.run(_main(config, workdir, started_at, stamp))
+        except BaseException:
+            kept = config.results_dir / f"logs-{stamp}"
+            shutil.copytree(workdir, kept, dirs_exist_ok=True)
+            say(f"the benchmark did not finish; the processes' logs are in {kept}")
+            if sys.exc_info()[0] is KeyboardInterrupt:
+                sys.exit(130)
+            if sys.exc_info()[0] is asyncio.CancelledError:  # SIGTERM
+                sys.exit(143)
+            raise
+    sys.exit(status)
 
 
 if __name__ == "__main__":
