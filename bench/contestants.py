@@ -30,6 +30,14 @@ class Contestant:
     """Where requests go; request ``i`` goes to ``urls[i % len(urls)]``."""
     paddler: RunningPaddler | None = None
     """Set for Paddler, whose buffer the benchmark watches as well."""
+    fresh_connections: bool = False
+    """Ask for a new connection per request (``Connection: close``) instead of reusing one.
+
+    llama.cpp closes the connection after every streamed answer; a client that reuses it races
+    that close and sometimes loses the next request ("Server disconnected"). A client that talks
+    to llama.cpp directly therefore has to connect anew each time, as the proxies do on their
+    side (they retry on a new connection when a pooled one turns out dead).
+    """
 
     def url_for(self, index: int) -> str:
         return self.urls[index % len(self.urls)]
@@ -43,7 +51,9 @@ async def running_contestants(
         nginx_url = await stack.enter_async_context(running_nginx(backends, workdir))
         paddler = await stack.enter_async_context(running_paddler(config, backends, workdir))
         yield [
-            Contestant(BASELINE, tuple(backend.url for backend in backends)),
+            Contestant(
+                BASELINE, tuple(backend.url for backend in backends), fresh_connections=True
+            ),
             Contestant("nginx", (nginx_url,)),
             Contestant("paddler", (paddler.proxy_url,), paddler=paddler),
         ]

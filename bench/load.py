@@ -25,6 +25,7 @@ from bench.contestants import Contestant
 
 ROUTE = "/completion"
 _HEADERS = {"Content-Type": "application/json"}
+_HEADERS_CLOSE = {**_HEADERS, "Connection": "close"}
 _DATA = b"data: "
 
 
@@ -92,11 +93,12 @@ async def run_closed_loop(
     bodies = [request_body(prompt, n_predict) for prompt in prompts]
     samples: list[Sample | None] = [None] * len(bodies)
     indexes = iter(range(len(bodies)))
+    headers = _HEADERS_CLOSE if contestant.fresh_connections else _HEADERS
 
     async def worker() -> None:
         for index in indexes:
             url = contestant.url_for(index) + ROUTE
-            samples[index] = await stream_one(session, url, bodies[index], n_predict)
+            samples[index] = await stream_one(session, url, bodies[index], n_predict, headers)
 
     started = time.perf_counter()
     async with asyncio.TaskGroup() as group:
@@ -107,14 +109,18 @@ async def run_closed_loop(
 
 
 async def stream_one(
-    session: aiohttp.ClientSession, url: str, body: bytes, n_predict: int
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    n_predict: int,
+    headers: dict[str, str] = _HEADERS,
 ) -> Sample:
     """Send one streaming request and time it; any failure becomes a sample with an error."""
     started = time.perf_counter()
     first: float | None = None
     final: dict[str, Any] | None = None
     try:
-        async with session.post(url, data=body, headers=_HEADERS) as response:
+        async with session.post(url, data=body, headers=headers) as response:
             if response.status != 200:
                 text = (await response.read())[:200].decode(errors="replace")
                 return Sample(None, None, 0, f"HTTP {response.status}: {text}")

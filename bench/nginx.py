@@ -4,10 +4,11 @@ The configuration mirrors what Paddler does on its data path and nothing more: H
 keep-alive to llama.cpp, responses relayed as they arrive (``proxy_buffering off``), one worker
 process (Paddler's balancer is one process with one event loop too).
 
-llama.cpp closes an idle keep-alive connection after 5 s. nginx never resends a POST that fails
-on a connection the server has just closed (``proxy_next_upstream`` leaves non-idempotent
-requests alone), so the pool forgets idle connections sooner, at 4 s, to keep that race out of
-the results. Paddler's pool does the same (``upstream_keepalive_timeout``).
+llama.cpp closes an idle keep-alive connection after 5 s, and closes the connection after every
+streamed answer. nginx finds out that a pooled connection is dead only when it reuses it, and by
+default it never sends a POST again (``proxy_next_upstream`` leaves non-idempotent requests
+alone): the client would get a 502. The configuration lets it resend on a new connection, which
+is what Paddler's upstream does too, and forgets idle connections after 4 s.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
+            # llama.cpp closes the connection after every streamed answer, so a pooled one may
+            # be dead on reuse; without non_idempotent nginx answers such a POST with 502
+            # instead of sending it again on a new connection (as Paddler does).
+            proxy_next_upstream error timeout non_idempotent;
             proxy_read_timeout 300s;
         }}
     }}

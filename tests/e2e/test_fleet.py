@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -201,6 +202,25 @@ async def test_a_killed_agent_is_removed_and_its_server_gets_no_new_requests(
         assert after["prompt_tokens_total"] == before["prompt_tokens_total"]
         assert after["tokens_predicted_total"] == before["tokens_predicted_total"]
         assert (await llamacpp_metrics(session, survivor.url))["tokens_predicted_total"] >= 32
+
+
+async def test_removing_an_agent_does_not_break_its_running_stream(
+    session: aiohttp.ClientSession, slow_model: Path
+) -> None:
+    """A stream keeps going to the end after its agent is killed and removed."""
+    async with fleet(1, slots=1, model=slow_model) as cluster:
+        response = await session.post(
+            f"{cluster.balancer.proxy_url}/completion",
+            json={"prompt": "go", "n_predict": 300, "ignore_eos": True, "stream": True},
+        )
+        await response.content.readuntil(b"\n\n")
+        cluster.agents[0].send_signal(signal.SIGKILL)
+        await wait_until(lambda: cluster.balancer.pool.agents() == [], timeout=5)
+        events = (await response.read()).decode().split("\n\n")
+        final = json.loads([event for event in events if event.startswith("data: ")][-1][6:])
+        assert final["stop"] is True
+        assert final["tokens_predicted"] == 300
+        response.release()
 
 
 async def test_a_joining_agent_is_used(session: aiohttp.ClientSession, slow_model: Path) -> None:

@@ -322,3 +322,28 @@ async def test_shutdown_answers_buffered_requests_and_drains_running_ones(
         finished = await running_request
         assert finished.status == 200
         assert await finished.json() == {"done": True}
+
+
+async def test_server_sent_events_are_forwarded_as_they_arrive(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Each event reaches the client while the server is still generating the next one."""
+    proceed = asyncio.Event()
+
+    async def stepwise(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"n": 1}\n\n')
+        await proceed.wait()
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async with fake_upstream(stepwise) as port, running_balancer() as running:
+        await keep(ScriptedAgent(session, running.management_url)).register("sse", port, ok(idle=1))
+        async with session.post(f"{running.proxy_url}/v1/chat/completions", data=b"{}") as response:
+            assert response.headers["Content-Type"] == "text/event-stream"
+            first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+            assert first == b'data: {"n": 1}\n\n'
+            proceed.set()
+            assert await response.content.read() == b"data: [DONE]\n\n"

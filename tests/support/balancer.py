@@ -82,8 +82,11 @@ class ScriptedAgent:
         return reply.agent_id
 
     async def report(self, status: Status) -> None:
+        await self.report_raw(protocol.encode(status))
+
+    async def report_raw(self, frame: str) -> None:
         assert self.socket is not None
-        await self.socket.send_str(protocol.encode(status))
+        await self.socket.send_str(frame)
 
     async def close(self) -> None:
         if self.socket is not None:

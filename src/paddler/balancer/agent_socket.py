@@ -24,6 +24,7 @@ from paddler.config import Address
 log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
 _POLICY_VIOLATION = WSCloseCode.POLICY_VIOLATION
 
 
@@ -51,7 +52,9 @@ class AgentSocket:
             )
             return errors.unauthorized().response()
         socket = web.WebSocketResponse(
-            heartbeat=self._heartbeat, max_msg_size=protocol.MAX_MESSAGE_BYTES
+            heartbeat=self._heartbeat,
+            max_msg_size=protocol.MAX_MESSAGE_BYTES,
+            timeout=CLOSE_TIMEOUT,  # for the agent's answer to our close frame
         )
         await socket.prepare(request)
         self._sockets.add(socket)
