@@ -34,8 +34,14 @@ class BenchConfig:
         return share + (1 if round_index < remainder else 0)
 
     def warmup_requests(self, concurrency: int) -> int:
-        """Unmeasured requests before each run: enough to open every connection it will use."""
+        """Unmeasured requests at the start of each run: every connection opens, and the
+        streams fall out of step with each other, as they are under steady load."""
         return max(2 * concurrency, 8)
+
+    def cooldown_requests(self, concurrency: int) -> int:
+        """Unmeasured requests at the end of each run, so that every stream stays busy until
+        the last measured request has ended."""
+        return concurrency
 
     @property
     def context_size(self) -> int:

@@ -1,7 +1,7 @@
 """The load generator: closed-loop streams of streaming ``/completion`` requests.
 
 ``concurrency`` workers each send one request, read its stream to the end, and send the next,
-until the run's requests are used up. Every request has a prompt of its own, all of the same
+until the run's requests are used up; only the requests in the middle of a run are measured. Every request has a prompt of its own, all of the same
 length, so that no contestant benefits from another one's prompt cache and each one's prefill
 costs the same.
 
@@ -45,7 +45,9 @@ class Sample:
 class Run:
     samples: list[Sample]
     wall: float
-    """Seconds from the first request sent to the last response ended."""
+    """Seconds from the first measured request's start to the start of the one after it."""
+    unmeasured_errors: int = 0
+    """Failures among the warm-up and cool-down requests."""
 
 
 class Prompts:
@@ -73,7 +75,8 @@ def client_session(max_concurrency: int) -> aiohttp.ClientSession:
     """The one client session of the benchmark, shared by every contestant."""
     connector = aiohttp.TCPConnector(
         limit=4 * max_concurrency + 16,
-        # Below llama.cpp's 5 s, so that no pooled connection races its close on the server.
+        # Connections are not carried from one run to the next (the other contestants' runs
+        # last longer than this): each run opens its own while it warms up.
         keepalive_timeout=2.0,
     )
     return aiohttp.ClientSession(
@@ -89,23 +92,38 @@ async def run_closed_loop(
     prompts: Sequence[str],
     concurrency: int,
     n_predict: int,
+    measured: range,
 ) -> Run:
+    """Send every prompt through ``concurrency`` streams; measure the requests in ``measured``.
+
+    The requests before ``measured`` warm up (connections open, the streams fall out of step)
+    and those after it keep every stream busy until the last measured one ends, so that the
+    measured requests all see the same steady load. Requests start in index order, so the
+    rate is the measured count over the time from the first measured start to the next start.
+    """
     bodies = [request_body(prompt, n_predict) for prompt in prompts]
     samples: list[Sample | None] = [None] * len(bodies)
+    starts = [0.0] * len(bodies)
     indexes = iter(range(len(bodies)))
     headers = _HEADERS_CLOSE if contestant.fresh_connections else _HEADERS
 
     async def worker() -> None:
         for index in indexes:
             url = contestant.url_for(index) + ROUTE
+            starts[index] = time.perf_counter()
             samples[index] = await stream_one(session, url, bodies[index], n_predict, headers)
 
-    started = time.perf_counter()
     async with asyncio.TaskGroup() as group:
         for _ in range(min(concurrency, len(bodies))):
             group.create_task(worker())
-    wall = time.perf_counter() - started
-    return Run([sample for sample in samples if sample is not None], wall)
+    ended = time.perf_counter()
+    window_end = starts[measured.stop] if measured.stop < len(bodies) else ended
+    unmeasured = samples[: measured.start] + samples[measured.stop :]
+    return Run(
+        [sample for sample in samples[measured.start : measured.stop] if sample is not None],
+        window_end - starts[measured.start],
+        sum(1 for sample in unmeasured if sample is not None and not sample.ok),
+    )
 
 
 async def stream_one(

@@ -54,10 +54,10 @@ def parse_args(argv: Sequence[str]) -> BenchConfig:
         "--requests",
         type=int,
         default=None,
-        help="measured requests per cell, over all rounds (default: 600, or 64 with --quick)",
+        help="measured requests per cell, over all rounds (default: 800, or 64 with --quick)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="rounds per cell (default: 3, or 1 with --quick)"
+        "--rounds", type=int, default=None, help="rounds per cell (default: 4, or 1 with --quick)"
     )
     parser.add_argument(
         "--output",
@@ -81,8 +81,8 @@ def parse_args(argv: Sequence[str]) -> BenchConfig:
         parser.error(f"--concurrency wants numbers such as 1,16,64, not {args.concurrency!r}")
     if not concurrency or min(concurrency) < 1:
         parser.error("--concurrency needs at least one number, each 1 or more")
-    requests = args.requests or (64 if args.quick else 600)
-    rounds = args.rounds or (1 if args.quick else 3)
+    requests = args.requests or (64 if args.quick else 800)
+    rounds = args.rounds or (1 if args.quick else 4)
     if requests < rounds:
         parser.error("--requests must be at least --rounds")
     output = args.output
@@ -123,12 +123,10 @@ async def measure(
         for round_index in range(config.rounds):
             shift = round_index % len(contestants)
             for contestant in contestants[shift:] + contestants[:shift]:
-                await run_closed_loop(
-                    session,
-                    contestant,
-                    prompts.take(config.warmup_requests(concurrency)),
-                    concurrency,
-                    config.n_predict,
+                warmup = config.warmup_requests(concurrency)
+                count = config.requests_in_round(round_index)
+                prompts_for_run = prompts.take(
+                    warmup + count + config.cooldown_requests(concurrency)
                 )
                 async with watching_queues(
                     poll_session, backends, contestant.paddler, config.poll_interval
@@ -136,9 +134,10 @@ async def measure(
                     run = await run_closed_loop(
                         session,
                         contestant,
-                        prompts.take(config.requests_in_round(round_index)),
+                        prompts_for_run,
                         concurrency,
                         config.n_predict,
+                        measured=range(warmup, warmup + count),
                     )
                 row[contestant.name].add(run, peaks)
                 failed = sum(not sample.ok for sample in run.samples)

@@ -106,12 +106,15 @@ stream sends a request, reads its event stream to the end, then sends the next. 
 streaming `POST /completion` with a prompt of its own (all of the same length, about 60 tokens), \
 `n_predict` {config.n_predict}, `ignore_eos`, and `cache_prompt` left at its default.
 - **Rounds.** For each number of streams, {config.rounds} round(s); in each round every contestant \
-in turn (the order rotates from round to round) gets unmeasured warm-up requests (twice the \
-number of streams, at least 8) and then its share of {config.requests} measured requests per cell.
+in turn (the order rotates from round to round) gets one closed-loop run: unmeasured warm-up \
+requests (twice the number of streams, at least 8), its share of the {config.requests} measured \
+requests per cell, then as many unmeasured requests as there are streams, so that every measured \
+request runs under the full, steady load.
 - **Measures.** TTFT runs from just before the request is sent to the first SSE event carrying a \
-token; total latency to the end of the response body. Throughput is successful requests (and \
-generated tokens) divided by the summed wall time of the measured runs. Ratios divide a \
-proxy's percentile by direct's at the same number of streams.
+token; total latency to the end of the response body. Throughput is successful measured requests \
+(and their generated tokens) divided by the time from the first measured request's start to the \
+first cool-down request's start, summed over the rounds. Ratios divide a proxy's percentile by \
+direct's at the same number of streams.
 - **Queues.** During every measured run each server's `/metrics` is polled every \
 {config.poll_interval * 1000:.0f} ms: "max deferred" is the highest `llamacpp:requests_deferred` \
 seen (llama.cpp's own wait queue; 0 means nothing queued there). For Paddler, "max buffered" is \
@@ -165,8 +168,10 @@ def checks(report: Report) -> str:
     deferred = max((cell.max_deferred for cell in report.cells), default=0.0)
     buffered = max((cell.max_buffered or 0.0 for cell in report.cells), default=0.0)
     polls = sum(cell.queue_polls for cell in report.cells)
+    unmeasured = sum(cell.unmeasured_errors for cell in report.cells)
     lines = [
-        f"- Errors: {errors} of {requests} measured requests.",
+        f"- Errors: {errors} of {requests} measured requests; {unmeasured} among the "
+        "warm-up and cool-down requests.",
         f"- Highest `requests_deferred` in llama.cpp over {polls} polls: {deferred:g}.",
         f"- Highest `requests_buffered` in Paddler: {buffered:g}.",
     ]

@@ -39,6 +39,8 @@ class CellStats:
     concurrency: int
     requests: int
     errors: int
+    unmeasured_errors: int
+    """Failures among the warm-up and cool-down requests, which are not in ``requests``."""
     ttft: Percentiles
     total: Percentiles
     requests_per_second: float
@@ -74,6 +76,7 @@ class Cell:
             concurrency=self.concurrency,
             requests=len(samples),
             errors=len(samples) - len(good),
+            unmeasured_errors=sum(run.unmeasured_errors for run in self.runs),
             ttft=Percentiles.of([sample.ttft for sample in good if sample.ttft is not None]),
             total=Percentiles.of([sample.total for sample in good if sample.total is not None]),
             requests_per_second=len(good) / wall if wall else 0.0,

@@ -165,6 +165,12 @@ def log_level_option(function: Callable[..., Any]) -> Callable[..., Any]:
     help="Largest request body in bytes; larger ones get 413.",
 )
 @option(
+    "--request-body-memory",
+    type=click.IntRange(1),
+    default=512 * 1024 * 1024,
+    help="Most bytes of request bodies held in memory at once, across all requests; beyond that requests get 503 with Retry-After.",
+)
+@option(
     "--agent-stale-after",
     type=DURATION,
     default="5s",

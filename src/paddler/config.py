@@ -48,6 +48,7 @@ class BalancerConfig:
     request_buffer_timeout: float = 60.0
     rewrite_host_header: bool = False
     max_request_body_size: int = 32 * 1024 * 1024
+    request_body_memory: int = 512 * 1024 * 1024
     agent_stale_after: float = 5.0
     upstream_connect_timeout: float = 5.0
     upstream_keepalive_timeout: float = 2.0

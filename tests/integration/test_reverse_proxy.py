@@ -347,3 +347,33 @@ async def test_server_sent_events_are_forwarded_as_they_arrive(
             assert first == b'data: {"n": 1}\n\n'
             proceed.set()
             assert await response.content.read() == b"data: [DONE]\n\n"
+
+
+async def test_request_bodies_held_at_once_are_bounded(session: aiohttp.ClientSession) -> None:
+    """Bodies in memory across all requests are capped: beyond the budget, 503 at once."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"done": True})
+
+    async with (
+        fake_upstream(slow) as port,
+        running_balancer(request_body_memory=3000, max_request_body_size=2000) as running,
+    ):
+        await keep(ScriptedAgent(session, running.management_url)).register(
+            "slow", port, ok(idle=4)
+        )
+        first = asyncio.create_task(
+            session.post(f"{running.proxy_url}/completion", data=b"x" * 2000)
+        )
+        await wait_until(lambda: running.pool.agents()[0].reserved == 1)
+        async with session.post(f"{running.proxy_url}/completion", data=b"y" * 1500) as refused:
+            assert refused.status == 503
+            assert refused.headers["Retry-After"] == "1"
+            assert "request bodies" in (await refused.json())["error"]["message"]
+        release.set()
+        async with await first as response:
+            assert response.status == 200
+        async with session.post(f"{running.proxy_url}/completion", data=b"y" * 1500) as later:
+            assert later.status == 200

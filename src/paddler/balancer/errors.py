@@ -64,6 +64,15 @@ def body_too_large(limit: int) -> ApiError:
     )
 
 
+def out_of_body_memory(limit: int) -> ApiError:
+    return ApiError(
+        503,
+        f"the balancer already holds {limit} bytes of request bodies; retry shortly",
+        "unavailable_error",
+        retry_after=1,
+    )
+
+
 def upstream_failed(detail: str) -> ApiError:
     return ApiError(502, f"the llama.cpp server failed: {detail}", "server_error")
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from paddler.balancer import errors
 from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.body_budget import BodyBudget
 from paddler.balancer.request_buffer import BufferRejection, NoCandidates, RequestBuffer
 from paddler.balancer.routes import needs_slot
 from paddler.balancer.upstream import (
@@ -48,6 +49,7 @@ class ReverseProxy:
         self._pool = pool
         self._buffer = buffer
         self._upstream = upstream
+        self._budget = BodyBudget(config.request_body_memory)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._config.max_request_body_size)
@@ -75,6 +77,12 @@ class ReverseProxy:
         except errors.ApiError as error:
             log.info("%s %s refused: %s", request.method, request.path, error.message)
             return error.response()
+        try:
+            return await self._dispatch(request, body)
+        finally:
+            self._budget.give(len(body))
+
+    async def _dispatch(self, request: web.Request, body: bytes) -> web.StreamResponse:
         slot = needs_slot(request.method, request.path)
         deadline = asyncio.get_running_loop().time() + self._buffer.timeout
         tried: set[str] = set()
@@ -145,10 +153,21 @@ class ReverseProxy:
         return last_error.response()
 
     async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, within the per-request limit and the balancer's memory budget."""
         limit = self._config.max_request_body_size
         if request.content_length is not None and request.content_length > limit:
             raise errors.body_too_large(limit)
+        chunks: list[bytes] = []
+        taken = 0
         try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise errors.body_too_large(limit) from None
+            async for chunk in request.content.iter_any():
+                if taken + len(chunk) > limit:
+                    raise errors.body_too_large(limit)
+                if not self._budget.take(len(chunk)):
+                    raise errors.out_of_body_memory(self._budget.limit)
+                taken += len(chunk)
+                chunks.append(chunk)
+        except BaseException:
+            self._budget.give(taken)
+            raise
+        return b"".join(chunks)
