@@ -26,6 +26,11 @@ class BenchConfig:
     output: Path | None
     results_dir: Path
     quick: bool
+    keep_logs: bool
+    disturbance_limit: float
+    """A run during which other processes kept more CPUs than this busy on average is repeated."""
+    disturbed_retries: int
+    """How often a disturbed run is repeated at most; the last attempt counts whatever it saw."""
     command: str
 
     def requests_in_round(self, round_index: int) -> int:

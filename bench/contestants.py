@@ -28,6 +28,8 @@ class Contestant:
     name: str
     urls: tuple[str, ...]
     """Where requests go; request ``i`` goes to ``urls[i % len(urls)]``."""
+    proxy_pids: tuple[int, ...] = ()
+    """The proxy's processes, whose CPU time is counted (children included)."""
     paddler: RunningPaddler | None = None
     """Set for Paddler, whose buffer the benchmark watches as well."""
     fresh_connections: bool = False
@@ -48,12 +50,19 @@ async def running_contestants(
     config: BenchConfig, backends: list[Backend], workdir: Path
 ) -> AsyncIterator[list[Contestant]]:
     async with contextlib.AsyncExitStack() as stack:
-        nginx_url = await stack.enter_async_context(running_nginx(backends, workdir))
+        nginx = await stack.enter_async_context(running_nginx(backends, workdir))
         paddler = await stack.enter_async_context(running_paddler(config, backends, workdir))
         yield [
             Contestant(
                 BASELINE, tuple(backend.url for backend in backends), fresh_connections=True
             ),
-            Contestant("nginx", (nginx_url,)),
-            Contestant("paddler", (paddler.proxy_url,), paddler=paddler),
+            Contestant("nginx", (nginx.url,), proxy_pids=(nginx.pid,)),
+            # The agents' CPU time is not counted: they poll llama.cpp at the same pace whatever
+            # the traffic, for every contestant alike.
+            Contestant(
+                "paddler",
+                (paddler.proxy_url,),
+                proxy_pids=(paddler.balancer_pid,),
+                paddler=paddler,
+            ),
         ]

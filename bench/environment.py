@@ -17,6 +17,8 @@ class Hardware:
     cpu_model: str
     memory_gib: float
     kernel: str
+    load_before: float
+    """The 1-minute load average when the benchmark started: other work on the machine skews it."""
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,13 @@ class Versions:
     python: str
 
 
-def hardware() -> Hardware:
+def hardware(load_before: float) -> Hardware:
     return Hardware(
         cpus=len(os.sched_getaffinity(0)),
         cpu_model=_cpu_model(),
         memory_gib=_memory_gib(),
         kernel=f"{platform.system()} {platform.release()}",
+        load_before=load_before,
     )
 
 

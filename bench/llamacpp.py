@@ -21,6 +21,7 @@ from paddler.tiny_model import TinyModelShape, ensure_tiny_model
 class Backend:
     name: str
     url: str
+    pid: int
 
     @property
     def port(self) -> int:
@@ -72,7 +73,7 @@ async def _running_backend(
             line = await read_until(process.stdout, READY_PREFIX, 60.0, process)
         except (RuntimeError, TimeoutError) as error:
             raise RuntimeError(f"{name} did not start: {error}\n{log_tail(log_path)}") from error
-        yield Backend(name=name, url=line.split()[-1])
+        yield Backend(name=name, url=line.split()[-1], pid=process.pid)
     finally:
         await stop(process)
 

@@ -1,12 +1,14 @@
 """The load generator: closed-loop streams of streaming ``/completion`` requests.
 
 ``concurrency`` workers each send one request, read its stream to the end, and send the next,
-until the run's requests are used up; only the requests in the middle of a run are measured. Every request has a prompt of its own, all of the same
-length, so that no contestant benefits from another one's prompt cache and each one's prefill
-costs the same.
+until the run's requests are used up; only the requests in the middle of a run are measured.
+Every request has a prompt of its own, all of the same length, so that no contestant benefits
+from another one's prompt cache and each one's prefill costs the same.
 
 Time to first token (TTFT) runs from just before the request is sent to the first SSE event that
-carries a token; total latency runs to the end of the response body.
+carries a token; total latency runs to the end of the response body. (With the tiny model's byte
+tokens, the first event sometimes carries the first two tokens: llama.cpp does not send a token
+that ends inside a UTF-8 sequence on its own. That happens alike whatever the path.)
 """
 
 from __future__ import annotations
@@ -44,10 +46,17 @@ class Sample:
 @dataclass(frozen=True)
 class Run:
     samples: list[Sample]
-    wall: float
-    """Seconds from the first measured request's start to the start of the one after it."""
-    unmeasured_errors: int = 0
+    """The measured requests only."""
+    window_start: float
+    """``time.perf_counter()`` when the first measured request started."""
+    window_end: float
+    """When the first request after the measured ones started (or the run ended)."""
+    unmeasured_errors: tuple[str, ...] = ()
     """Failures among the warm-up and cool-down requests."""
+
+    @property
+    def wall(self) -> float:
+        return self.window_end - self.window_start
 
 
 class Prompts:
@@ -69,6 +78,19 @@ def request_body(prompt: str, n_predict: int) -> bytes:
     return json.dumps(
         {"prompt": prompt, "n_predict": n_predict, "ignore_eos": True, "stream": True}
     ).encode()
+
+
+def staggered_lengths(count: int, concurrency: int, n_predict: int) -> list[int]:
+    """``n_predict`` for each request of a run: the first request of each stream is shorter.
+
+    Streams that all start at once and all ask for the same number of tokens would stay in
+    lockstep for ever: llama.cpp decodes them in the same batches, they end together and send
+    their next requests together, so every request would arrive in a burst. Giving the first
+    request of stream ``k`` about ``(k + 1) / concurrency`` of the tokens spreads the streams
+    evenly over a request's length, and they keep that spread from then on.
+    """
+    first = [max(1, round((k + 1) * n_predict / concurrency)) for k in range(concurrency)]
+    return [first[index] if index < concurrency else n_predict for index in range(count)]
 
 
 def client_session(max_concurrency: int) -> aiohttp.ClientSession:
@@ -96,12 +118,15 @@ async def run_closed_loop(
 ) -> Run:
     """Send every prompt through ``concurrency`` streams; measure the requests in ``measured``.
 
-    The requests before ``measured`` warm up (connections open, the streams fall out of step)
-    and those after it keep every stream busy until the last measured one ends, so that the
-    measured requests all see the same steady load. Requests start in index order, so the
-    rate is the measured count over the time from the first measured start to the next start.
+    The requests before ``measured`` warm up (connections open, the streams spread out, see
+    ``staggered_lengths``) and those after it keep every stream busy until the last measured one
+    ends, so that the measured requests all see the same steady load. Requests start in index
+    order, so the rate is the measured count over the time from the first measured start to
+    the next start.
     """
-    bodies = [request_body(prompt, n_predict) for prompt in prompts]
+    assert measured.start >= concurrency, "the staggered first requests must not be measured"
+    lengths = staggered_lengths(len(prompts), concurrency, n_predict)
+    bodies = [request_body(prompt, length) for prompt, length in zip(prompts, lengths, strict=True)]
     samples: list[Sample | None] = [None] * len(bodies)
     starts = [0.0] * len(bodies)
     indexes = iter(range(len(bodies)))
@@ -111,18 +136,20 @@ async def run_closed_loop(
         for index in indexes:
             url = contestant.url_for(index) + ROUTE
             starts[index] = time.perf_counter()
-            samples[index] = await stream_one(session, url, bodies[index], n_predict, headers)
+            samples[index] = await stream_one(session, url, bodies[index], lengths[index], headers)
 
     async with asyncio.TaskGroup() as group:
         for _ in range(min(concurrency, len(bodies))):
             group.create_task(worker())
     ended = time.perf_counter()
-    window_end = starts[measured.stop] if measured.stop < len(bodies) else ended
     unmeasured = samples[: measured.start] + samples[measured.stop :]
     return Run(
         [sample for sample in samples[measured.start : measured.stop] if sample is not None],
-        window_end - starts[measured.start],
-        sum(1 for sample in unmeasured if sample is not None and not sample.ok),
+        window_start=starts[measured.start],
+        window_end=starts[measured.stop] if measured.stop < len(bodies) else ended,
+        unmeasured_errors=tuple(
+            sample.error for sample in unmeasured if sample is not None and sample.error
+        ),
     )
 
 
@@ -151,10 +178,14 @@ async def stream_one(
                     event = json.loads(line[len(_DATA) :])
                     if "error" in event:
                         return Sample(None, None, 0, f"error event: {event['error']}")
-                    if first is None and (event.get("tokens") or event.get("content")):
-                        first = time.perf_counter() - started
                     if event.get("stop"):
                         final = event
+                    # llama.cpp holds back a token that ends inside a UTF-8 sequence and sends
+                    # it with the next one; a very short answer may come whole in the last event.
+                    if first is None and (
+                        event.get("tokens") or event.get("content") or final is not None
+                    ):
+                        first = time.perf_counter() - started
         total = time.perf_counter() - started
     except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as error:
         return Sample(None, None, 0, f"{type(error).__name__}: {error}")

@@ -18,6 +18,7 @@ import contextlib
 import shutil
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -76,7 +77,11 @@ def nginx_binary() -> str:
 
 
 def render_config(backends: list[Backend], port: int, workdir: Path) -> str:
-    servers = "\n".join(f"        server {backend.url.split('//', 1)[1]};" for backend in backends)
+    # max_fails=0: a pooled connection that llama.cpp has closed is not the server's failure;
+    # counting it would take every server out of rotation in turn (502 "no live upstreams").
+    servers = "\n".join(
+        f"        server {backend.url.split('//', 1)[1]} max_fails=0;" for backend in backends
+    )
     return _CONFIG.format(workdir=workdir, servers=servers, port=port)
 
 
@@ -88,9 +93,16 @@ async def nginx_version() -> str:
     return output.decode().strip().removeprefix("nginx version: ")
 
 
+@dataclass(frozen=True)
+class RunningNginx:
+    url: str
+    pid: int
+    """The master's; its worker is its child."""
+
+
 @contextlib.asynccontextmanager
-async def running_nginx(backends: list[Backend], workdir: Path) -> AsyncIterator[str]:
-    """Run nginx in front of ``backends`` until the block ends; yield its URL."""
+async def running_nginx(backends: list[Backend], workdir: Path) -> AsyncIterator[RunningNginx]:
+    """Run nginx in front of ``backends`` until the block ends."""
     directory = workdir / "nginx"
     directory.mkdir()
     # Workers run as "nobody" when nginx starts as root; they must reach their temp paths.
@@ -115,7 +127,7 @@ async def running_nginx(backends: list[Backend], workdir: Path) -> AsyncIterator
     try:
         url = f"http://127.0.0.1:{port}"
         await _wait_healthy(url, process, directory)
-        yield url
+        yield RunningNginx(url, process.pid)
     finally:
         # SIGTERM is nginx's fast shutdown: the master stops its workers, then exits.
         await stop(process, signum=signal.SIGTERM, own_group=True)

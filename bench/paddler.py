@@ -28,6 +28,7 @@ _LISTENING = re.compile(r"(management|reverseproxy) listening on (http://\S+)")
 class RunningPaddler:
     proxy_url: str
     management_url: str
+    balancer_pid: int
 
 
 @contextlib.asynccontextmanager
@@ -68,7 +69,11 @@ async def _running_balancer(config: BenchConfig, workdir: Path) -> AsyncIterator
         except (RuntimeError, TimeoutError) as error:
             raise RuntimeError(f"the balancer did not start: {error}") from error
         drain = asyncio.create_task(_copy_lines(process.stderr, log_path))
-        yield RunningPaddler(proxy_url=urls["reverseproxy"], management_url=urls["management"])
+        yield RunningPaddler(
+            proxy_url=urls["reverseproxy"],
+            management_url=urls["management"],
+            balancer_pid=process.pid,
+        )
     finally:
         await stop(process, timeout=10.0)
         if drain is not None:

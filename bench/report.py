@@ -49,10 +49,16 @@ def _count(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def _buffered(cell: CellStats) -> str:
+    if cell.queues.max_buffered is None or cell.queues.mean_buffered is None:
+        return "-"
+    return f"{cell.queues.max_buffered:g} / {cell.queues.mean_buffered:.1f}"
+
+
 def results_table(cells: list[CellStats]) -> str:
     rows = [
         "| streams | contestant | requests | errors | TTFT p50 | TTFT p90 | TTFT p99 "
-        "| total p50 | total p90 | total p99 | req/s | tokens/s | max deferred | max buffered |",
+        "| total p50 | total p90 | total p99 | req/s | tokens/s | max deferred | buffered max / mean |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in cells:
@@ -61,7 +67,7 @@ def results_table(cells: list[CellStats]) -> str:
             f"| {_ms(cell.ttft.p50)} | {_ms(cell.ttft.p90)} | {_ms(cell.ttft.p99)} "
             f"| {_ms(cell.total.p50)} | {_ms(cell.total.p90)} | {_ms(cell.total.p99)} "
             f"| {cell.requests_per_second:.1f} | {cell.tokens_per_second:.0f} "
-            f"| {_count(cell.max_deferred)} | {_count(cell.max_buffered)} |"
+            f"| {_count(cell.queues.max_deferred)} | {_buffered(cell)} |"
         )
     return "\n".join(rows)
 
@@ -82,10 +88,37 @@ def ratio_table(report_ratios: list[Ratios]) -> str:
     return "\n".join(rows)
 
 
+def _spread(seconds: list[float]) -> str:
+    values = [value * 1000 for value in seconds if not math.isnan(value)]
+    return f"{min(values):.1f} to {max(values):.1f}" if values else "-"
+
+
+def cpu_table(cells: list[CellStats]) -> str:
+    rows = [
+        "| streams | contestant | client CPU | proxy CPU | llama.cpp CPU "
+        "| TTFT p50 of single rounds (ms) | total p50 of single rounds (ms) |",
+        "|---:|---|---:|---:|---:|---|---|",
+    ]
+    for cell in cells:
+        cpu = cell.cpu_ms_per_request
+        proxy = f"{cpu.get('proxy', 0.0):.2f}" if cell.contestant != BASELINE else "-"
+        rows.append(
+            f"| {cell.concurrency} | {cell.contestant} | {cpu.get('client', 0.0):.2f} "
+            f"| {proxy} | {cpu.get('llamacpp', 0.0):.2f} "
+            f"| {_spread(cell.ttft_p50_by_round)} | {_spread(cell.total_p50_by_round)} |"
+        )
+    return "\n".join(rows)
+
+
 def tables(report: Report) -> str:
     return (
         "Latencies in milliseconds.\n\n"
-        f"{results_table(report.cells)}\n\n{ratio_table(report.ratios())}\n"
+        f"{results_table(report.cells)}\n\n"
+        "Each proxy against direct at the same number of streams:\n\n"
+        f"{ratio_table(report.ratios())}\n\n"
+        "CPU milliseconds per request (warm-up and cool-down requests included), and how far "
+        "apart the rounds were:\n\n"
+        f"{cpu_table(report.cells)}\n"
     )
 
 
@@ -95,12 +128,21 @@ def method(config: BenchConfig) -> str:
 - **Backend.** {servers} (llama.cpp's own HTTP server through xllamacpp, {config.threads} CPU \
 thread(s), {config.slots} slots of {config.context_size // config.slots} tokens each) on the \
 tiny random-weight llama model that Paddler generates (`TinyModelShape()`: 64-dim, 2 layers), so \
-that generation is fast and what a proxy adds is visible. There are as many slots as the highest \
-concurrency, so no request ever has to wait for a slot.
+that generation is fast and what a proxy adds is visible. There are more slots than streams, so \
+that no request has to wait for a slot anywhere. Twice as many, because Paddler counts a slot as \
+busy while either its own reservations or the agent's latest report (up to 100 ms old) says so: \
+with exactly as many slots as streams, a request that follows one that has just ended often \
+waits in Paddler's buffer for the next report, and the table would show that wait rather than \
+the cost of the hop (`--slots` sets the number to see it).
 - **Contestants**, all started once and kept running for the whole run, against the same \
 server(s): `direct` (the client talks to llama.cpp), `nginx` (a plain reverse proxy, one worker, \
 `proxy_buffering off`, HTTP/1.1 with upstream keep-alive) and `paddler` (`paddler balancer` plus \
-one `paddler agent` per server, monitoring every 100 ms).
+one `paddler agent` per server, monitoring every 100 ms). llama.cpp closes the connection after \
+every streamed answer, and a client that reuses it races that close and sometimes loses its next \
+request; so `direct` opens a new connection for every request (`Connection: close`), which costs \
+the Python client about a millisecond of CPU. Through a proxy the client keeps its connection, \
+and the proxy opens the new one to llama.cpp (nginx and Paddler both resend a request on a new \
+connection when a pooled one turns out closed).
 - **Load.** One Python process with one aiohttp `ClientSession` runs closed-loop streams: each \
 stream sends a request, reads its event stream to the end, then sends the next. Each request is a \
 streaming `POST /completion` with a prompt of its own (all of the same length, about 60 tokens), \
@@ -109,20 +151,34 @@ streaming `POST /completion` with a prompt of its own (all of the same length, a
 in turn (the order rotates from round to round) gets one closed-loop run: unmeasured warm-up \
 requests (twice the number of streams, at least 8), its share of the {config.requests} measured \
 requests per cell, then as many unmeasured requests as there are streams, so that every measured \
-request runs under the full, steady load.
+request runs under the full, steady load. The first request of each stream asks for fewer tokens \
+(stream *k* of *n* for about *k/n* of them): streams that start together and ask for equal \
+lengths would otherwise stay in lockstep, decoded in the same batches, and every request would \
+arrive in a burst of all the streams at once.
 - **Measures.** TTFT runs from just before the request is sent to the first SSE event carrying a \
-token; total latency to the end of the response body. Throughput is successful measured requests \
+token (llama.cpp holds back a token that ends inside a UTF-8 sequence, so with the tiny model's \
+byte tokens that is sometimes the second token, alike for every contestant); total latency to the \
+end of the response body. Throughput is successful measured requests \
 (and their generated tokens) divided by the time from the first measured request's start to the \
 first cool-down request's start, summed over the rounds. Ratios divide a proxy's percentile by \
 direct's at the same number of streams.
 - **Queues.** During every measured run each server's `/metrics` is polled every \
 {config.poll_interval * 1000:.0f} ms: "max deferred" is the highest `llamacpp:requests_deferred` \
-seen (llama.cpp's own wait queue; 0 means nothing queued there). For Paddler, "max buffered" is \
-the highest `requests_buffered` its management API showed (requests Paddler held back because it \
-counted no free slot).
+seen while measured requests ran (llama.cpp's own wait queue; 0 means nothing queued there). For \
+Paddler, "buffered" is the highest and the mean `requests_buffered` its management API showed \
+(requests Paddler held back because it counted no free slot); by Little's law, mean buffered \
+divided by req/s is the mean time a request waited in Paddler's buffer.
+- **CPU.** The client's, the proxy's (nginx's master and worker; Paddler's balancer, not its \
+agent, which polls at the same pace whatever the traffic) and llama.cpp's CPU time are read from \
+`/proc` before and after each run and divided by the requests sent. The machine's busy time \
+minus the benchmark's own tells whether anything else ran meanwhile; a run during which other \
+processes kept more than {config.disturbance_limit:g} CPUs busy on average is measured again \
+(at most {config.disturbed_retries} times).
 - **Caveat.** Everything shares this machine's CPUs: the client, the proxy and llama.cpp compete \
 for them, so a proxy that burns CPU also slows the server beside it. That is part of what is \
-measured here, as it would be on a host that runs both."""
+measured here, as it would be on a host that runs both. Once llama.cpp and the client keep the \
+CPUs busy (16 streams and more here), differences of the size of the round-to-round spread are \
+noise."""
 
 
 def markdown_document(report: Report) -> str:
@@ -141,6 +197,7 @@ editing it. Raw results go to `bench/results/` (not kept in git).
 - CPUs (`nproc`): {hardware.cpus}, {hardware.cpu_model}
 - Memory: {hardware.memory_gib:.1f} GiB
 - Kernel: {hardware.kernel}
+- Load average (1 min) when the run started: {hardware.load_before:.2f}
 
 ### Versions
 
@@ -165,20 +222,30 @@ editing it. Raw results go to `bench/results/` (not kept in git).
 def checks(report: Report) -> str:
     errors = sum(cell.errors for cell in report.cells)
     requests = sum(cell.requests for cell in report.cells)
-    deferred = max((cell.max_deferred for cell in report.cells), default=0.0)
-    buffered = max((cell.max_buffered or 0.0 for cell in report.cells), default=0.0)
-    polls = sum(cell.queue_polls for cell in report.cells)
+    deferred = max((cell.queues.max_deferred for cell in report.cells), default=0.0)
+    deferred_whole = max((cell.max_deferred_whole_run for cell in report.cells), default=0.0)
+    buffered = max((cell.queues.max_buffered or 0.0 for cell in report.cells), default=0.0)
+    polls = sum(cell.queues.polls for cell in report.cells)
     unmeasured = sum(cell.unmeasured_errors for cell in report.cells)
     lines = [
         f"- Errors: {errors} of {requests} measured requests; {unmeasured} among the "
         "warm-up and cool-down requests.",
-        f"- Highest `requests_deferred` in llama.cpp over {polls} polls: {deferred:g}.",
-        f"- Highest `requests_buffered` in Paddler: {buffered:g}.",
+        f"- Highest `requests_deferred` in llama.cpp over {polls} polls during measured "
+        f"requests: {deferred:g} (over whole runs, warm-up and cool-down included: "
+        f"{deferred_whole:g}).",
+        f"- Highest `requests_buffered` in Paddler during measured requests: {buffered:g}.",
     ]
     examples = {
         error: count for cell in report.cells for error, count in cell.error_examples.items()
     }
     lines += [f"  - `{error}` ({count} times)" for error, count in list(examples.items())[:5]]
+    repeated = sum(cell.repeated_runs for cell in report.cells)
+    other = max((cell.other_cores_max for cell in report.cells), default=0.0)
+    lines.append(
+        f"- Other processes on the machine kept at most {other:.2f} CPUs busy during a counted "
+        f"run; {repeated} run(s) were measured again because they kept more than "
+        f"{report.config.disturbance_limit:g} busy."
+    )
     return "\n".join(lines)
 
 

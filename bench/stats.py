@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from bench.load import Run
-from bench.queue_watch import Peaks
+from bench.queue_watch import QueuePeaks, QueueSample
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,11 +46,30 @@ class CellStats:
     requests_per_second: float
     tokens_per_second: float
     wall_seconds: float
-    max_deferred: float
-    max_processing: float
-    max_buffered: float | None
-    queue_polls: int
+    queues: QueuePeaks
+    """While measured requests ran."""
+    max_deferred_whole_run: float
+    """``requests_deferred`` over whole runs, warm-up and cool-down included."""
+    cpu_ms_per_request: dict[str, float]
+    """CPU milliseconds per request of each party: ``client``, ``proxy``, ``llamacpp``."""
+    other_cores_max: float
+    """The most CPUs that processes outside the benchmark kept busy during one counted run."""
+    repeated_runs: int
+    ttft_p50_by_round: list[float]
+    total_p50_by_round: list[float]
     error_examples: dict[str, int]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run: Run
+    queue_samples: list[QueueSample]
+    cpu_seconds: dict[str, float]
+    """CPU seconds of each party during the run."""
+    requests_sent: int
+    """Every request of the run, warm-up and cool-down included: CPU time covers them all."""
+    other_cores: float
+    """CPUs kept busy on average by processes outside the benchmark."""
 
 
 @dataclass
@@ -60,32 +79,65 @@ class Cell:
     contestant: str
     concurrency: int
     runs: list[Run] = field(default_factory=list)
-    peaks: Peaks = field(default_factory=Peaks)
+    queue_samples: list[QueueSample] = field(default_factory=list)
+    measured_queue_samples: list[QueueSample] = field(default_factory=list)
+    cpu_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    requests_sent: int = 0
+    other_cores: list[float] = field(default_factory=list)
+    repeated_runs: int = 0
+    """Runs measured again because other processes used the CPUs meanwhile."""
 
-    def add(self, run: Run, peaks: Peaks) -> None:
+    def add(self, outcome: RunOutcome) -> None:
+        run = outcome.run
         self.runs.append(run)
-        self.peaks.merge(peaks)
+        for name, seconds in outcome.cpu_seconds.items():
+            self.cpu_seconds[name] += seconds
+        self.requests_sent += outcome.requests_sent
+        self.other_cores.append(outcome.other_cores)
+        self.queue_samples += outcome.queue_samples
+        self.measured_queue_samples += [
+            sample
+            for sample in outcome.queue_samples
+            if run.window_start <= sample.at <= run.window_end
+        ]
 
     def stats(self) -> CellStats:
         samples = [sample for run in self.runs for sample in run.samples]
         good = [sample for sample in samples if sample.ok]
         wall = sum(run.wall for run in self.runs)
         errors = Counter(sample.error for sample in samples if sample.error is not None)
+        errors.update(
+            f"(warm-up or cool-down) {error}"
+            for run in self.runs
+            for error in run.unmeasured_errors
+        )
         return CellStats(
             contestant=self.contestant,
             concurrency=self.concurrency,
             requests=len(samples),
             errors=len(samples) - len(good),
-            unmeasured_errors=sum(run.unmeasured_errors for run in self.runs),
+            unmeasured_errors=sum(len(run.unmeasured_errors) for run in self.runs),
             ttft=Percentiles.of([sample.ttft for sample in good if sample.ttft is not None]),
             total=Percentiles.of([sample.total for sample in good if sample.total is not None]),
             requests_per_second=len(good) / wall if wall else 0.0,
             tokens_per_second=sum(sample.tokens for sample in good) / wall if wall else 0.0,
             wall_seconds=wall,
-            max_deferred=self.peaks.deferred,
-            max_processing=self.peaks.processing,
-            max_buffered=self.peaks.buffered,
-            queue_polls=self.peaks.polls,
+            queues=QueuePeaks.of(self.measured_queue_samples),
+            max_deferred_whole_run=QueuePeaks.of(self.queue_samples).max_deferred,
+            cpu_ms_per_request={
+                name: 1000 * seconds / self.requests_sent if self.requests_sent else 0.0
+                for name, seconds in self.cpu_seconds.items()
+            },
+            other_cores_max=max(self.other_cores, default=0.0),
+            repeated_runs=self.repeated_runs,
+            ttft_p50_by_round=[
+                percentile([s.ttft for s in run.samples if s.ok and s.ttft is not None], 50)
+                for run in self.runs
+            ],
+            total_p50_by_round=[
+                percentile([s.total for s in run.samples if s.ok and s.total is not None], 50)
+                for run in self.runs
+            ],
             error_examples=dict(errors.most_common(5)),
         )
 

@@ -80,7 +80,7 @@ def test_reservations_count_against_free_slots(pool: AgentControllerPool) -> Non
 
 
 def test_a_report_never_frees_or_double_counts_a_reserved_slot(pool: AgentControllerPool) -> None:
-    """busy = max(reserved, reported): a slot both reserved and reported counts once."""
+    """A slot both reserved and reported counts once; only traffic beyond ours adds to it."""
     agent, session = pool.register("a", address(1), status(idle=4))
     guards = [pool.reserve(agent, needs_slot=True) for _ in range(2)]
     pool.report(agent, session, status(idle=4, processing=0))  # stale sample: shows nothing busy
@@ -91,7 +91,18 @@ def test_a_report_never_frees_or_double_counts_a_reserved_slot(pool: AgentContro
     assert agent.free_slots() == 1
     for guard in guards:
         guard.release()
-    assert agent.free_slots() == 1
+    assert agent.free_slots() == 3  # our two ended; the outsider's slot stays busy
+
+
+def test_a_finished_request_frees_its_slot_before_the_next_report(
+    pool: AgentControllerPool,
+) -> None:
+    """A stale report that still shows our finished request busy does not hold its slot."""
+    agent, session = pool.register("a", address(1), status(idle=1))
+    guard = pool.reserve(agent, needs_slot=True)
+    pool.report(agent, session, status(idle=0, processing=1))  # sees our request running
+    guard.release()
+    assert pool.pick(needs_slot=True) is agent
 
 
 def test_release_is_exactly_once(pool: AgentControllerPool) -> None:
@@ -220,5 +231,6 @@ def test_snapshot_aggregates_usable_agents(pool: AgentControllerPool) -> None:
     pool.register("b", address(2), status(idle=2, state=LlamaCppState.UNREACHABLE))
     pool.reserve(agent, needs_slot=True)
     fleet = pool.snapshot()
-    assert (fleet.slots_idle, fleet.slots_processing, fleet.usable_agents) == (3, 1, 1)
+    # one slot busy before we dispatched (foreign), plus ours
+    assert (fleet.slots_idle, fleet.slots_processing, fleet.usable_agents) == (2, 2, 1)
     assert len(fleet.agents) == 2

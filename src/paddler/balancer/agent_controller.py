@@ -6,9 +6,12 @@ Two sources describe how busy a server is, and neither is complete alone:
   ago: it misses what we dispatched since, and it includes traffic that bypasses the balancer;
 - our own reservations (``reserved``) are exact for our traffic, but know nothing of anyone else.
 
-A slot counts as busy if either source says so, never twice:
-``busy = max(reserved + settling, reported_processing)``. A slot is freed only by the guard that
-reserved it (see ``slot_guard``), so a report can never free a reservation.
+So each report is split in two: what our reservations explain, and the rest, *foreign* slots
+(``foreign = max(0, reported_processing - reserved)`` when the report arrives). Then
+``busy = reserved + foreign + settling``: a slot we reserved counts once, however many reports
+see it, and is freed only by the guard that reserved it (see ``slot_guard``), never by a report.
+When our request ends its slot is free at once, without waiting for the next report: llama.cpp
+frees a slot before it sends the end of the response.
 
 ``settling`` covers one gap: when a client disconnects we release its reservation at once, but
 llama.cpp notices the closed connection and frees the slot a little later. Until the agent's next
@@ -54,6 +57,7 @@ class AgentController:
     registered_at: float
     session_id: int = 0
     reserved: int = 0
+    foreign: int = 0
     in_flight: int = 0
     settling: list[float] = field(default_factory=list)
     circuit_opened_at: float | None = None
@@ -69,7 +73,7 @@ class AgentController:
         return self.status.slots_total
 
     def busy_slots(self) -> int:
-        return max(self.reserved + len(self.settling), self.status.slots_processing)
+        return self.reserved + self.foreign + len(self.settling)
 
     def free_slots(self) -> int:
         return max(0, self.slots_total - self.busy_slots())
@@ -91,8 +95,9 @@ class AgentController:
     def accept_report(self, status: Status, now: float, cooldown: float) -> None:
         self.status = status
         self.last_report_at = now
-        # A report sent after a disconnect shows whether llama.cpp still holds the slot, and
-        # ``slots_processing`` then covers it; the settling estimate is no longer needed.
+        self.foreign = max(0, status.slots_processing - self.reserved)
+        # A report sent after a disconnect shows whether llama.cpp still holds the slot (it is
+        # then counted as foreign); the settling estimate is no longer needed.
         self.settling.clear()
         if (
             self.circuit_opened_at is not None
