@@ -28,7 +28,9 @@ class BenchConfig:
     quick: bool
     keep_logs: bool
     disturbance_limit: float
-    """A run during which other processes kept more CPUs than this busy on average is repeated."""
+    """A run during which other processes on this machine took more CPUs than this on average
+    is measured again. (Time stolen by the hypervisor is only reported: it is not ours to wait
+    out, and the rounds spread it over the contestants.)"""
     disturbed_retries: int
     """How often a disturbed run is repeated at most; the last attempt counts whatever it saw."""
     command: str

@@ -28,17 +28,20 @@ def client_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds that all CPUs together have spent on anything but idling, since boot."""
+def machine_seconds() -> tuple[float, float]:
+    """CPU seconds since boot, all CPUs together: spent on work here, and stolen.
+
+    Stolen time is time the hypervisor gave to other virtual machines while this one had work:
+    it is not work done here, but it slows every party down.
+    """
     try:
         with open("/proc/stat") as stat:
             fields = stat.readline().split()
     except OSError:
-        return 0.0
-    # cpu user nice system idle iowait irq softirq steal ...; steal is time the hypervisor gave
-    # to other machines, not work done here.
-    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
-    return (user + nice + system + irq + softirq) / _TICKS
+        return 0.0, 0.0
+    # cpu user nice system idle iowait irq softirq steal ...
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+    return (user + nice + system + irq + softirq) / _TICKS, steal / _TICKS
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class CpuUse:
     """CPU seconds of each party, and ``client`` for this process."""
     other: float
     """CPU seconds of everything outside this process and its children."""
+    stolen: float
+    """CPU seconds the hypervisor gave to other machines."""
 
 
 @dataclass(frozen=True)
@@ -59,18 +64,19 @@ class CpuParties:
         seconds = {name: _sum(pids) for name, pids in self.parties.items()}
         seconds["client"] = client_seconds()
         seconds[_OURS] = process_seconds(os.getpid())
-        seconds[_MACHINE] = machine_busy_seconds()
+        seconds[_MACHINE], seconds[_STOLEN] = machine_seconds()
         return seconds
 
     @staticmethod
     def used(before: Mapping[str, float], after: Mapping[str, float]) -> CpuUse:
         spent = {name: after[name] - before[name] for name in after}
-        other = spent.pop(_MACHINE) - spent.pop(_OURS)
-        return CpuUse(parties=spent, other=max(0.0, other))
+        machine, ours, stolen = spent.pop(_MACHINE), spent.pop(_OURS), spent.pop(_STOLEN)
+        return CpuUse(parties=spent, other=max(0.0, machine - ours), stolen=stolen)
 
 
 _OURS = "_ours"
 _MACHINE = "_machine"
+_STOLEN = "_stolen"
 
 
 def _sum(pids: Iterable[int]) -> float:

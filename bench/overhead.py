@@ -155,7 +155,7 @@ async def measure(
                         break
                     cell.repeated_runs += 1
                     say(
-                        f"  {label} other processes kept {outcome.other_cores:.2f} CPUs busy: "
+                        f"  {label} other processes took {outcome.other_cores:.2f} CPUs: "
                         "measuring it again"
                     )
                 cell.add(outcome)
@@ -200,6 +200,7 @@ async def measure_run(
         cpu_seconds=cpu.parties,
         requests_sent=len(prompts),
         other_cores=cpu.other / elapsed if elapsed > 0 else 0.0,
+        stolen_cores=cpu.stolen / elapsed if elapsed > 0 else 0.0,
     )
 
 

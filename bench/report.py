@@ -95,16 +95,16 @@ def _spread(seconds: list[float]) -> str:
 
 def cpu_table(cells: list[CellStats]) -> str:
     rows = [
-        "| streams | contestant | client CPU | proxy CPU | llama.cpp CPU "
+        "| streams | contestant | client CPU | proxy CPU | llama.cpp CPU | stolen CPUs "
         "| TTFT p50 of single rounds (ms) | total p50 of single rounds (ms) |",
-        "|---:|---|---:|---:|---:|---|---|",
+        "|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for cell in cells:
         cpu = cell.cpu_ms_per_request
         proxy = f"{cpu.get('proxy', 0.0):.2f}" if cell.contestant != BASELINE else "-"
         rows.append(
             f"| {cell.concurrency} | {cell.contestant} | {cpu.get('client', 0.0):.2f} "
-            f"| {proxy} | {cpu.get('llamacpp', 0.0):.2f} "
+            f"| {proxy} | {cpu.get('llamacpp', 0.0):.2f} | {cell.stolen_cores_mean:.2f} "
             f"| {_spread(cell.ttft_p50_by_round)} | {_spread(cell.total_p50_by_round)} |"
         )
     return "\n".join(rows)
@@ -116,17 +116,20 @@ def tables(report: Report) -> str:
         f"{results_table(report.cells)}\n\n"
         "Each proxy against direct at the same number of streams:\n\n"
         f"{ratio_table(report.ratios())}\n\n"
-        "CPU milliseconds per request (warm-up and cool-down requests included), and how far "
-        "apart the rounds were:\n\n"
+        "CPU milliseconds per request (warm-up and cool-down requests included), CPUs' worth of "
+        "time stolen by the hypervisor (mean over the runs), and how far apart the rounds "
+        "were:\n\n"
         f"{cpu_table(report.cells)}\n"
     )
 
 
 def method(config: BenchConfig) -> str:
     servers = "One llama.cpp server" if config.servers == 1 else f"{config.servers} servers"
+    threads = "1 CPU thread" if config.threads == 1 else f"{config.threads} CPU threads"
+    rounds = "1 round" if config.rounds == 1 else f"{config.rounds} rounds"
     return f"""\
-- **Backend.** {servers} (llama.cpp's own HTTP server through xllamacpp, {config.threads} CPU \
-thread(s), {config.slots} slots of {config.context_size // config.slots} tokens each) on the \
+- **Backend.** {servers} (llama.cpp's own HTTP server through xllamacpp, {threads}, \
+{config.slots} slots of {config.context_size // config.slots} tokens each) on the \
 tiny random-weight llama model that Paddler generates (`TinyModelShape()`: 64-dim, 2 layers), so \
 that generation is fast and what a proxy adds is visible. There are more slots than streams, so \
 that no request has to wait for a slot anywhere. Twice as many, because Paddler counts a slot as \
@@ -147,7 +150,7 @@ connection when a pooled one turns out closed).
 stream sends a request, reads its event stream to the end, then sends the next. Each request is a \
 streaming `POST /completion` with a prompt of its own (all of the same length, about 60 tokens), \
 `n_predict` {config.n_predict}, `ignore_eos`, and `cache_prompt` left at its default.
-- **Rounds.** For each number of streams, {config.rounds} round(s); in each round every contestant \
+- **Rounds.** For each number of streams, {rounds}; in each round every contestant \
 in turn (the order rotates from round to round) gets one closed-loop run: unmeasured warm-up \
 requests (twice the number of streams, at least 8), its share of the {config.requests} measured \
 requests per cell, then as many unmeasured requests as there are streams, so that every measured \
@@ -171,9 +174,11 @@ divided by req/s is the mean time a request waited in Paddler's buffer.
 - **CPU.** The client's, the proxy's (nginx's master and worker; Paddler's balancer, not its \
 agent, which polls at the same pace whatever the traffic) and llama.cpp's CPU time are read from \
 `/proc` before and after each run and divided by the requests sent. The machine's busy time \
-minus the benchmark's own tells whether anything else ran meanwhile; a run during which other \
-processes kept more than {config.disturbance_limit:g} CPUs busy on average is measured again \
-(at most {config.disturbed_retries} times).
+minus the benchmark's own tells whether anything else ran meanwhile: a run during which other \
+processes took more than {config.disturbance_limit:g} CPUs on average is measured again (at most \
+{config.disturbed_retries} times). Steal time (the hypervisor running other virtual machines on \
+these CPUs) cannot be waited out; it is reported, and the rotating rounds spread it over the \
+contestants.
 - **Caveat.** Everything shares this machine's CPUs: the client, the proxy and llama.cpp compete \
 for them, so a proxy that burns CPU also slows the server beside it. That is part of what is \
 measured here, as it would be on a host that runs both. Once llama.cpp and the client keep the \
@@ -241,10 +246,15 @@ def checks(report: Report) -> str:
     lines += [f"  - `{error}` ({count} times)" for error, count in list(examples.items())[:5]]
     repeated = sum(cell.repeated_runs for cell in report.cells)
     other = max((cell.other_cores_max for cell in report.cells), default=0.0)
+    stolen = max((cell.stolen_cores_max for cell in report.cells), default=0.0)
     lines.append(
-        f"- Other processes on the machine kept at most {other:.2f} CPUs busy during a counted "
-        f"run; {repeated} run(s) were measured again because they kept more than "
-        f"{report.config.disturbance_limit:g} busy."
+        f"- During a counted run, other processes on the machine took at most {other:.2f} CPUs; "
+        f"{repeated} run(s) were measured again because they took more than "
+        f"{report.config.disturbance_limit:g}."
+    )
+    lines.append(
+        f"- The hypervisor gave up to {stolen:.2f} CPUs' worth of time to other virtual "
+        "machines during a run (steal time; per cell in the last table)."
     )
     return "\n".join(lines)
 

@@ -54,6 +54,8 @@ class CellStats:
     """CPU milliseconds per request of each party: ``client``, ``proxy``, ``llamacpp``."""
     other_cores_max: float
     """The most CPUs that processes outside the benchmark kept busy during one counted run."""
+    stolen_cores_mean: float
+    stolen_cores_max: float
     repeated_runs: int
     ttft_p50_by_round: list[float]
     total_p50_by_round: list[float]
@@ -70,6 +72,8 @@ class RunOutcome:
     """Every request of the run, warm-up and cool-down included: CPU time covers them all."""
     other_cores: float
     """CPUs kept busy on average by processes outside the benchmark."""
+    stolen_cores: float
+    """CPUs' worth of time the hypervisor gave to other machines, on average."""
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Cell:
     cpu_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     requests_sent: int = 0
     other_cores: list[float] = field(default_factory=list)
+    stolen_cores: list[float] = field(default_factory=list)
     repeated_runs: int = 0
     """Runs measured again because other processes used the CPUs meanwhile."""
 
@@ -94,6 +99,7 @@ class Cell:
             self.cpu_seconds[name] += seconds
         self.requests_sent += outcome.requests_sent
         self.other_cores.append(outcome.other_cores)
+        self.stolen_cores.append(outcome.stolen_cores)
         self.queue_samples += outcome.queue_samples
         self.measured_queue_samples += [
             sample
@@ -129,6 +135,10 @@ class Cell:
                 for name, seconds in self.cpu_seconds.items()
             },
             other_cores_max=max(self.other_cores, default=0.0),
+            stolen_cores_mean=(
+                sum(self.stolen_cores) / len(self.stolen_cores) if self.stolen_cores else 0.0
+            ),
+            stolen_cores_max=max(self.stolen_cores, default=0.0),
             repeated_runs=self.repeated_runs,
             ttft_p50_by_round=[
                 percentile([s.ttft for s in run.samples if s.ok and s.ttft is not None], 50)

@@ -3,12 +3,14 @@
 This is the only layer that reads the environment, installs signal handlers or exits the process.
 Every flag can also be set with an environment variable, named ``PADDLER_`` plus the flag in upper
 case with dashes as underscores (``--request-buffer-size`` is ``PADDLER_REQUEST_BUFFER_SIZE``).
+Every host flag also accepts ``aws:metadata:local-ipv4``: the EC2 instance's private address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import signal
 import sys
@@ -64,6 +66,17 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def _resolve(host: str) -> str:
+    """Resolve host lookups such as ``aws:metadata:local-ipv4`` (see ``host_resolution``)."""
+    from paddler.host_resolution import AWS_METADATA_URL, HostResolutionError, resolve_host
+
+    metadata_url = os.environ.get("PADDLER_AWS_METADATA_URL", AWS_METADATA_URL)
+    try:
+        return resolve_host(host, metadata_url)
+    except HostResolutionError as error:
+        raise click.ClickException(str(error)) from None
+
+
 def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
     """Run ``main(shutdown)``; SIGINT or SIGTERM sets ``shutdown``, a second one exits at once."""
 
@@ -95,6 +108,9 @@ def cli() -> None:
 
     Run `paddler cluster` for a complete local cluster, or an `agent` beside each llama.cpp
     server and one `balancer` in front of them.
+
+    Every flag can be set with a PADDLER_* environment variable (shown in each command's --help).
+    Every host flag also accepts `aws:metadata:local-ipv4`, the EC2 instance's private address.
     """
 
 
@@ -200,6 +216,8 @@ def balancer(log_level: str, **options: Any) -> None:
     _configure_logging(log_level)
     from paddler.balancer.service import Balancer
 
+    for key in ("management_host", "reverseproxy_host"):
+        options[key] = _resolve(options[key])
     config = BalancerConfig(**options)
     try:
         config.validate()
@@ -332,6 +350,8 @@ def _agent_config(
     threads: int,
     model_alias: str | None,
 ) -> AgentConfig:
+    for key in ("local_llamacpp_host", "external_llamacpp_host", "management_host"):
+        options[key] = _resolve(options[key])
     local_port = options["local_llamacpp_port"]
     external_port = options["external_llamacpp_port"]
     if external_port is None:
