@@ -73,8 +73,7 @@ def parse_args(argv: Sequence[str]) -> BenchConfig:
         "--slots",
         type=int,
         default=None,
-        help="slots per server (default: twice the highest concurrency spread over the servers; "
-        "see docs/benchmarks.md for why)",
+        help="slots per server (default: the highest concurrency spread over the servers)",
     )
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads per server")
     parser.add_argument(
@@ -102,7 +101,7 @@ def parse_args(argv: Sequence[str]) -> BenchConfig:
         rounds=rounds,
         n_predict=args.n_predict,
         servers=args.servers,
-        slots=args.slots or 2 * -(-max(concurrency) // args.servers),
+        slots=args.slots or -(-max(concurrency) // args.servers),
         threads=args.threads,
         poll_interval=0.05,
         output=output,

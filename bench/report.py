@@ -131,12 +131,9 @@ def method(config: BenchConfig) -> str:
 - **Backend.** {servers} (llama.cpp's own HTTP server through xllamacpp, {threads}, \
 {config.slots} slots of {config.context_size // config.slots} tokens each) on the \
 tiny random-weight llama model that Paddler generates (`TinyModelShape()`: 64-dim, 2 layers), so \
-that generation is fast and what a proxy adds is visible. There are more slots than streams, so \
-that no request has to wait for a slot anywhere. Twice as many, because Paddler counts a slot as \
-busy while either its own reservations or the agent's latest report (up to 100 ms old) says so: \
-with exactly as many slots as streams, a request that follows one that has just ended often \
-waits in Paddler's buffer for the next report, and the table would show that wait rather than \
-the cost of the hop (`--slots` sets the number to see it).
+that generation is fast and what a proxy adds is visible. There are as many slots as the most \
+streams, so that no request has to wait for a slot: the "max deferred" and "buffered" columns \
+show whether any did anyway, in llama.cpp or in Paddler.
 - **Contestants**, all started once and kept running for the whole run, against the same \
 server(s): `direct` (the client talks to llama.cpp), `nginx` (a plain reverse proxy, one worker, \
 `proxy_buffering off`, HTTP/1.1 with upstream keep-alive) and `paddler` (`paddler balancer` plus \
