@@ -127,20 +127,30 @@ async def test_three_times_more_requests_than_slots_never_queue_inside_llamacpp(
                 await asyncio.sleep(0.01)
 
         async def generate(number: int) -> int:
-            async with session.post(
-                f"{cluster.balancer.proxy_url}/completion",
-                json={"prompt": f"request {number}", "n_predict": 96, "ignore_eos": True},
-            ) as response:
-                body = await response.json()
-                assert response.status == 200, body
-                return int(body["tokens_predicted"])
+            """One client sending three requests in a row, alternating streaming or not."""
+            predicted = 0
+            for turn in range(3):
+                async with session.post(
+                    f"{cluster.balancer.proxy_url}/completion",
+                    json={
+                        "prompt": f"request {number}.{turn}",
+                        "n_predict": 96,
+                        "ignore_eos": True,
+                        "stream": (number + turn) % 2 == 0,
+                    },
+                ) as response:
+                    assert response.status == 200, await response.text()
+                    text = await response.text()
+                final = text if text.startswith("{") else text.strip().split("\n\n")[-1][6:]
+                predicted += int(json.loads(final)["tokens_predicted"])
+            return predicted
 
         watcher = asyncio.create_task(watch())
         predicted = await asyncio.gather(*(generate(n) for n in range(3 * total_slots)))
         done.set()
         await watcher
-        assert predicted == [96] * (3 * total_slots)
-        assert len(deferred) > 20
+        assert predicted == [3 * 96] * (3 * total_slots)
+        assert len(deferred) > 20  # the watcher saw the whole run, not a moment of it
         assert max(deferred) == 0
         assert max(processing) == 2  # the slots were really full, not trickled one by one
         for agent in cluster.balancer.pool.agents():
@@ -232,7 +242,7 @@ async def test_a_joining_agent_is_used(session: aiohttp.ClientSession, slow_mode
         busy = asyncio.create_task(
             session.post(
                 f"{cluster.balancer.proxy_url}/completion",
-                json={"prompt": "long", "n_predict": 400, "ignore_eos": True},
+                json={"prompt": "long", "n_predict": 4000, "ignore_eos": True, "stream": True},
             )
         )
         await wait_until(lambda: cluster.balancer.pool.agents()[0].reserved == 1)
@@ -249,7 +259,8 @@ async def test_a_joining_agent_is_used(session: aiohttp.ClientSession, slow_mode
                 assert response.status == 200
                 assert (await response.json())["tokens_predicted"] == 4
             assert (await llamacpp_metrics(session, joiner.url))["tokens_predicted_total"] == 4
-            (await busy).release()
+            assert not busy.done() or (await busy).status == 200
+            (await busy).close()
 
 
 async def test_pooled_connections_survive_llamacpp_keepalive_limits(

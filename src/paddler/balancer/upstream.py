@@ -5,7 +5,8 @@ A pooled connection that llama.cpp has just closed fails on first use ("Cannot w
 transport", a reset, or a disconnect before any response byte). Two measures keep that from ever
 reaching a client:
 
-- the pool forgets idle connections sooner than llama.cpp does (``upstream_keepalive_timeout``);
+- the pool forgets idle connections sooner than llama.cpp does (``upstream_keepalive_timeout``),
+  and never keeps one that carried an event stream: llama.cpp closes those after the stream;
 - a request that fails that way before any response arrived is sent once more on a connection
   that is opened for it alone. Nothing of the first attempt reached llama.cpp's handler (it
   closed the connection before reading it), so resending is safe.
@@ -199,10 +200,14 @@ async def relay(
     except ConnectionResetError:
         outcome.client_gone = True
     finally:
-        if outcome.failure is None and not outcome.client_gone and response.prepared:
+        reusable = outcome.failure is None and not outcome.client_gone and response.prepared
+        if reusable and not is_event_stream(upstream):
             upstream.release()
         else:
-            # Closing, not releasing: llama.cpp must see the connection drop to stop generating.
+            # Closing, not releasing. After a failure or a client that left, llama.cpp must see
+            # the connection drop to stop generating. After an event stream, llama.cpp closes
+            # the connection itself (whatever its Keep-Alive header says): pooling it would only
+            # make the next request fail on it first.
             upstream.close()
     return outcome
 
