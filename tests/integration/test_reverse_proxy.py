@@ -377,3 +377,27 @@ async def test_request_bodies_held_at_once_are_bounded(session: aiohttp.ClientSe
             assert response.status == 200
         async with session.post(f"{running.proxy_url}/completion", data=b"y" * 1500) as later:
             assert later.status == 200
+
+
+async def test_a_poisonous_request_does_not_empty_the_fleet(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A request every server answers with 500 gets the server's own 500; no circuit opens."""
+
+    async def internal_error(request: web.Request) -> web.Response:
+        body = {"error": {"code": 500, "message": "template failed", "type": "server_error"}}
+        return web.json_response(body, status=500)
+
+    async with fake_upstream(internal_error) as port_a, fake_upstream(internal_error) as port_b:
+        async with running_balancer(max_retries=1) as running:
+            await keep(ScriptedAgent(session, running.management_url)).register(
+                "a", port_a, ok(idle=1)
+            )
+            await keep(ScriptedAgent(session, running.management_url)).register(
+                "b", port_b, ok(idle=1)
+            )
+            async with session.post(f"{running.proxy_url}/completion", data=b"{}") as response:
+                assert response.status == 500
+                assert (await response.json())["error"]["message"] == "template failed"
+            assert not any(agent.circuit_open for agent in running.pool.agents())
+            assert [agent.consecutive_failures for agent in running.pool.agents()] == [1, 1]

@@ -19,6 +19,7 @@ import logging
 from aiohttp import web
 
 from paddler.balancer import errors
+from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.body_budget import BodyBudget
 from paddler.balancer.request_buffer import BufferRejection, NoCandidates, RequestBuffer
@@ -112,23 +113,23 @@ class ReverseProxy:
                     self._pool.trip(agent, str(failure))
                     last_error = errors.upstream_failed(str(failure))
                     continue
-                if upstream.status >= 500 and not is_last:
-                    detail = await discard(upstream)
-                    reason = f"answered {upstream.status} {detail[:200]!r}"
-                    if upstream.status in _TRIPPING_STATUSES:
-                        self._pool.trip(agent, reason)
-                    else:
-                        self._pool.record_failure(agent, reason)
-                    log.info(
-                        "%s %s: %s %s; retrying elsewhere",
-                        request.method,
-                        request.path,
-                        agent.name,
-                        reason,
-                    )
-                    continue
                 if upstream.status < 500:
                     self._pool.record_success(agent)
+                else:
+                    self._count_server_error(agent, upstream.status)
+                    if not is_last:
+                        detail = await discard(upstream)
+                        log.info(
+                            "%s %s: %s answered %d %r; retrying elsewhere",
+                            request.method,
+                            request.path,
+                            agent.name,
+                            upstream.status,
+                            detail[:200],
+                        )
+                        continue
+                # The last attempt's answer goes to the client as it is, even a 5xx: it is the
+                # server's own account of what went wrong.
                 relayed = await relay(request, upstream)
                 if relayed.client_gone:
                     guard.release(abandoned=True)
@@ -151,6 +152,12 @@ class ReverseProxy:
         assert last_error is not None
         log.warning("%s %s: %s", request.method, request.path, last_error.message)
         return last_error.response()
+
+    def _count_server_error(self, agent: AgentController, status: int) -> None:
+        if status in _TRIPPING_STATUSES:
+            self._pool.trip(agent, f"answered {status}")
+        else:
+            self._pool.record_failure(agent, f"answered {status}")
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, within the per-request limit and the balancer's memory budget."""

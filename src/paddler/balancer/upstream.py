@@ -181,6 +181,7 @@ async def relay(
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     outcome = Relayed(response)
+    finished = False
     try:
         await response.prepare(request)
         while True:
@@ -197,15 +198,15 @@ async def relay(
                 on_first_chunk = None
             await response.write(chunk)
         await response.write_eof()
+        finished = True
     except ConnectionResetError:
         outcome.client_gone = True
     finally:
-        reusable = outcome.failure is None and not outcome.client_gone and response.prepared
-        if reusable and not is_event_stream(upstream):
+        if finished and not is_event_stream(upstream):
             upstream.release()
         else:
-            # Closing, not releasing. After a failure or a client that left, llama.cpp must see
-            # the connection drop to stop generating. After an event stream, llama.cpp closes
+            # Closing, not releasing. After a failure, a cancellation or a client that left,
+            # llama.cpp must see the connection drop to stop generating. After an event stream, llama.cpp closes
             # the connection itself (whatever its Keep-Alive header says): pooling it would only
             # make the next request fail on it first.
             upstream.close()
