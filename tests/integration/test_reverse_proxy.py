@@ -388,16 +388,17 @@ async def test_a_poisonous_request_does_not_empty_the_fleet(
         body = {"error": {"code": 500, "message": "template failed", "type": "server_error"}}
         return web.json_response(body, status=500)
 
-    async with fake_upstream(internal_error) as port_a, fake_upstream(internal_error) as port_b:
-        async with running_balancer(max_retries=1) as running:
+    async with (
+        fake_upstream(internal_error) as port_a,
+        fake_upstream(internal_error) as port_b,
+        running_balancer(max_retries=1) as running,
+    ):
+        for name, port in (("a", port_a), ("b", port_b)):
             await keep(ScriptedAgent(session, running.management_url)).register(
-                "a", port_a, ok(idle=1)
+                name, port, ok(idle=1)
             )
-            await keep(ScriptedAgent(session, running.management_url)).register(
-                "b", port_b, ok(idle=1)
-            )
-            async with session.post(f"{running.proxy_url}/completion", data=b"{}") as response:
-                assert response.status == 500
-                assert (await response.json())["error"]["message"] == "template failed"
-            assert not any(agent.circuit_open for agent in running.pool.agents())
-            assert [agent.consecutive_failures for agent in running.pool.agents()] == [1, 1]
+        async with session.post(f"{running.proxy_url}/completion", data=b"{}") as response:
+            assert response.status == 500
+            assert (await response.json())["error"]["message"] == "template failed"
+        assert not any(agent.circuit_open for agent in running.pool.agents())
+        assert [agent.consecutive_failures for agent in running.pool.agents()] == [1, 1]
