@@ -51,18 +51,26 @@ PORT = click.IntRange(0, 65535)
 
 def option(*names: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A click option that can also be set from ``PADDLER_<NAME>``."""
-    long_name = next(name for name in names if name.startswith("--"))
+    long_name = next(name for name in names if name.startswith("--")).split("/")[0]
     envvar = "PADDLER_" + long_name[2:].upper().replace("-", "_")
     kwargs.setdefault("show_default", True)
     return click.option(*names, envvar=envvar, show_envvar=True, **kwargs)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
@@ -114,7 +122,13 @@ def cli() -> None:
     """
 
 
-def log_level_option(function: Callable[..., Any]) -> Callable[..., Any]:
+def logging_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    function = option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        help="Log lines as text, or as one JSON object per line (for log shippers).",
+    )(function)
     return option(
         "--log-level",
         type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -175,6 +189,11 @@ def log_level_option(function: Callable[..., Any]) -> Callable[..., Any]:
     help="Send the agent's external host:port as the Host header instead of the client's.",
 )
 @option(
+    "--agent-header/--no-agent-header",
+    default=True,
+    help="Name the agent that served each response in an X-Paddler-Agent response header.",
+)
+@option(
     "--max-request-body-size",
     type=click.IntRange(1),
     default=32 * 1024 * 1024,
@@ -210,10 +229,10 @@ def log_level_option(function: Callable[..., Any]) -> Callable[..., Any]:
     default="30s",
     help="On shutdown, how long requests in flight may run before they are cut.",
 )
-@log_level_option
-def balancer(log_level: str, **options: Any) -> None:
+@logging_options
+def balancer(log_level: str, log_format: str, **options: Any) -> None:
     """Proxy clients to llama.cpp servers with a free slot, buffering when none is free."""
-    _configure_logging(log_level)
+    _configure_logging(log_level, log_format)
     from paddler.balancer.service import Balancer
 
     for key in ("management_host", "reverseproxy_host"):
@@ -320,9 +339,10 @@ def balancer(log_level: str, **options: Any) -> None:
     default=None,
     help="With --model: the model name llama.cpp reports and accepts.",
 )
-@log_level_option
+@logging_options
 def agent(
     log_level: str,
+    log_format: str,
     model: Path | None,
     slots: int,
     context_size: int,
@@ -331,7 +351,7 @@ def agent(
     **options: Any,
 ) -> None:
     """Watch one llama.cpp server (or run one) and report its slots to the balancer."""
-    _configure_logging(log_level)
+    _configure_logging(log_level, log_format)
     from paddler.agent.service import Agent
 
     config = _agent_config(options, model, slots, context_size, threads, model_alias)
@@ -422,13 +442,13 @@ def _agent_config(
     default="60s",
     help="How long a request may wait for a slot.",
 )
-@log_level_option
-def cluster(log_level: str, **options: Any) -> None:
+@logging_options
+def cluster(log_level: str, log_format: str, **options: Any) -> None:
     """Start llama.cpp servers, an agent beside each and a balancer, all on this machine."""
-    _configure_logging(log_level)
+    _configure_logging(log_level, log_format)
     from paddler.cluster import Cluster, ClusterConfig
 
-    config = ClusterConfig(**options)
+    config = ClusterConfig(log_level=log_level, log_format=log_format, **options)
     sys.exit(asyncio.run(Cluster(config).run_until_signalled()))
 
 

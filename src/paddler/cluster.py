@@ -45,6 +45,8 @@ class ClusterConfig:
     management_port: int = 8085
     request_buffer_size: int = 20
     request_buffer_timeout: float = 60.0
+    log_level: str = "info"
+    log_format: str = "text"
 
 
 def _die_with_parent() -> None:
@@ -82,7 +84,12 @@ class Cluster:
         )
         proxy_port = config.reverseproxy_port or _free_port()
         management_port = config.management_port or _free_port()
-        env = {**os.environ, "PADDLER_MANAGEMENT_TOKEN": secrets.token_urlsafe(24)}
+        env = {
+            **os.environ,
+            "PADDLER_MANAGEMENT_TOKEN": secrets.token_urlsafe(24),
+            "PADDLER_LOG_LEVEL": config.log_level,
+            "PADDLER_LOG_FORMAT": config.log_format,
+        }
         await self._spawn(
             "balancer",
             [

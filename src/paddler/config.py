@@ -47,6 +47,7 @@ class BalancerConfig:
     request_buffer_size: int = 20
     request_buffer_timeout: float = 60.0
     rewrite_host_header: bool = False
+    agent_header: bool = True
     max_request_body_size: int = 32 * 1024 * 1024
     request_body_memory: int = 512 * 1024 * 1024
     agent_stale_after: float = 5.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -402,3 +403,53 @@ async def test_a_poisonous_request_does_not_empty_the_fleet(
             assert (await response.json())["error"]["message"] == "template failed"
         assert not any(agent.circuit_open for agent in running.pool.agents())
         assert [agent.consecutive_failures for agent in running.pool.agents()] == [1, 1]
+
+
+async def test_each_request_is_logged_with_its_id_agent_wait_and_outcome(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One log line per request names it, the agent, the buffer wait and the outcome."""
+    caplog.set_level(logging.INFO, logger="paddler.requests")
+    async with fake_upstream(echo) as port, running_balancer() as running:
+        await keep(ScriptedAgent(session, running.management_url)).register(
+            "echo", port, ok(idle=1)
+        )
+        async with session.post(
+            f"{running.proxy_url}/completion", data=b"{}", headers={"X-Request-Id": "req-42"}
+        ) as response:
+            assert response.status == 200
+            assert response.headers["X-Request-Id"] == "req-42"
+            assert response.headers["X-Paddler-Agent"] == "echo"
+        (line,) = [record for record in caplog.records if record.name == "paddler.requests"]
+        assert line.request_id == "req-42"  # type: ignore[attr-defined]
+        assert line.agent == "echo"  # type: ignore[attr-defined]
+        assert line.outcome == "completed"  # type: ignore[attr-defined]
+        assert line.status == 200  # type: ignore[attr-defined]
+        assert line.buffer_wait_ms >= 0  # type: ignore[attr-defined]
+        assert "req-42" in line.getMessage()
+
+
+async def test_the_agent_header_can_be_switched_off(session: aiohttp.ClientSession) -> None:
+    """--no-agent-header keeps the serving agent's name out of responses."""
+    async with fake_upstream(echo) as port, running_balancer(agent_header=False) as running:
+        await keep(ScriptedAgent(session, running.management_url)).register(
+            "echo", port, ok(idle=1)
+        )
+        async with session.get(f"{running.proxy_url}/props") as response:
+            assert response.status == 200
+            assert "X-Paddler-Agent" not in response.headers
+            assert "X-Request-Id" in response.headers
+
+
+async def test_refusals_are_logged_with_their_outcome(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request refused by a full buffer is logged as a warning with outcome buffer_full."""
+    caplog.set_level(logging.INFO, logger="paddler.requests")
+    async with running_balancer(request_buffer_size=0) as running:
+        async with session.post(f"{running.proxy_url}/completion", data=b"{}") as response:
+            assert response.status == 503
+        (line,) = [record for record in caplog.records if record.name == "paddler.requests"]
+        assert line.levelno == logging.WARNING
+        assert line.outcome == "buffer_full"  # type: ignore[attr-defined]
+        assert line.agent is None  # type: ignore[attr-defined]

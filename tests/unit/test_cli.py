@@ -17,7 +17,8 @@ def test_every_flag_has_help_and_an_environment_variable(command: str) -> None:
         if not isinstance(parameter, click.Option) or parameter.name == "help":
             continue
         assert parameter.help, parameter.name
-        assert parameter.envvar == "PADDLER_" + parameter.opts[0][2:].upper().replace("-", "_")
+        long_name = parameter.opts[0].split("/")[0]
+        assert parameter.envvar == "PADDLER_" + long_name[2:].upper().replace("-", "_")
         assert parameter.show_envvar
 
 

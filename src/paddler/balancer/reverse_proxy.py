@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import web
 
@@ -22,8 +23,17 @@ from paddler.balancer import errors
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.body_budget import BodyBudget
-from paddler.balancer.request_buffer import BufferRejection, NoCandidates, RequestBuffer
-from paddler.balancer.routes import needs_slot
+from paddler.balancer.observers import Observers, Outcome, RequestRecord
+from paddler.balancer.request_buffer import (
+    BufferFull,
+    BufferRejection,
+    BufferTimeout,
+    NoCandidates,
+    RequestBuffer,
+    ShuttingDown,
+)
+from paddler.balancer.request_id import request_id
+from paddler.balancer.routes import needs_slot, route_label
 from paddler.balancer.upstream import (
     ConnectFailed,
     Upstream,
@@ -36,6 +46,12 @@ from paddler.config import BalancerConfig
 log = logging.getLogger(__name__)
 
 _TRIPPING_STATUSES = frozenset({502, 503, 504})
+_REJECTION_OUTCOMES: dict[type[BufferRejection], Outcome] = {
+    BufferFull: Outcome.BUFFER_FULL,
+    BufferTimeout: Outcome.BUFFER_TIMEOUT,
+    ShuttingDown: Outcome.SHUTTING_DOWN,
+    NoCandidates: Outcome.UPSTREAM_FAILED,
+}
 
 
 class ReverseProxy:
@@ -45,8 +61,10 @@ class ReverseProxy:
         pool: AgentControllerPool,
         buffer: RequestBuffer,
         upstream: Upstream,
+        observers: Observers,
     ) -> None:
         self._config = config
+        self._observers = observers
         self._pool = pool
         self._buffer = buffer
         self._upstream = upstream
@@ -73,44 +91,74 @@ class ReverseProxy:
         )
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
+        record = RequestRecord(
+            id=request_id(request),
+            method=request.method,
+            path=request.path,
+            route=route_label(request.path),
+            needs_slot=needs_slot(request.method, request.path),
+        )
+        self._observers.request_started(record)
         try:
-            body = await self._read_body(request)
-        except errors.ApiError as error:
-            log.info("%s %s refused: %s", request.method, request.path, error.message)
-            return error.response()
-        try:
-            return await self._dispatch(request, body)
+            try:
+                body = await self._read_body(request)
+            except errors.ApiError as error:
+                record.outcome = Outcome.REFUSED
+                return self._refuse(record, error)
+            try:
+                return await self._dispatch(request, body, record)
+            finally:
+                self._budget.give(len(body))
+        except asyncio.CancelledError:
+            record.outcome = record.outcome or Outcome.CLIENT_GONE
+            raise
         finally:
-            self._budget.give(len(body))
+            record.ended = time.perf_counter()
+            self._observers.request_finished(record)
 
-    async def _dispatch(self, request: web.Request, body: bytes) -> web.StreamResponse:
-        slot = needs_slot(request.method, request.path)
-        deadline = asyncio.get_running_loop().time() + self._buffer.timeout
+    async def _dispatch(
+        self, request: web.Request, body: bytes, record: RequestRecord
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._buffer.timeout
         tried: set[str] = set()
         last_error: errors.ApiError | None = None
         for attempt in range(self._config.max_retries + 1):
             is_last = attempt == self._config.max_retries
+            self._observers.buffer_wait_started(record)
+            waiting_since = time.perf_counter()
             try:
                 guard = await self._buffer.acquire(
-                    needs_slot=slot, exclude=frozenset(tried), deadline=deadline
+                    needs_slot=record.needs_slot, exclude=frozenset(tried), deadline=deadline
                 )
             except BufferRejection as rejection:
+                record.outcome = _REJECTION_OUTCOMES.get(type(rejection), Outcome.UPSTREAM_FAILED)
                 if isinstance(rejection, NoCandidates) and last_error is not None:
-                    return last_error.response()
-                refusal = errors.from_buffer(rejection)
-                log.warning("%s %s: %s", request.method, request.path, refusal.message)
-                return refusal.response()
+                    return self._refuse(record, last_error)
+                return self._refuse(record, errors.from_buffer(rejection))
+            finally:
+                record.buffer_wait += time.perf_counter() - waiting_since
+                self._observers.buffer_wait_ended(record)
             with guard:
                 agent = guard.agent
                 tried.add(agent.id)
+                record.agent = agent
+                record.attempts += 1
+                if attempt:
+                    self._observers.retried(record, agent)
+                self._observers.upstream_started(record, agent)
+                headers: dict[str, str] = {}
+                self._observers.upstream_headers(record, headers)
                 try:
-                    upstream = await self._upstream.send(agent, request, body)
+                    upstream = await self._upstream.send(agent, request, body, headers)
                 except ConnectFailed as failure:
                     self._pool.trip(agent, f"cannot connect: {failure}")
+                    self._observers.upstream_failed(record, agent, "connect_failed")
                     last_error = errors.upstream_failed(f"{agent.name} is unreachable")
                     continue
                 except UpstreamBroken as failure:
                     self._pool.trip(agent, str(failure))
+                    self._observers.upstream_failed(record, agent, "disconnected")
                     last_error = errors.upstream_failed(str(failure))
                     continue
                 if upstream.status < 500:
@@ -118,11 +166,11 @@ class ReverseProxy:
                 else:
                     self._count_server_error(agent, upstream.status)
                     if not is_last:
+                        self._observers.upstream_failed(record, agent, f"status_{upstream.status}")
                         detail = await discard(upstream)
                         log.info(
-                            "%s %s: %s answered %d %r; retrying elsewhere",
-                            request.method,
-                            request.path,
+                            "request %s: %s answered %d %r; retrying elsewhere",
+                            record.id,
                             agent.name,
                             upstream.status,
                             detail[:200],
@@ -130,28 +178,43 @@ class ReverseProxy:
                         continue
                 # The last attempt's answer goes to the client as it is, even a 5xx: it is the
                 # server's own account of what went wrong.
-                relayed = await relay(request, upstream)
+                record.status = upstream.status
+                relayed = await relay(
+                    request,
+                    upstream,
+                    extra_headers=self._response_headers(record, agent),
+                    on_first_chunk=lambda: self._first_chunk(record),
+                )
                 if relayed.client_gone:
                     guard.release(abandoned=True)
-                    log.info(
-                        "%s %s via %s: the client went away",
-                        request.method,
-                        request.path,
-                        agent.name,
-                    )
+                    record.outcome = Outcome.CLIENT_GONE
                 elif relayed.failure is not None:
                     self._pool.trip(agent, relayed.failure)
-                    log.warning(
-                        "%s %s via %s: %s",
-                        request.method,
-                        request.path,
-                        agent.name,
-                        relayed.failure,
-                    )
+                    self._observers.upstream_failed(record, agent, "broke_mid_response")
+                    record.outcome = Outcome.UPSTREAM_FAILED
+                    log.warning("request %s via %s: %s", record.id, agent.name, relayed.failure)
+                else:
+                    record.outcome = Outcome.COMPLETED
                 return relayed.response
         assert last_error is not None
-        log.warning("%s %s: %s", request.method, request.path, last_error.message)
-        return last_error.response()
+        record.outcome = Outcome.UPSTREAM_FAILED
+        return self._refuse(record, last_error)
+
+    def _first_chunk(self, record: RequestRecord) -> None:
+        record.first_chunk_at = time.perf_counter()
+        self._observers.first_chunk(record)
+
+    def _response_headers(self, record: RequestRecord, agent: AgentController) -> dict[str, str]:
+        headers = {"X-Request-Id": record.id}
+        if self._config.agent_header:
+            headers["X-Paddler-Agent"] = agent.name
+        return headers
+
+    def _refuse(self, record: RequestRecord, error: errors.ApiError) -> web.Response:
+        record.status = error.status
+        response = error.response()
+        response.headers["X-Request-Id"] = record.id
+        return response
 
     def _count_server_error(self, agent: AgentController, status: int) -> None:
         if status in _TRIPPING_STATUSES:

@@ -16,7 +16,9 @@ from aiohttp import web
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
 from paddler.balancer.management_app import ManagementApp
+from paddler.balancer.observers import Observers
 from paddler.balancer.request_buffer import RequestBuffer
+from paddler.balancer.request_log import RequestLog
 from paddler.balancer.reverse_proxy import ReverseProxy
 from paddler.balancer.upstream import Upstream
 from paddler.config import BalancerConfig
@@ -42,6 +44,7 @@ class Balancer:
         self.buffer = RequestBuffer(
             self.pool, size=config.request_buffer_size, timeout=config.request_buffer_timeout
         )
+        self.observers = Observers([RequestLog()])
         self._on_listening = on_listening
         self.management_port: int | None = None
         self.reverseproxy_port: int | None = None
@@ -55,7 +58,7 @@ class Balancer:
             keepalive_timeout=config.upstream_keepalive_timeout,
             rewrite_host_header=config.rewrite_host_header,
         ) as upstream:
-            proxy_app = ReverseProxy(config, self.pool, self.buffer, upstream).app()
+            proxy_app = ReverseProxy(config, self.pool, self.buffer, upstream, self.observers).app()
             proxy_app.on_shutdown.append(self._close_buffer)
             management_app = ManagementApp(self.pool, self.buffer, socket).app()
 

@@ -111,15 +111,24 @@ class Upstream:
         )
 
     async def send(
-        self, agent: AgentController, request: web.Request, body: bytes
+        self,
+        agent: AgentController,
+        request: web.Request,
+        body: bytes,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send the client's request to ``agent``; return once the response headers arrived."""
+        """Send the client's request to ``agent``; return once the response headers arrived.
+
+        ``extra_headers`` (trace context) replace the client's headers of the same name.
+        """
         assert self._pooled is not None and self._fresh is not None, "use as a context manager"
         # encoded=True: the path and query go out byte for byte as the client sent them.
         url = URL(agent.url + request.raw_path, encoded=True)
         headers = _forwardable(request.headers)
         if self._rewrite_host_header:
             headers["Host"] = agent.address.authority
+        if extra_headers:
+            headers.update(extra_headers)
         try:
             return await self._request(self._pooled, request.method, url, headers, body)
         except ConnectFailed:

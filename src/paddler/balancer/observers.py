@@ -1,0 +1,140 @@
+"""What happens to each proxied request, told to whoever watches: metrics, logs, traces.
+
+The proxy calls an ``Observer`` at each step of a request's life; observers never change what
+the proxy does, except that ``upstream_headers`` may add headers to the upstream request (trace
+context). Each observability concern (Prometheus, request logs, OpenTelemetry, ...) is one
+observer in a module of its own, and ``Observers`` fans each call out to all of them.
+
+Observers run on the proxy's hot path: they must not block and must not raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from paddler.balancer.agent_controller import AgentController
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    """How a request ended, from the balancer's point of view."""
+
+    COMPLETED = "completed"  # an answer was relayed in full (whatever its status)
+    CLIENT_GONE = "client_gone"
+    UPSTREAM_FAILED = "upstream_failed"  # no server could answer, or one broke mid-answer
+    BUFFER_FULL = "buffer_full"
+    BUFFER_TIMEOUT = "buffer_timeout"
+    REFUSED = "refused"  # bad input: body too large, out of body memory
+    SHUTTING_DOWN = "shutting_down"
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    """One client request, filled in as it goes."""
+
+    id: str
+    method: str
+    path: str
+    route: str
+    needs_slot: bool
+    started: float = field(default_factory=time.perf_counter)
+    buffer_wait: float = 0.0
+    agent: AgentController | None = None
+    attempts: int = 0
+    first_chunk_at: float | None = None
+    status: int | None = None
+    outcome: Outcome | None = None
+    ended: float | None = None
+
+    @property
+    def time_to_first_chunk(self) -> float | None:
+        return None if self.first_chunk_at is None else self.first_chunk_at - self.started
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+
+class Observer:
+    """Every hook, doing nothing; observers override what they need."""
+
+    def request_started(self, record: RequestRecord) -> None: ...
+
+    def buffer_wait_started(self, record: RequestRecord) -> None: ...
+
+    def buffer_wait_ended(self, record: RequestRecord) -> None: ...
+
+    def upstream_started(self, record: RequestRecord, agent: AgentController) -> None: ...
+
+    def upstream_headers(
+        self, record: RequestRecord, headers: MutableMapping[str, str]
+    ) -> None: ...
+
+    def upstream_failed(
+        self, record: RequestRecord, agent: AgentController, reason: str
+    ) -> None: ...
+
+    def retried(self, record: RequestRecord, agent: AgentController) -> None: ...
+
+    def first_chunk(self, record: RequestRecord) -> None: ...
+
+    def request_finished(self, record: RequestRecord) -> None: ...
+
+
+class Observers(Observer):
+    """Fans every hook out to each observer; one that raises is logged, not propagated."""
+
+    def __init__(self, observers: Iterable[Observer] = ()) -> None:
+        self._observers = list(observers)
+
+    def add(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def request_started(self, record: RequestRecord) -> None:
+        for observer in self._observers:
+            _safely(observer.request_started, record)
+
+    def buffer_wait_started(self, record: RequestRecord) -> None:
+        for observer in self._observers:
+            _safely(observer.buffer_wait_started, record)
+
+    def buffer_wait_ended(self, record: RequestRecord) -> None:
+        for observer in self._observers:
+            _safely(observer.buffer_wait_ended, record)
+
+    def upstream_started(self, record: RequestRecord, agent: AgentController) -> None:
+        for observer in self._observers:
+            _safely(observer.upstream_started, record, agent)
+
+    def upstream_headers(self, record: RequestRecord, headers: MutableMapping[str, str]) -> None:
+        for observer in self._observers:
+            _safely(observer.upstream_headers, record, headers)
+
+    def upstream_failed(self, record: RequestRecord, agent: AgentController, reason: str) -> None:
+        for observer in self._observers:
+            _safely(observer.upstream_failed, record, agent, reason)
+
+    def retried(self, record: RequestRecord, agent: AgentController) -> None:
+        for observer in self._observers:
+            _safely(observer.retried, record, agent)
+
+    def first_chunk(self, record: RequestRecord) -> None:
+        for observer in self._observers:
+            _safely(observer.first_chunk, record)
+
+    def request_finished(self, record: RequestRecord) -> None:
+        for observer in self._observers:
+            _safely(observer.request_finished, record)
+
+
+def _safely(hook: object, *arguments: object) -> None:
+    try:
+        hook(*arguments)  # type: ignore[operator]
+    except Exception:
+        # An observer bug must never fail a request; it is logged with its traceback.
+        log.exception("observer %r failed", hook)

@@ -1,0 +1,52 @@
+"""One log line per request: its id, the agent chosen, the buffer wait and the outcome.
+
+The line reads well as text, and carries the same facts as structured fields (``extra``), which
+``--log-format json`` writes out as JSON keys.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from paddler.balancer.observers import Observer, Outcome, RequestRecord
+
+log = logging.getLogger("paddler.requests")
+
+_QUIET_OUTCOMES = frozenset({Outcome.COMPLETED, Outcome.CLIENT_GONE})
+
+
+def _milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+class RequestLog(Observer):
+    def request_finished(self, record: RequestRecord) -> None:
+        agent = record.agent.name if record.agent is not None else None
+        fields = {
+            "request_id": record.id,
+            "method": record.method,
+            "path": record.path,
+            "status": record.status,
+            "outcome": record.outcome.value if record.outcome else None,
+            "agent": agent,
+            "attempts": record.attempts,
+            "buffer_wait_ms": _milliseconds(record.buffer_wait),
+            "time_to_first_chunk_ms": _milliseconds(record.time_to_first_chunk),
+            "duration_ms": _milliseconds(record.duration),
+        }
+        level = logging.INFO if record.outcome in _QUIET_OUTCOMES else logging.WARNING
+        log.log(
+            level,
+            "request %s %s %s -> %s %s via %s: %s ms (buffered %s ms, first chunk %s ms, %d attempt(s))",
+            record.id,
+            record.method,
+            record.path,
+            record.status if record.status is not None else "-",
+            fields["outcome"],
+            agent or "no agent",
+            fields["duration_ms"],
+            fields["buffer_wait_ms"],
+            fields["time_to_first_chunk_ms"] if record.first_chunk_at is not None else "-",
+            record.attempts,
+            extra=fields,
+        )

@@ -1,0 +1,39 @@
+"""--log-format json writes one JSON object per line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from tests.support.llamacpp import stop_process
+
+
+async def test_json_log_lines_parse_and_carry_the_standard_fields() -> None:
+    """Every line the balancer writes with --log-format json is a JSON object."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "paddler",
+        "balancer",
+        "--log-format=json",
+        "--management-port=0",
+        "--reverseproxy-port=0",
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            lines = [json.loads(await process.stderr.readline()) for _ in range(2)]
+    finally:
+        await stop_process(process)
+    assert [line["message"].split(" listening")[0] for line in lines] == [
+        "management",
+        "reverseproxy",
+    ]
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    assert lines[0]["level"] == "INFO"
