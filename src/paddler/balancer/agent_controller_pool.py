@@ -63,6 +63,7 @@ class AgentControllerPool:
         self._clock = clock
         self._next_session = 0
         self._capacity_listeners: list[Callable[[], None]] = []
+        self._circuit_listeners: list[Callable[[AgentController], None]] = []
 
     # -- membership -------------------------------------------------------------------------
 
@@ -150,6 +151,10 @@ class AgentControllerPool:
     def on_capacity(self, listener: Callable[[], None]) -> None:
         self._capacity_listeners.append(listener)
 
+    def on_circuit_open(self, listener: Callable[[AgentController], None]) -> None:
+        """Call ``listener(agent)`` each time an agent's circuit opens (for metrics)."""
+        self._circuit_listeners.append(listener)
+
     def pick(self, needs_slot: bool, exclude: Iterable[str] = ()) -> AgentController | None:
         """The usable agent with the most free slots; ties go to the least busy, then by name.
 
@@ -195,9 +200,12 @@ class AgentControllerPool:
     def trip(self, agent: AgentController, reason: str) -> None:
         """Take an agent out of rotation until it reports healthy again."""
         agent.consecutive_failures += 1
-        if agent.circuit_opened_at is None:
-            log.warning("circuit opened for agent %s: %s", agent.name, reason)
+        opening = agent.circuit_opened_at is None
         agent.circuit_opened_at = self._clock()
+        if opening:
+            log.warning("circuit opened for agent %s: %s", agent.name, reason)
+            for listener in self._circuit_listeners:
+                listener(agent)
 
     def record_failure(self, agent: AgentController, reason: str) -> None:
         """A failure that may be the request's own fault; trips after repeated failures."""
