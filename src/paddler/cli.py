@@ -243,10 +243,21 @@ def balancer(log_level: str, log_format: str, **options: Any) -> None:
     except ValueError as error:
         raise click.UsageError(str(error)) from None
 
-    async def main(shutdown: asyncio.Event) -> None:
-        await Balancer(config).run(shutdown)
+    from paddler.telemetry import provider_from_environment
 
-    run_until_signalled(main)
+    try:
+        tracer_provider = provider_from_environment(os.environ)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+    async def main(shutdown: asyncio.Event) -> None:
+        await Balancer(config, tracer_provider=tracer_provider).run(shutdown)
+
+    try:
+        run_until_signalled(main)
+    finally:
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # flushes the spans still batched
 
 
 # -- agent ------------------------------------------------------------------------------------

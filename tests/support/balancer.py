@@ -33,9 +33,11 @@ class RunningBalancer:
 
 
 @contextlib.asynccontextmanager
-async def running_balancer(**overrides: Any) -> AsyncIterator[RunningBalancer]:
+async def running_balancer(
+    tracer_provider: Any = None, **overrides: Any
+) -> AsyncIterator[RunningBalancer]:
     config = replace(BalancerConfig(management_port=0, reverseproxy_port=0), **overrides)
-    balancer = Balancer(config)
+    balancer = Balancer(config, tracer_provider=tracer_provider)
     shutdown = asyncio.Event()
     task = asyncio.create_task(balancer.run(shutdown))
     ready = asyncio.create_task(balancer.ready.wait())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -42,6 +42,7 @@ class RequestRecord:
     path: str
     route: str
     needs_slot: bool
+    client_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     started: float = field(default_factory=time.perf_counter)
     buffer_wait: float = 0.0
     agent: AgentController | None = None

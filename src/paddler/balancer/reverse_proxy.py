@@ -97,6 +97,7 @@ class ReverseProxy:
             path=request.path,
             route=route_label(request.path),
             needs_slot=needs_slot(request.method, request.path),
+            client_headers=request.headers,
         )
         self._observers.request_started(record)
         try:

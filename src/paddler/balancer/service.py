@@ -12,7 +12,9 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
+from opentelemetry.trace import TracerProvider
 
+from paddler import __version__
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
 from paddler.balancer.management_app import ManagementApp
@@ -20,6 +22,7 @@ from paddler.balancer.observers import Observers
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.balancer.request_log import RequestLog
 from paddler.balancer.reverse_proxy import ReverseProxy
+from paddler.balancer.tracing import TracingObserver
 from paddler.balancer.upstream import Upstream
 from paddler.config import BalancerConfig
 from paddler.lifecycle import wait_or_shutdown
@@ -32,6 +35,7 @@ class Balancer:
         self,
         config: BalancerConfig,
         on_listening: Callable[[str, int], None] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -45,6 +49,9 @@ class Balancer:
             self.pool, size=config.request_buffer_size, timeout=config.request_buffer_timeout
         )
         self.observers = Observers([RequestLog()])
+        if tracer_provider is not None:
+            tracer = tracer_provider.get_tracer("paddler.balancer", __version__)
+            self.observers.add(TracingObserver(tracer))
         self._on_listening = on_listening
         self.management_port: int | None = None
         self.reverseproxy_port: int | None = None
