@@ -1,4 +1,4 @@
-"""The ``paddler`` command: ``agent``, ``balancer`` and ``cluster``.
+"""The ``paddler`` command: ``agent``, ``balancer``, ``cluster`` and ``dashboard``.
 
 This is the only layer that reads the environment, installs signal handlers or exits the process.
 Every flag can also be set with an environment variable, named ``PADDLER_`` plus the flag in upper
@@ -163,6 +163,12 @@ def logging_options(function: Callable[..., Any]) -> Callable[..., Any]:
     default=False,
     help="Allow a non-loopback management address without a token. Anyone who reaches it can then register backends.",
 )
+@option(
+    "--management-dashboard-enable",
+    is_flag=True,
+    default=False,
+    help="Serve a live web dashboard of the fleet at /dashboard on the management port (read-only, like /api/v1/agents).",
+)
 @option("--reverseproxy-host", default="127.0.0.1", help="Address where clients connect.")
 @option(
     "--reverseproxy-port",
@@ -229,13 +235,28 @@ def logging_options(function: Callable[..., Any]) -> Callable[..., Any]:
     default="30s",
     help="On shutdown, how long requests in flight may run before they are cut.",
 )
+@option(
+    "--statsd-enable",
+    is_flag=True,
+    default=False,
+    help="Send the gauges <prefix>.requests_buffered, .slots_idle and .slots_processing to a StatsD server over UDP, every second.",
+)
+@option("--statsd-host", default="127.0.0.1", help="Host of the StatsD server.")
+@option("--statsd-port", type=PORT, default=8125, help="UDP port of the StatsD server.")
+@option("--statsd-prefix", default="paddler", help="Prefix of every StatsD metric name.")
+@option(
+    "--autoscaling-target-utilization",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.8,
+    help="Share of slots that the autoscaling advice (GET /api/v1/autoscaling on the management port) aims to keep busy.",
+)
 @logging_options
 def balancer(log_level: str, log_format: str, **options: Any) -> None:
     """Proxy clients to llama.cpp servers with a free slot, buffering when none is free."""
     _configure_logging(log_level, log_format)
     from paddler.balancer.service import Balancer
 
-    for key in ("management_host", "reverseproxy_host"):
+    for key in ("management_host", "reverseproxy_host", "statsd_host"):
         options[key] = _resolve(options[key])
     config = BalancerConfig(**options)
     try:
@@ -461,6 +482,46 @@ def cluster(log_level: str, log_format: str, **options: Any) -> None:
 
     config = ClusterConfig(log_level=log_level, log_format=log_format, **options)
     sys.exit(asyncio.run(Cluster(config).run_until_signalled()))
+
+
+# -- dashboard --------------------------------------------------------------------------------
+
+
+def _host_port(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
+    from paddler.dashboard.config import parse_host_port
+
+    try:
+        host, port = parse_host_port(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error), ctx, param) from None
+    return _resolve(host), port
+
+
+@cli.command()
+@option(
+    "--management-addr",
+    default="127.0.0.1:8085",
+    callback=_host_port,
+    help="The balancer's management address, HOST:PORT ([HOST]:PORT for IPv6).",
+)
+@option(
+    "--refresh-interval",
+    type=DURATION,
+    default="1s",
+    help="How often to ask the balancer for the fleet and its traffic.",
+)
+def dashboard(management_addr: tuple[str, int], refresh_interval: float) -> None:
+    """Watch the fleet live in this terminal: agents, slots, buffered requests and traffic."""
+    from paddler.dashboard.app import DashboardApp
+    from paddler.dashboard.config import DashboardConfig
+
+    if refresh_interval <= 0:
+        raise click.BadParameter("must be more than 0", param_hint="--refresh-interval")
+    host, port = management_addr
+    config = DashboardConfig(
+        management_host=host, management_port=port, refresh_interval=refresh_interval
+    )
+    DashboardApp(config).run()
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ class BalancerConfig:
     reverseproxy_port: int = 8086
     management_token: str | None = None
     management_insecure: bool = False
+    management_dashboard_enable: bool = False
     request_buffer_size: int = 20
     request_buffer_timeout: float = 60.0
     rewrite_host_header: bool = False
@@ -59,6 +60,12 @@ class BalancerConfig:
     slot_settle_timeout: float = 2.0
     shutdown_drain_timeout: float = 30.0
     max_agents: int = 1024
+    statsd_enable: bool = False
+    statsd_host: str = "127.0.0.1"
+    statsd_port: int = 8125
+    statsd_prefix: str = "paddler"
+    statsd_interval: float = 1.0
+    autoscaling_target_utilization: float = 0.8
 
     def validate(self) -> None:
         """Refuse configurations that would be unsafe or meaningless."""
@@ -76,6 +83,10 @@ class BalancerConfig:
             raise ValueError("--request-buffer-size must be 0 or more")
         if self.request_buffer_timeout <= 0:
             raise ValueError("--request-buffer-timeout must be positive")
+        if not 0 < self.autoscaling_target_utilization <= 1:
+            raise ValueError("--autoscaling-target-utilization must be above 0 and at most 1")
+        if any(character in self.statsd_prefix for character in ":|@# \t\n"):
+            raise ValueError("--statsd-prefix may not contain ':', '|', '@', '#' or whitespace")
 
 
 @dataclass(frozen=True)

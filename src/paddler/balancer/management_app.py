@@ -4,6 +4,13 @@
   readiness probes: the balancer can buffer requests even with no agent, which is how a fleet
   scales up from zero);
 - ``GET /api/v1/agents``: every agent, its address, slots, state, error and last report;
+- ``GET /api/v1/stats``: requests, errors, buffered requests and slots, second by second, over
+  the last ten minutes (see ``stats_history`` for the contract);
+- ``GET /dashboard``: a live web view of all that, when the dashboard is enabled
+  (see ``web_dashboard``);
+- ``GET /metrics``: Prometheus metrics (added by the balancer, see ``prometheus_metrics``);
+- ``GET /api/v1/autoscaling``: how many servers the fleet needs now (added by the balancer, see
+  ``autoscaling``);
 - ``GET /api/v1/agents/socket``: the agents' WebSocket (see ``agent_socket``).
 
 Nothing here shows a token or an API key.
@@ -19,25 +26,41 @@ from paddler import protocol
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
 from paddler.balancer.request_buffer import RequestBuffer
+from paddler.balancer.stats_history import StatsHistory
+from paddler.balancer.web_dashboard import WebDashboard
 
 
 class ManagementApp:
     def __init__(
-        self, pool: AgentControllerPool, buffer: RequestBuffer, socket: AgentSocket
+        self,
+        pool: AgentControllerPool,
+        buffer: RequestBuffer,
+        socket: AgentSocket,
+        stats: StatsHistory,
+        *,
+        dashboard: bool = False,
     ) -> None:
         self._pool = pool
         self._buffer = buffer
         self._socket = socket
+        self._stats = stats
+        self._dashboard = WebDashboard() if dashboard else None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=protocol.MAX_MESSAGE_BYTES)
         app.router.add_get("/health", self.health)
         app.router.add_get("/api/v1/agents", self.agents)
+        app.router.add_get("/api/v1/stats", self.stats)
+        if self._dashboard is not None:
+            self._dashboard.add_routes(app)
         app.router.add_get(protocol.AGENT_SOCKET_PATH, self._socket.handle)
         return app
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self._stats.as_json())
 
     async def agents(self, request: web.Request) -> web.Response:
         fleet = self._pool.snapshot()

@@ -17,11 +17,15 @@ from opentelemetry.trace import TracerProvider
 from paddler import __version__
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
+from paddler.balancer.autoscaling import AutoscalingRoute
 from paddler.balancer.management_app import ManagementApp
 from paddler.balancer.observers import Observers
+from paddler.balancer.prometheus_metrics import PrometheusMetrics
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.balancer.request_log import RequestLog
 from paddler.balancer.reverse_proxy import ReverseProxy
+from paddler.balancer.stats_history import StatsHistory
+from paddler.balancer.statsd_reporter import StatsdReporter
 from paddler.balancer.tracing import TracingObserver
 from paddler.balancer.upstream import Upstream
 from paddler.config import BalancerConfig
@@ -48,10 +52,13 @@ class Balancer:
         self.buffer = RequestBuffer(
             self.pool, size=config.request_buffer_size, timeout=config.request_buffer_timeout
         )
-        self.observers = Observers([RequestLog()])
+        self.stats_history = StatsHistory(self.pool, self.buffer)
+        self.observers = Observers([RequestLog(), self.stats_history])
         if tracer_provider is not None:
             tracer = tracer_provider.get_tracer("paddler.balancer", __version__)
             self.observers.add(TracingObserver(tracer))
+        self.prometheus = PrometheusMetrics(self.pool, self.buffer)
+        self.observers.add(self.prometheus)
         self._on_listening = on_listening
         self.management_port: int | None = None
         self.reverseproxy_port: int | None = None
@@ -67,12 +74,23 @@ class Balancer:
         ) as upstream:
             proxy_app = ReverseProxy(config, self.pool, self.buffer, upstream, self.observers).app()
             proxy_app.on_shutdown.append(self._close_buffer)
-            management_app = ManagementApp(self.pool, self.buffer, socket).app()
+            management_app = ManagementApp(
+                self.pool,
+                self.buffer,
+                socket,
+                self.stats_history,
+                dashboard=config.management_dashboard_enable,
+            ).app()
 
             async def close_sockets(_: web.Application) -> None:
                 await socket.close_all()
 
             management_app.on_shutdown.append(close_sockets)
+            management_app.router.add_get("/metrics", self.prometheus.handler())
+            autoscaling = AutoscalingRoute(
+                self.pool, self.buffer, config.autoscaling_target_utilization
+            )
+            management_app.router.add_get("/api/v1/autoscaling", autoscaling.handle)
             management = web.AppRunner(management_app, access_log=None, handle_signals=False)
             proxy = web.AppRunner(
                 proxy_app,
@@ -94,7 +112,11 @@ class Balancer:
                     self._announce("management", config.management_host, self.management_port)
                     self._announce("reverseproxy", config.reverseproxy_host, self.reverseproxy_port)
                     self.ready.set()
-                    await self._sweep_until(shutdown)
+                    async with asyncio.TaskGroup() as services:
+                        services.create_task(self._sweep_until(shutdown))
+                        if config.statsd_enable:
+                            services.create_task(self._statsd_reporter().run(shutdown))
+                        services.create_task(self.stats_history.run(shutdown))
                     log.info("shutting down: draining requests in flight")
                 finally:
                     await proxy.cleanup()
@@ -107,6 +129,17 @@ class Balancer:
         self.buffer.close()
         if waiting:
             log.info("answered %d buffered request(s) with 503", waiting)
+
+    def _statsd_reporter(self) -> StatsdReporter:
+        config = self.config
+        return StatsdReporter(
+            self.pool,
+            self.buffer,
+            host=config.statsd_host,
+            port=config.statsd_port,
+            prefix=config.statsd_prefix,
+            interval=config.statsd_interval,
+        )
 
     async def _sweep_until(self, shutdown: asyncio.Event) -> None:
         interval = min(0.25, self.config.agent_stale_after / 4)

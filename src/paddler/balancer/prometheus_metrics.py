@@ -1,0 +1,210 @@
+"""Prometheus metrics, served by the management port's ``GET /metrics``.
+
+Two kinds of metric, kept apart:
+
+- the fleet's state (agents, slots, buffered requests) is read from a pool snapshot at scrape
+  time by ``FleetCollector``: nothing has to be kept in step, and an agent that leaves takes its
+  series with it at the next scrape;
+- what happened to requests (counters, histograms) is counted as it happens by
+  ``PrometheusMetrics``, an observer of the proxy that also listens for circuit openings.
+
+Each balancer has its own ``CollectorRegistry``: nothing is global, so two balancers in one
+process (the tests) never share numbers.
+
+Labels are bounded. ``route`` is a known llama.cpp route or ``other`` (see ``routes``). Counters
+and histograms carry no agent label: agents come and go with autoscaling, and a counter's series
+would outlive them. Per-agent state lives in gauges, which exist only while their agent does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from paddler.balancer.agent_controller import AgentController
+from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.observers import Observer, Outcome, RequestRecord
+from paddler.balancer.request_buffer import RequestBuffer
+from paddler.protocol import LlamaCppState
+
+_AGENT_LABELS = ("agent", "url", "model")
+
+# Seconds. Waits are bounded by --request-buffer-timeout (60 s by default); generations can
+# stream for minutes.
+_BUFFER_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_FIRST_CHUNK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class FleetCollector:
+    """Gauges of the fleet and of each agent, computed from a snapshot at every scrape."""
+
+    def __init__(self, pool: AgentControllerPool, buffer: RequestBuffer) -> None:
+        self._pool = pool
+        self._buffer = buffer
+
+    def collect(self) -> Iterator[Metric]:
+        fleet = self._pool.snapshot()
+        yield _gauge(
+            "paddler_agents",
+            "Agents registered with the balancer, in any state.",
+            len(fleet.agents),
+        )
+        yield _gauge(
+            "paddler_agents_usable",
+            "Agents that can take requests: llama.cpp is ok and the circuit is closed.",
+            fleet.usable_agents,
+        )
+        yield _gauge("paddler_slots", "llama.cpp slots on usable agents.", fleet.slots_total)
+        yield _gauge("paddler_slots_idle", "Free slots on usable agents.", fleet.slots_idle)
+        yield _gauge(
+            "paddler_slots_processing", "Busy slots on usable agents.", fleet.slots_processing
+        )
+        yield _gauge(
+            "paddler_requests_buffered",
+            "Requests waiting in the balancer's buffer for a free slot.",
+            self._buffer.waiting,
+        )
+        per_agent = {
+            "slots": GaugeMetricFamily(
+                "paddler_agent_slots", "llama.cpp slots of one agent.", labels=_AGENT_LABELS
+            ),
+            "idle": GaugeMetricFamily(
+                "paddler_agent_slots_idle", "Free slots of one agent.", labels=_AGENT_LABELS
+            ),
+            "processing": GaugeMetricFamily(
+                "paddler_agent_slots_processing",
+                "Busy slots of one agent (reserved by the balancer, or used by other traffic).",
+                labels=_AGENT_LABELS,
+            ),
+            "usable": GaugeMetricFamily(
+                "paddler_agent_usable",
+                "1 if the agent can take requests (llama.cpp ok, circuit closed), else 0.",
+                labels=_AGENT_LABELS,
+            ),
+        }
+        for agent in fleet.agents:
+            labels = [agent.name, agent.url, ",".join(agent.models)]
+            usable = agent.state == LlamaCppState.OK and not agent.circuit_open
+            per_agent["slots"].add_metric(labels, agent.slots_total)
+            per_agent["idle"].add_metric(labels, agent.slots_idle)
+            per_agent["processing"].add_metric(labels, agent.slots_processing)
+            per_agent["usable"].add_metric(labels, 1 if usable else 0)
+        yield from per_agent.values()
+
+
+class PrometheusMetrics(Observer):
+    """The balancer's metrics registry: fleet gauges, request counters and histograms."""
+
+    def __init__(self, pool: AgentControllerPool, buffer: RequestBuffer) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(FleetCollector(pool, buffer))
+        registry = self.registry
+        self._requests = Counter(
+            "paddler_requests",
+            "Proxied requests by route, HTTP status sent to the client and outcome.",
+            ["route", "status", "outcome"],
+            registry=registry,
+        )
+        self._retries = Counter(
+            "paddler_request_retries",
+            "Attempts on another agent after one failed before answering.",
+            ["route"],
+            registry=registry,
+        )
+        self._upstream_failures = Counter(
+            "paddler_upstream_failures",
+            "Failed attempts at an agent, by reason (connect_failed, disconnected, "
+            "status_<code>, broke_mid_response).",
+            ["reason"],
+            registry=registry,
+        )
+        self._circuit_openings = Counter(
+            "paddler_circuit_openings",
+            "Times an agent was taken out of rotation after failing.",
+            registry=registry,
+        )
+        self._buffer_overflows = Counter(
+            "paddler_buffer_overflows",
+            "Requests refused with 503 because the buffer was full.",
+            registry=registry,
+        )
+        self._buffer_timeouts = Counter(
+            "paddler_buffer_timeouts",
+            "Requests answered 504 because no slot freed up within the buffer timeout.",
+            registry=registry,
+        )
+        self._buffer_wait = Histogram(
+            "paddler_buffer_wait_seconds",
+            "Time a request spent waiting for a slot, over all its attempts.",
+            ["route"],
+            buckets=_BUFFER_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self._first_chunk = Histogram(
+            "paddler_time_to_first_chunk_seconds",
+            "Time from a request's arrival to the first response chunk relayed to the client "
+            "(the first token, for a streamed generation).",
+            ["route"],
+            buckets=_FIRST_CHUNK_BUCKETS,
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "paddler_request_duration_seconds",
+            "Time from a request's arrival to the end of its response.",
+            ["route"],
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        # Requests that reached the buffer; those refused before it (body too large, client gone
+        # while sending it) have no wait to observe.
+        self._buffered: set[RequestRecord] = set()
+        pool.on_circuit_open(self._circuit_opened)
+
+    def handler(self) -> Handler:
+        """The aiohttp handler for ``GET /metrics`` (text or OpenMetrics, as Accept asks)."""
+        return make_aiohttp_handler(self.registry)
+
+    def exposition(self) -> str:
+        """Every metric in the Prometheus text format."""
+        return generate_latest(self.registry).decode()
+
+    # -- observer hooks ---------------------------------------------------------------------
+
+    def buffer_wait_started(self, record: RequestRecord) -> None:
+        self._buffered.add(record)
+
+    def retried(self, record: RequestRecord, agent: AgentController) -> None:
+        self._retries.labels(record.route).inc()
+
+    def upstream_failed(self, record: RequestRecord, agent: AgentController, reason: str) -> None:
+        self._upstream_failures.labels(reason).inc()
+
+    def first_chunk(self, record: RequestRecord) -> None:
+        if record.time_to_first_chunk is not None:
+            self._first_chunk.labels(record.route).observe(record.time_to_first_chunk)
+
+    def request_finished(self, record: RequestRecord) -> None:
+        outcome = record.outcome.value if record.outcome is not None else "unknown"
+        status = str(record.status) if record.status is not None else "none"
+        self._requests.labels(record.route, status, outcome).inc()
+        if record.outcome is Outcome.BUFFER_FULL:
+            self._buffer_overflows.inc()
+        elif record.outcome is Outcome.BUFFER_TIMEOUT:
+            self._buffer_timeouts.inc()
+        if record in self._buffered:
+            self._buffered.discard(record)
+            self._buffer_wait.labels(record.route).observe(record.buffer_wait)
+        if record.duration is not None:
+            self._duration.labels(record.route).observe(record.duration)
+
+    def _circuit_opened(self, agent: AgentController) -> None:
+        self._circuit_openings.inc()
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
