@@ -5,7 +5,8 @@
 
 (() => {
   const POLL_MS = 1000;
-  const CHART_SECONDS = 300;
+  const CHART_SECONDS = 300; // the longest span a chart shows
+  const CHART_MIN_SECONDS = 60; // the shortest, so a young balancer's few seconds are not stretched
   const RATE_SECONDS = 10;
   const SVG_NS = "http://www.w3.org/2000/svg";
   const WIDTH = 600;
@@ -97,8 +98,7 @@
     const who = element("td");
     cells.name = element("span", "agent-name");
     cells.name.dataset.field = "name";
-    cells.id = element("span", "agent-id");
-    who.append(cells.name, cells.id);
+    who.append(cells.name);
 
     const address = element("td", "address");
     cells.url = address;
@@ -141,7 +141,7 @@
 
   function updateRow({ cells }, agent) {
     cells.name.textContent = agent.name;
-    cells.id.textContent = agent.id;
+    cells.name.title = agent.id;
     cells.url.textContent = agent.url;
     cells.models.textContent = agent.models.length ? agent.models.join(", ") : "–";
 
@@ -164,7 +164,7 @@
     cells.circuit.className = `badge ${agent.circuit_open ? "open" : ""}`;
 
     const age = agent.last_report_age_seconds;
-    cells.age.textContent = formatAge(age);
+    cells.age.textContent = `${formatAge(age)} ago`;
     cells.age.classList.toggle("stale", age > 2);
   }
 
@@ -210,35 +210,34 @@
     return node;
   }
 
-  // One point per second, placed by its time, so a missing second leaves a gap in time too.
+  // One point per second, in the middle of its second, placed by its time.
   function pathFor(points, toX, toY, closed) {
     if (!points.length) return "";
-    let line = "";
-    for (const [index, [t, value]] of points.entries()) {
-      // A step: the value holds for its whole second.
-      const x0 = toX(t);
-      const x1 = toX(t + 1);
-      const y = toY(value);
-      line += `${index ? "L" : "M"}${x0.toFixed(1)},${y.toFixed(1)}L${x1.toFixed(1)},${y.toFixed(1)}`;
-    }
+    const coordinates = points.map(([t, value]) => `${toX(t + 0.5).toFixed(1)},${toY(value).toFixed(1)}`);
+    const line = `M${coordinates.join("L")}`;
     if (!closed) return line;
-    const first = toX(points[0][0]).toFixed(1);
-    const last = toX(points[points.length - 1][0] + 1).toFixed(1);
+    const first = toX(points[0][0] + 0.5).toFixed(1);
+    const last = toX(points[points.length - 1][0] + 0.5).toFixed(1);
     return `${line}L${last},${HEIGHT}L${first},${HEIGHT}Z`;
+  }
+
+  function describeSpan(seconds) {
+    return seconds % 60 ? `${seconds} s ago` : `${seconds / 60} min ago`;
   }
 
   function drawChart(id, series, layers, unit) {
     const card = byId(id);
     const svg = card.querySelector("svg");
     const end = series.length ? series[series.length - 1].t + 1 : Math.floor(Date.now() / 1000);
-    const start = end - CHART_SECONDS;
+    const span = Math.min(CHART_SECONDS, Math.max(CHART_MIN_SECONDS, Math.ceil(series.length / 60) * 60));
+    const start = end - span;
     const visible = series.filter((second) => second.t >= start);
     let peak = 0;
     for (const layer of layers) {
       for (const second of visible) peak = Math.max(peak, layer.value(second));
     }
     const top = niceMax(peak);
-    const toX = (t) => ((t - start) / CHART_SECONDS) * WIDTH;
+    const toX = (t) => ((t - start) / span) * WIDTH;
     const toY = (value) => HEIGHT - (value / top) * (HEIGHT - 4);
 
     const nodes = [];
@@ -256,6 +255,7 @@
     }
     svg.replaceChildren(...nodes);
     card.querySelector(".ymax").textContent = `${top}${unit}`;
+    card.querySelector(".since").textContent = describeSpan(span);
   }
 
   function renderCharts(stats) {
