@@ -8,9 +8,8 @@
   the last ten minutes (see ``stats_history`` for the contract);
 - ``GET /dashboard``: a live web view of all that, when the dashboard is enabled
   (see ``web_dashboard``);
-- ``GET /metrics``: Prometheus metrics (added by the balancer, see ``prometheus_metrics``);
-- ``GET /api/v1/autoscaling``: how many servers the fleet needs now (added by the balancer, see
-  ``autoscaling``);
+- ``GET /metrics``: Prometheus metrics (see ``prometheus_metrics``);
+- ``GET /api/v1/autoscaling``: how many servers the fleet needs now (see ``autoscaling``);
 - ``GET /api/v1/agents/socket``: the agents' WebSocket (see ``agent_socket``).
 
 Nothing here shows a token or an API key.
@@ -25,6 +24,8 @@ from aiohttp import web
 from paddler import protocol
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
+from paddler.balancer.autoscaling import AutoscalingRoute
+from paddler.balancer.prometheus_metrics import PrometheusMetrics
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.balancer.stats_history import StatsHistory
 from paddler.balancer.web_dashboard import WebDashboard
@@ -37,6 +38,8 @@ class ManagementApp:
         buffer: RequestBuffer,
         socket: AgentSocket,
         stats: StatsHistory,
+        metrics: PrometheusMetrics,
+        autoscaling: AutoscalingRoute,
         *,
         dashboard: bool = False,
     ) -> None:
@@ -44,6 +47,8 @@ class ManagementApp:
         self._buffer = buffer
         self._socket = socket
         self._stats = stats
+        self._metrics = metrics
+        self._autoscaling = autoscaling
         self._dashboard = WebDashboard() if dashboard else None
 
     def app(self) -> web.Application:
@@ -51,6 +56,8 @@ class ManagementApp:
         app.router.add_get("/health", self.health)
         app.router.add_get("/api/v1/agents", self.agents)
         app.router.add_get("/api/v1/stats", self.stats)
+        app.router.add_get("/api/v1/autoscaling", self._autoscaling.handle)
+        app.router.add_get("/metrics", self._metrics.handler())
         if self._dashboard is not None:
             self._dashboard.add_routes(app)
         app.router.add_get(protocol.AGENT_SOCKET_PATH, self._socket.handle)

@@ -79,6 +79,8 @@ class Balancer:
                 self.buffer,
                 socket,
                 self.stats_history,
+                self.prometheus,
+                AutoscalingRoute(self.pool, self.buffer, config.autoscaling_target_utilization),
                 dashboard=config.management_dashboard_enable,
             ).app()
 
@@ -86,11 +88,6 @@ class Balancer:
                 await socket.close_all()
 
             management_app.on_shutdown.append(close_sockets)
-            management_app.router.add_get("/metrics", self.prometheus.handler())
-            autoscaling = AutoscalingRoute(
-                self.pool, self.buffer, config.autoscaling_target_utilization
-            )
-            management_app.router.add_get("/api/v1/autoscaling", autoscaling.handle)
             management = web.AppRunner(management_app, access_log=None, handle_signals=False)
             proxy = web.AppRunner(
                 proxy_app,
