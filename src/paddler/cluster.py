@@ -98,6 +98,7 @@ class Cluster:
                 f"--reverseproxy-port={proxy_port}",
                 f"--request-buffer-size={config.request_buffer_size}",
                 f"--request-buffer-timeout={config.request_buffer_timeout}",
+                "--management-dashboard-enable",  # loopback only, and read-only
             ],
             env,
         )
@@ -211,7 +212,10 @@ class Cluster:
 Paddler cluster is ready: {config.servers} llama.cpp server(s) x {config.slots} slot(s), model {model}
 
   proxy (OpenAI / llama.cpp API): {url}
+  dashboard:                      http://127.0.0.1:{management_port}/dashboard
+                                  (or in this terminal: paddler dashboard --management-addr 127.0.0.1:{management_port})
   fleet status:                   http://127.0.0.1:{management_port}/api/v1/agents
+  Prometheus metrics:             http://127.0.0.1:{management_port}/metrics
   aggregate health:               {url}/health
 
 Try it:

@@ -94,6 +94,7 @@ async def test_cluster_serves_requests_and_prints_ready_to_paste_examples(
     assert url in banner
     assert "curl -s" in banner
     assert "from openai import OpenAI" in banner
+    assert "/dashboard" in banner
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{url}/health") as response:
             assert await response.json() == {
@@ -102,6 +103,10 @@ async def test_cluster_serves_requests_and_prints_ready_to_paste_examples(
                 "slots_processing": 0,
                 "requests_buffered": 0,
             }
+        management = banner.split("dashboard:", 1)[1].split()[0]
+        async with session.get(management) as response:
+            assert response.status == 200
+            assert "text/html" in response.headers["Content-Type"]
         async with session.post(
             f"{url}/v1/chat/completions",
             json={
