@@ -33,6 +33,9 @@ class Outcome(StrEnum):
     SHUTTING_DOWN = "shutting_down"
 
 
+_FINE_OUTCOMES = frozenset({Outcome.COMPLETED, Outcome.CLIENT_GONE})
+
+
 @dataclass(eq=False)
 class RequestRecord:
     """One client request, filled in as it goes."""
@@ -51,6 +54,14 @@ class RequestRecord:
     status: int | None = None
     outcome: Outcome | None = None
     ended: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Whether the fleet failed this request: any outcome but a relayed answer or a client
+        that hung up, or a relayed 5xx (a 4xx is the client's own mistake)."""
+        if self.outcome not in _FINE_OUTCOMES:
+            return True
+        return self.status is not None and self.status >= 500
 
     @property
     def time_to_first_chunk(self) -> float | None:

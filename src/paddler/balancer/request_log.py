@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from paddler.balancer.observers import Observer, Outcome, RequestRecord
+from paddler.balancer.observers import Observer, RequestRecord
 
 log = logging.getLogger("paddler.requests")
-
-_QUIET_OUTCOMES = frozenset({Outcome.COMPLETED, Outcome.CLIENT_GONE})
 
 
 def _milliseconds(seconds: float | None) -> float | None:
@@ -34,7 +32,7 @@ class RequestLog(Observer):
             "time_to_first_chunk_ms": _milliseconds(record.time_to_first_chunk),
             "duration_ms": _milliseconds(record.duration),
         }
-        level = logging.INFO if record.outcome in _QUIET_OUTCOMES else logging.WARNING
+        level = logging.WARNING if record.failed else logging.INFO
         log.log(
             level,
             "request %s %s %s -> %s %s via %s: %s ms (buffered %s ms, first chunk %s ms, %d attempt(s))",

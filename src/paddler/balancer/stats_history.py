@@ -28,23 +28,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.observers import Observer, Outcome, RequestRecord
+from paddler.balancer.observers import Observer, RequestRecord
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.lifecycle import wait_or_shutdown
 
 INTERVAL_SECONDS = 1
 WINDOW_SECONDS = 600
 
-# A client that hangs up is not the fleet's failure; every other outcome is, and so is a 5xx
-# relayed from llama.cpp (a 4xx is the client's own mistake).
-_FINE_OUTCOMES = frozenset({Outcome.COMPLETED, Outcome.CLIENT_GONE})
-
 
 def is_error(record: RequestRecord) -> bool:
     """Whether a finished request counts as an error on the dashboards."""
-    if record.outcome not in _FINE_OUTCOMES:
-        return True
-    return record.status is not None and record.status >= 500
+    return record.failed
 
 
 @dataclass(slots=True)

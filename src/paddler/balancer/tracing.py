@@ -18,9 +18,7 @@ from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from paddler.balancer.agent_controller import AgentController
-from paddler.balancer.observers import Observer, Outcome, RequestRecord
-
-_OK_OUTCOMES = frozenset({Outcome.COMPLETED, Outcome.CLIENT_GONE})
+from paddler.balancer.observers import Observer, RequestRecord
 
 
 @dataclass
@@ -116,7 +114,7 @@ class TracingObserver(Observer):
             server.set_attribute("paddler.outcome", record.outcome.value)
         if record.agent is not None:
             server.set_attribute("paddler.agent", record.agent.name)
-        if record.outcome not in _OK_OUTCOMES or (record.status or 0) >= 500:
+        if record.failed:
             server.set_status(
                 Status(StatusCode.ERROR, record.outcome.value if record.outcome else "")
             )
