@@ -24,68 +24,19 @@ from pathlib import Path
 from typing import Literal
 
 import aiohttp
-from playwright.async_api import async_playwright
 
-from bench.paddler import RunningPaddler, agents
-from bench.processes import free_port, log_tail, read_until, spawn, stop
+from bench.paddler import RunningPaddler, agents, running_balancer
+from bench.processes import free_port, log_tail, spawn, stop
 from paddler.tiny_model import TinyModelShape, ensure_tiny_model
+from tests.support.browser import chromium
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SLOTS = 4
 BUFFER = 4
 WAVE_SECONDS = 24.0
 # Slow enough (a few hundred tokens/s on one core) that a request holds its slot for a while.
 MODEL_SHAPE = TinyModelShape(embedding_length=256, block_count=4, feed_forward_length=768)
 HEALTHY = ("node-a", "node-b")
-
-
-@contextlib.asynccontextmanager
-async def balancer(workdir: Path) -> AsyncIterator[RunningPaddler]:
-    log_path = workdir / "balancer.log"
-    process = await spawn(
-        sys.executable,
-        "-m",
-        "paddler",
-        "balancer",
-        "--management-port=0",
-        "--reverseproxy-port=0",
-        "--management-dashboard-enable",
-        f"--request-buffer-size={BUFFER}",
-        "--request-buffer-timeout=20s",
-        log_path=log_path,
-        stderr_pipe=True,
-    )
-    drain: asyncio.Task[None] | None = None
-    try:
-        assert process.stderr is not None
-        urls = {}
-        for _ in range(2):
-            line = await read_until(process.stderr, " listening on ", 30.0, process)
-            role, url = line.split(" listening on ")
-            urls[role.rsplit(" ", 1)[-1]] = url.strip()
-        drain = asyncio.create_task(_discard(process.stderr))
-        yield RunningPaddler(urls["reverseproxy"], urls["management"], process.pid)
-    finally:
-        await stop(process, timeout=10.0)
-        if drain is not None:
-            drain.cancel()
-            await asyncio.wait([drain])
-
-
-async def _discard(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
 
 
 @contextlib.asynccontextmanager
@@ -148,18 +99,12 @@ async def traffic(session: aiohttp.ClientSession, proxy_url: str, stop: asyncio.
 
 
 async def screenshot(url: str, output: Path, width: int, scheme: Literal["dark", "light"]) -> None:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page(
-                viewport={"width": width, "height": 720}, color_scheme=scheme
-            )
-            await page.goto(url)
-            await page.wait_for_selector('#connection[data-state="live"]')
-            await page.wait_for_selector("#agents tr")
-            await page.screenshot(path=str(output), full_page=True)
-        finally:
-            await browser.close()
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": width, "height": 720}, color_scheme=scheme)
+        await page.goto(url)
+        await page.wait_for_selector('#connection[data-state="live"]')
+        await page.wait_for_selector("#agents tr")
+        await page.screenshot(path=str(output), full_page=True)
 
 
 async def main(arguments: argparse.Namespace) -> None:
@@ -167,7 +112,14 @@ async def main(arguments: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="paddler-screenshot-") as directory:
         workdir = Path(directory)
         async with contextlib.AsyncExitStack() as stack:
-            paddler = await stack.enter_async_context(balancer(workdir))
+            paddler = await stack.enter_async_context(
+                running_balancer(
+                    workdir,
+                    "--management-dashboard-enable",
+                    f"--request-buffer-size={BUFFER}",
+                    "--request-buffer-timeout=20s",
+                )
+            )
             for name in HEALTHY:
                 await stack.enter_async_context(
                     agent(

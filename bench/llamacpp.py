@@ -15,6 +15,7 @@ from bench.config import BenchConfig
 from bench.processes import log_tail, read_until, spawn, stop
 from paddler.agent.llamacpp_child import READY_PREFIX
 from paddler.tiny_model import TinyModelShape, ensure_tiny_model
+from tests.support.metrics import llamacpp_metrics
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,4 @@ async def props(session: aiohttp.ClientSession, backend: Backend) -> dict[str, A
 
 async def metrics(session: aiohttp.ClientSession, backend: Backend) -> dict[str, float]:
     """Every ``llamacpp:`` sample of the server's Prometheus text, by name without the prefix."""
-    async with session.get(f"{backend.url}/metrics") as response:
-        response.raise_for_status()
-        text = await response.text()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("llamacpp:"):
-            name, value = line.split()[:2]
-            samples[name.removeprefix("llamacpp:")] = float(value)
-    return samples
+    return await llamacpp_metrics(session, backend.url)

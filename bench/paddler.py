@@ -37,7 +37,10 @@ async def running_paddler(
 ) -> AsyncIterator[RunningPaddler]:
     """Run the balancer and one agent per backend until the block ends."""
     async with contextlib.AsyncExitStack() as stack:
-        paddler = await stack.enter_async_context(_running_balancer(config, workdir))
+        # Room for every stream: if Paddler ever holds requests back, the results show it as
+        # buffered requests and as latency, never as 503s.
+        buffer_size = f"--request-buffer-size={max(config.concurrency)}"
+        paddler = await stack.enter_async_context(running_balancer(workdir, buffer_size))
         management_port = paddler.management_url.rsplit(":", 1)[1]
         for backend in backends:
             await stack.enter_async_context(_running_agent(backend, management_port, workdir))
@@ -46,7 +49,8 @@ async def running_paddler(
 
 
 @contextlib.asynccontextmanager
-async def _running_balancer(config: BenchConfig, workdir: Path) -> AsyncIterator[RunningPaddler]:
+async def running_balancer(workdir: Path, *flags: str) -> AsyncIterator[RunningPaddler]:
+    """A ``paddler balancer`` process on free ports, with ``flags``, logging to ``workdir``."""
     log_path = workdir / "balancer.log"
     process = await spawn(
         sys.executable,
@@ -55,9 +59,7 @@ async def _running_balancer(config: BenchConfig, workdir: Path) -> AsyncIterator
         "balancer",
         "--management-port=0",
         "--reverseproxy-port=0",
-        # Room for every stream: if Paddler ever holds requests back, the results show it as
-        # buffered requests and as latency, never as 503s.
-        f"--request-buffer-size={max(config.concurrency)}",
+        *flags,
         log_path=log_path,
         stderr_pipe=True,
     )
