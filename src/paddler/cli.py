@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from paddler import __version__
-from paddler.config import Address, AgentConfig, BalancerConfig, LlamaCppLaunch
+from paddler.config import ROUTING_POLICIES, Address, AgentConfig, BalancerConfig, LlamaCppLaunch
 
 log = logging.getLogger("paddler")
 
@@ -249,6 +249,24 @@ def logging_options(function: Callable[..., Any]) -> Callable[..., Any]:
     type=click.FloatRange(0, 1, min_open=True),
     default=0.8,
     help="Share of slots that the autoscaling advice (GET /api/v1/autoscaling on the management port) aims to keep busy.",
+)
+@option(
+    "--routing",
+    type=click.Choice(ROUTING_POLICIES),
+    default="slots",
+    help="How to choose among servers with a free slot. prefix: prefer the server whose llama.cpp most likely holds the prompt's prefix in its cache, weighed against load (see docs/routing.md). slots: the server with the most free slots.",
+)
+@option(
+    "--prefix-index-memory",
+    type=click.IntRange(0),
+    default=64 * 1024 * 1024,
+    help="Most bytes the prefix index of --routing prefix may hold; the least recently used prefixes are forgotten first.",
+)
+@option(
+    "--allow-unknown-models",
+    is_flag=True,
+    default=False,
+    help="Send a request that names a model no agent serves to any agent (as a single llama.cpp would accept it) instead of answering 404.",
 )
 @logging_options
 def balancer(log_level: str, log_format: str, **options: Any) -> None:

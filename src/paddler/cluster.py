@@ -116,7 +116,7 @@ class Cluster:
                         f"--threads={config.threads}",
                         "--local-llamacpp-port=0",
                         f"--management-port={management_port}",
-                        "--model-alias=paddler-tiny" if config.model is None else "",
+                        f"--model-alias={_alias(config.model)}",
                     ],
                     env,
                 )
@@ -206,7 +206,7 @@ class Cluster:
     def _print_banner(self, proxy_port: int, management_port: int, model: Path) -> None:
         config = self._config
         url = f"http://127.0.0.1:{proxy_port}"
-        alias = "paddler-tiny" if config.model is None else model.name
+        alias = _alias(config.model)
         print(
             f"""
 Paddler cluster is ready: {config.servers} llama.cpp server(s) x {config.slots} slot(s), model {model}
@@ -230,3 +230,9 @@ Press Ctrl-C to stop everything.
 """,
             flush=True,
         )
+
+
+def _alias(model: Path | None) -> str:
+    """The model name clients send: the file's stem for a given model (the balancer answers
+    404 to names no server serves)."""
+    return "paddler-tiny" if model is None else model.stem

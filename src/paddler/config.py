@@ -10,6 +10,9 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+ROUTING_POLICIES = ("prefix", "slots")
+"""``--routing`` choices; see ``paddler.balancer.routing``."""
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -66,6 +69,9 @@ class BalancerConfig:
     statsd_prefix: str = "paddler"
     statsd_interval: float = 1.0
     autoscaling_target_utilization: float = 0.8
+    routing: str = "slots"
+    prefix_index_memory: int = 64 * 1024 * 1024
+    allow_unknown_models: bool = False
 
     def validate(self) -> None:
         """Refuse configurations that would be unsafe or meaningless."""
@@ -85,6 +91,10 @@ class BalancerConfig:
             raise ValueError("--request-buffer-timeout must be positive")
         if not 0 < self.autoscaling_target_utilization <= 1:
             raise ValueError("--autoscaling-target-utilization must be above 0 and at most 1")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}")
+        if self.prefix_index_memory < 0:
+            raise ValueError("--prefix-index-memory must be 0 or more")
         if any(character in self.statsd_prefix for character in ":|@# \t\n"):
             raise ValueError("--statsd-prefix may not contain ':', '|', '@', '#' or whitespace")
 

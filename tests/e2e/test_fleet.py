@@ -81,8 +81,11 @@ async def test_the_openai_sdk_works_through_the_balancer(session: aiohttp.Client
     """Chat and completions, streaming and not, through the official SDK."""
     async with fleet(2) as cluster:
         client = openai.AsyncOpenAI(base_url=f"{cluster.balancer.proxy_url}/v1", api_key="unused")
+        models = await client.models.list()
+        assert len(models.data) == 1
+        model = models.data[0].id
         chat = await client.chat.completions.create(
-            model="any",
+            model=model,
             messages=[{"role": "user", "content": "Hello"}],
             max_tokens=8,
             extra_body={"ignore_eos": True},
@@ -90,7 +93,7 @@ async def test_the_openai_sdk_works_through_the_balancer(session: aiohttp.Client
         assert chat.usage is not None
         assert chat.usage.completion_tokens == 8
         stream = await client.chat.completions.create(
-            model="any",
+            model=model,
             messages=[{"role": "user", "content": "Hello"}],
             max_tokens=8,
             stream=True,
@@ -100,11 +103,9 @@ async def test_the_openai_sdk_works_through_the_balancer(session: aiohttp.Client
         assert chunks[-1].choices[0].finish_reason == "length"
         assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) >= 1
         completion = await client.completions.create(
-            model="any", prompt="Once upon", max_tokens=5, extra_body={"ignore_eos": True}
+            model=model, prompt="Once upon", max_tokens=5, extra_body={"ignore_eos": True}
         )
         assert completion.choices[0].finish_reason == "length"
-        models = await client.models.list()
-        assert len(models.data) >= 1
         await client.close()
 
 

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from paddler.balancer.routing import Demand
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import closing_keepalive_upstream, fake_upstream
 
@@ -87,7 +88,7 @@ async def test_a_5xx_before_any_byte_is_retried_elsewhere(session: aiohttp.Clien
         )
         async with session.post(f"{running.proxy_url}/v1/chat/completions", data=b"{}") as response:
             assert response.status == 200
-        assert running.pool.pick(needs_slot=True).name == "good"
+        assert running.pool.pick(Demand(True)).name == "good"
 
 
 async def test_every_agent_failing_returns_the_upstream_error(

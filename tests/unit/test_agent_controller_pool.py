@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from paddler.balancer.agent_controller_pool import AgentControllerPool, FleetFull
+from paddler.balancer.routing import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 
@@ -44,7 +45,7 @@ def test_pick_prefers_the_agent_with_most_free_slots(pool: AgentControllerPool) 
     pool.register("a", address(1), status(idle=1, processing=3))
     pool.register("b", address(2), status(idle=3, processing=1))
     pool.register("c", address(3), status(idle=2, processing=2))
-    picked = pool.pick(needs_slot=True)
+    picked = pool.pick(Demand(True))
     assert picked is not None
     assert picked.name == "b"
 
@@ -54,7 +55,7 @@ def test_pick_breaks_ties_by_fewest_busy_then_name(pool: AgentControllerPool) ->
     pool.register("zeta", address(1), status(idle=2, processing=0))
     pool.register("alpha", address(2), status(idle=2, processing=2))
     pool.register("beta", address(3), status(idle=2, processing=0))
-    picked = pool.pick(needs_slot=True)
+    picked = pool.pick(Demand(True))
     assert picked is not None
     assert picked.name == "beta"
 
@@ -63,8 +64,8 @@ def test_pick_skips_agents_without_a_free_slot_or_not_ok(pool: AgentControllerPo
     """Only usable agents with a free slot qualify for generating requests."""
     pool.register("full", address(1), status(idle=0, processing=2))
     pool.register("loading", address(2), status(idle=4, state=LlamaCppState.LOADING))
-    assert pool.pick(needs_slot=True) is None
-    full = pool.pick(needs_slot=False)
+    assert pool.pick(Demand(True)) is None
+    full = pool.pick(Demand(False))
     assert full is not None
     assert full.name == "full"
 
@@ -72,17 +73,17 @@ def test_pick_skips_agents_without_a_free_slot_or_not_ok(pool: AgentControllerPo
 def test_reservations_count_against_free_slots(pool: AgentControllerPool) -> None:
     """Dispatching reserves a slot at once, before any report shows it busy."""
     agent, _ = pool.register("a", address(1), status(idle=2))
-    first = pool.reserve(agent, needs_slot=True)
-    pool.reserve(agent, needs_slot=True)
-    assert pool.pick(needs_slot=True) is None
+    first = pool.reserve(agent, Demand(True))
+    pool.reserve(agent, Demand(True))
+    assert pool.pick(Demand(True)) is None
     first.release()
-    assert pool.pick(needs_slot=True) is agent
+    assert pool.pick(Demand(True)) is agent
 
 
 def test_a_report_never_frees_or_double_counts_a_reserved_slot(pool: AgentControllerPool) -> None:
     """A slot both reserved and reported counts once; only traffic beyond ours adds to it."""
     agent, session = pool.register("a", address(1), status(idle=4))
-    guards = [pool.reserve(agent, needs_slot=True) for _ in range(2)]
+    guards = [pool.reserve(agent, Demand(True)) for _ in range(2)]
     pool.report(agent, session, status(idle=4, processing=0))  # stale sample: shows nothing busy
     assert agent.free_slots() == 2
     pool.report(agent, session, status(idle=2, processing=2))  # the same two requests, seen
@@ -99,16 +100,16 @@ def test_a_finished_request_frees_its_slot_before_the_next_report(
 ) -> None:
     """A stale report that still shows our finished request busy does not hold its slot."""
     agent, session = pool.register("a", address(1), status(idle=1))
-    guard = pool.reserve(agent, needs_slot=True)
+    guard = pool.reserve(agent, Demand(True))
     pool.report(agent, session, status(idle=0, processing=1))  # sees our request running
     guard.release()
-    assert pool.pick(needs_slot=True) is agent
+    assert pool.pick(Demand(True)) is agent
 
 
 def test_release_is_exactly_once(pool: AgentControllerPool) -> None:
     """Releasing a guard twice gives the slot back once."""
     agent, _ = pool.register("a", address(1), status(idle=2))
-    guard = pool.reserve(agent, needs_slot=True)
+    guard = pool.reserve(agent, Demand(True))
     guard.release()
     guard.release()
     assert agent.reserved == 0
@@ -118,7 +119,7 @@ def test_release_is_exactly_once(pool: AgentControllerPool) -> None:
 def test_guard_releases_on_exception(pool: AgentControllerPool) -> None:
     """Leaving the guard's block by an error releases the slot."""
     agent, _ = pool.register("a", address(1), status(idle=1))
-    with pytest.raises(RuntimeError), pool.reserve(agent, needs_slot=True):
+    with pytest.raises(RuntimeError), pool.reserve(agent, Demand(True)):
         raise RuntimeError("upstream exploded")
     assert agent.free_slots() == 1
 
@@ -130,7 +131,7 @@ async def test_guard_released_by_cancellation_settles_until_next_report(
     agent, session = pool.register("a", address(1), status(idle=1))
 
     async def request() -> None:
-        with pool.reserve(agent, needs_slot=True):
+        with pool.reserve(agent, Demand(True)):
             await asyncio.Event().wait()
 
     task = asyncio.create_task(request())
@@ -147,7 +148,7 @@ async def test_guard_released_by_cancellation_settles_until_next_report(
 def test_settling_slots_expire_without_a_report(pool: AgentControllerPool, clock: Clock) -> None:
     """A settling slot is freed by the sweep once the settle timeout passes."""
     agent, _ = pool.register("a", address(1), status(idle=1))
-    pool.reserve(agent, needs_slot=True).release(abandoned=True)
+    pool.reserve(agent, Demand(True)).release(abandoned=True)
     assert agent.free_slots() == 0
     clock.now += 2.5
     pool.sweep(stale_after=10)
@@ -169,9 +170,9 @@ def test_stale_agents_are_removed_by_the_sweep(pool: AgentControllerPool, clock:
 def test_removing_an_agent_keeps_its_running_requests_valid(pool: AgentControllerPool) -> None:
     """Requests running on a removed agent finish and release without error."""
     agent, session = pool.register("a", address(1), status(idle=2))
-    guard = pool.reserve(agent, needs_slot=True)
+    guard = pool.reserve(agent, Demand(True))
     assert pool.remove(agent, session, "test")
-    assert pool.pick(needs_slot=False) is None
+    assert pool.pick(Demand(False)) is None
     guard.release()
     assert agent.in_flight == 0
 
@@ -179,7 +180,7 @@ def test_removing_an_agent_keeps_its_running_requests_valid(pool: AgentControlle
 def test_reregistration_takes_over_and_old_session_cannot_remove(pool: AgentControllerPool) -> None:
     """A reconnecting agent keeps its reservations; its old socket's close removes nothing."""
     agent, old_session = pool.register("a", address(1), status(idle=2))
-    pool.reserve(agent, needs_slot=True)
+    pool.reserve(agent, Demand(True))
     again, new_session = pool.register("a", address(1), status(idle=2))
     assert again is agent
     assert agent.reserved == 1
@@ -203,13 +204,13 @@ def test_tripped_agent_returns_after_cooldown_and_a_healthy_report(
     """An open circuit closes with the first healthy report after the cooldown."""
     agent, session = pool.register("a", address(1), status(idle=1))
     pool.trip(agent, "connection refused")
-    assert pool.pick(needs_slot=True) is None
+    assert pool.pick(Demand(True)) is None
     clock.now += 1
     pool.report(agent, session, status(idle=1))
-    assert pool.pick(needs_slot=True) is None
+    assert pool.pick(Demand(True)) is None
     clock.now += 5
     pool.report(agent, session, status(idle=1))
-    assert pool.pick(needs_slot=True) is agent
+    assert pool.pick(Demand(True)) is agent
 
 
 def test_repeated_request_failures_open_the_circuit(pool: AgentControllerPool) -> None:
@@ -229,7 +230,7 @@ def test_snapshot_aggregates_usable_agents(pool: AgentControllerPool) -> None:
     """The fleet snapshot sums slots of usable agents only."""
     agent, _ = pool.register("a", address(1), status(idle=3, processing=1))
     pool.register("b", address(2), status(idle=2, state=LlamaCppState.UNREACHABLE))
-    pool.reserve(agent, needs_slot=True)
+    pool.reserve(agent, Demand(True))
     fleet = pool.snapshot()
     # one slot busy before we dispatched (foreign), plus ours
     assert (fleet.slots_idle, fleet.slots_processing, fleet.usable_agents) == (2, 2, 1)

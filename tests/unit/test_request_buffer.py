@@ -14,6 +14,7 @@ from paddler.balancer.request_buffer import (
     RequestBuffer,
     ShuttingDown,
 )
+from paddler.balancer.routing import Demand
 from paddler.balancer.slot_guard import SlotGuard
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
@@ -41,7 +42,7 @@ async def test_a_free_slot_is_granted_without_waiting(pool: AgentControllerPool)
     """With a free slot and nobody waiting, acquire returns at once."""
     pool.register("a", address(1), status(idle=1))
     buffer = RequestBuffer(pool, size=0, timeout=1)
-    guard = await buffer.acquire(needs_slot=True)
+    guard = await buffer.acquire(Demand(True))
     assert guard.agent.name == "a"
     assert buffer.waiting == 0
 
@@ -50,11 +51,11 @@ async def test_waiters_are_served_in_arrival_order(pool: AgentControllerPool) ->
     """When slots free up one by one, buffered requests get them first come, first served."""
     agent, _ = pool.register("a", address(1), status(idle=1))
     buffer = RequestBuffer(pool, size=10, timeout=5)
-    holder = await buffer.acquire(needs_slot=True)
+    holder = await buffer.acquire(Demand(True))
     served: list[int] = []
 
     async def request(number: int) -> None:
-        with await buffer.acquire(needs_slot=True):
+        with await buffer.acquire(Demand(True)):
             served.append(number)
             await asyncio.sleep(0)
 
@@ -73,11 +74,11 @@ async def test_a_newcomer_does_not_overtake_a_waiter(pool: AgentControllerPool) 
     """A slot freed while someone waits goes to the waiter, not to a later arrival."""
     agent, _ = pool.register("a", address(1), status(idle=1))
     buffer = RequestBuffer(pool, size=10, timeout=5)
-    holder = await buffer.acquire(needs_slot=True)
-    waiter = asyncio.create_task(buffer.acquire(needs_slot=True))
+    holder = await buffer.acquire(Demand(True))
+    waiter = asyncio.create_task(buffer.acquire(Demand(True)))
     await settle()
     holder.release()
-    newcomer = asyncio.create_task(buffer.acquire(needs_slot=True))
+    newcomer = asyncio.create_task(buffer.acquire(Demand(True)))
     await settle()
     assert waiter.done()
     assert not newcomer.done()
@@ -90,10 +91,10 @@ async def test_a_full_buffer_rejects_at_once(pool: AgentControllerPool) -> None:
     """Beyond the size limit a request is refused immediately."""
     pool.register("a", address(1), status(idle=0, processing=1))
     buffer = RequestBuffer(pool, size=2, timeout=5)
-    waiters = [asyncio.create_task(buffer.acquire(needs_slot=True)) for _ in range(2)]
+    waiters = [asyncio.create_task(buffer.acquire(Demand(True))) for _ in range(2)]
     await settle()
     with pytest.raises(BufferFull):
-        await buffer.acquire(needs_slot=True)
+        await buffer.acquire(Demand(True))
     assert buffer.waiting == 2
     for waiter in waiters:
         waiter.cancel()
@@ -105,21 +106,21 @@ async def test_a_zero_size_buffer_refuses_when_no_slot_is_free(pool: AgentContro
     """--request-buffer-size 0 means no buffering at all."""
     buffer = RequestBuffer(pool, size=0, timeout=5)
     with pytest.raises(BufferFull):
-        await buffer.acquire(needs_slot=True)
+        await buffer.acquire(Demand(True))
 
 
 async def test_waiting_ends_with_timeout(pool: AgentControllerPool) -> None:
     """A request that waits longer than the buffer timeout gets BufferTimeout and leaves."""
     buffer = RequestBuffer(pool, size=5, timeout=0.05)
     with pytest.raises(BufferTimeout):
-        await buffer.acquire(needs_slot=True)
+        await buffer.acquire(Demand(True))
     assert buffer.waiting == 0
 
 
 async def test_requests_wait_for_the_first_agent_to_join(pool: AgentControllerPool) -> None:
     """With no agent at all a request is buffered, and served when an agent registers."""
     buffer = RequestBuffer(pool, size=5, timeout=5)
-    waiter = asyncio.create_task(buffer.acquire(needs_slot=True))
+    waiter = asyncio.create_task(buffer.acquire(Demand(True)))
     await settle()
     assert not waiter.done()
     pool.register("late", address(1), status(idle=1))
@@ -130,7 +131,7 @@ async def test_requests_wait_for_the_first_agent_to_join(pool: AgentControllerPo
 async def test_a_cancelled_waiter_leaves_the_buffer_at_once(pool: AgentControllerPool) -> None:
     """A client that disconnects while buffered is dropped immediately."""
     buffer = RequestBuffer(pool, size=5, timeout=5)
-    waiter = asyncio.create_task(buffer.acquire(needs_slot=True))
+    waiter = asyncio.create_task(buffer.acquire(Demand(True)))
     await settle()
     assert buffer.waiting == 1
     waiter.cancel()
@@ -141,7 +142,7 @@ async def test_a_cancelled_waiter_leaves_the_buffer_at_once(pool: AgentControlle
 async def test_a_slot_handed_to_a_cancelled_waiter_goes_back(pool: AgentControllerPool) -> None:
     """If a waiter is cancelled just after being handed a slot, the slot is released."""
     buffer = RequestBuffer(pool, size=5, timeout=5)
-    waiter = asyncio.create_task(buffer.acquire(needs_slot=True))
+    waiter = asyncio.create_task(buffer.acquire(Demand(True)))
     await settle()
     agent, _ = pool.register("a", address(1), status(idle=1))  # hands the slot over...
     waiter.cancel()  # ...and the client leaves before the waiter runs again
@@ -154,13 +155,13 @@ async def test_a_slot_handed_to_a_cancelled_waiter_goes_back(pool: AgentControll
 async def test_closing_fails_every_waiter_with_shutting_down(pool: AgentControllerPool) -> None:
     """On shutdown buffered requests are answered, and new ones refused."""
     buffer = RequestBuffer(pool, size=5, timeout=5)
-    waiters = [asyncio.create_task(buffer.acquire(needs_slot=True)) for _ in range(3)]
+    waiters = [asyncio.create_task(buffer.acquire(Demand(True))) for _ in range(3)]
     await settle()
     buffer.close()
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(result, ShuttingDown) for result in results)
     with pytest.raises(ShuttingDown):
-        await buffer.acquire(needs_slot=True)
+        await buffer.acquire(Demand(True))
 
 
 async def test_an_unservable_waiter_does_not_block_the_queue(pool: AgentControllerPool) -> None:
@@ -168,9 +169,9 @@ async def test_an_unservable_waiter_does_not_block_the_queue(pool: AgentControll
     agent, _ = pool.register("a", address(1), status(idle=1))
     pool.register("b", address(2), status(idle=0, processing=1))
     buffer = RequestBuffer(pool, size=5, timeout=5)
-    holder = await buffer.acquire(needs_slot=True)
-    retry = asyncio.create_task(buffer.acquire(needs_slot=True, exclude=frozenset({agent.id})))
-    fresh = asyncio.create_task(buffer.acquire(needs_slot=True))
+    holder = await buffer.acquire(Demand(True))
+    retry = asyncio.create_task(buffer.acquire(Demand(True, exclude=frozenset({agent.id}))))
+    fresh = asyncio.create_task(buffer.acquire(Demand(True)))
     await settle()
     holder.release()
     await settle()
@@ -186,14 +187,14 @@ async def test_excluding_every_agent_fails_fast(pool: AgentControllerPool) -> No
     agent, _ = pool.register("a", address(1), status(idle=1))
     buffer = RequestBuffer(pool, size=5, timeout=5)
     with pytest.raises(NoCandidates):
-        await buffer.acquire(needs_slot=True, exclude=frozenset({agent.id}))
+        await buffer.acquire(Demand(True, exclude=frozenset({agent.id})))
 
 
 async def test_non_generating_requests_need_no_free_slot(pool: AgentControllerPool) -> None:
     """Requests that take no slot go to a busy agent without waiting and reserve nothing."""
     agent, _ = pool.register("a", address(1), status(idle=0, processing=2))
     buffer = RequestBuffer(pool, size=0, timeout=5)
-    guard: SlotGuard = await buffer.acquire(needs_slot=False)
+    guard: SlotGuard = await buffer.acquire(Demand(False))
     assert guard.agent is agent
     assert agent.reserved == 0
     guard.release()
@@ -209,7 +210,7 @@ async def test_many_concurrent_requests_never_oversubscribe(pool: AgentControlle
 
     async def request() -> None:
         nonlocal peak
-        with await buffer.acquire(needs_slot=True) as guard:
+        with await buffer.acquire(Demand(True)) as guard:
             assert guard.agent.reserved <= 3
             peak = max(peak, sum(agent.reserved for agent in agents))
             await asyncio.sleep(0.001)

@@ -9,6 +9,7 @@ import pytest
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.observers import Outcome, RequestRecord
 from paddler.balancer.request_buffer import RequestBuffer
+from paddler.balancer.routing import Demand
 from paddler.balancer.stats_history import StatsHistory, is_error
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
@@ -150,7 +151,7 @@ async def test_buffered_requests_are_sampled(pool: AgentControllerPool, clock: C
     """Requests waiting in the buffer show up in the next sample."""
     buffer = RequestBuffer(pool, size=10, timeout=5)
     history = StatsHistory(pool, buffer, window=5, clock=clock)
-    waiters = [asyncio.create_task(buffer.acquire(needs_slot=True)) for _ in range(2)]
+    waiters = [asyncio.create_task(buffer.acquire(Demand(True))) for _ in range(2)]
     for _ in range(5):
         await asyncio.sleep(0)  # the waiters join the queue
     assert buffer.waiting == 2

@@ -22,9 +22,19 @@ request does not land in llama.cpp's own wait queue.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
+
+if TYPE_CHECKING:
+    from paddler.balancer.cache_report import CacheReport
+
+_SMOOTHING = 0.2
+"""Weight of the newest measurement in the running averages below."""
+
+_MIN_PREFILL_TOKENS = 32
+"""Prompts this short say more about per-request overhead than about prefill speed."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,14 @@ class AgentController:
     circuit_opened_at: float | None = None
     consecutive_failures: int = 0
     removed: bool = False
+    cache_key: int = 0
+    """Names this server's prompt cache in the prefix index; changes when the cache is lost."""
+    prefill_rate: float | None = None
+    """Measured prompt tokens computed per second (running average), once known."""
+    slot_hold: float | None = None
+    """Measured seconds a request holds a slot here (running average), once known."""
+    awaited: int = 0
+    """Requests waiting in the buffer for this agent in particular (prefix routing)."""
 
     @property
     def url(self) -> str:
@@ -81,6 +99,19 @@ class AgentController:
     @property
     def circuit_open(self) -> bool:
         return self.circuit_opened_at is not None
+
+    def serves(self, model: str) -> bool:
+        return model in self.status.models
+
+    def observe_prefill(self, report: CacheReport) -> None:
+        if report.computed_tokens < _MIN_PREFILL_TOKENS or report.prompt_seconds <= 0:
+            return
+        self.prefill_rate = _average(
+            self.prefill_rate, report.computed_tokens / report.prompt_seconds
+        )
+
+    def observe_hold(self, seconds: float) -> None:
+        self.slot_hold = _average(self.slot_hold, seconds)
 
     def usable(self) -> bool:
         """Whether requests may be sent here at all (a slot is a separate question)."""
@@ -125,3 +156,7 @@ class AgentController:
             last_report_age=max(0.0, now - self.last_report_at),
             registered_at=self.registered_at,
         )
+
+
+def _average(current: float | None, value: float) -> float:
+    return value if current is None else current + _SMOOTHING * (value - current)

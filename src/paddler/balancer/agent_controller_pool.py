@@ -16,15 +16,17 @@ free capacity call the ``on_capacity`` listeners, which is how buffered requests
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from paddler.balancer.agent_controller import AgentController, AgentSnapshot
+from paddler.balancer.routing import Demand, RoutingPolicy, SlotsPolicy
 from paddler.balancer.slot_guard import SlotGuard
 from paddler.config import Address
-from paddler.protocol import Status
+from paddler.protocol import LlamaCppState, Status
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,17 @@ class AgentControllerPool:
         circuit_cooldown: float = 5.0,
         failure_threshold: int = 3,
         max_agents: int = 1024,
+        policy: RoutingPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.policy: RoutingPolicy = policy or SlotsPolicy()
         self._agents: dict[str, AgentController] = {}
+        self._cache_keys = itertools.count(1)
         self._settle_timeout = settle_timeout
         self._circuit_cooldown = circuit_cooldown
         self._failure_threshold = failure_threshold
         self._max_agents = max_agents
-        self._clock = clock
+        self.clock = clock
         self._next_session = 0
         self._capacity_listeners: list[Callable[[], None]] = []
         self._circuit_listeners: list[Callable[[AgentController], None]] = []
@@ -69,7 +74,7 @@ class AgentControllerPool:
 
     def register(self, name: str, address: Address, status: Status) -> tuple[AgentController, int]:
         """Add an agent, or take over the one at the same address; return it and the session."""
-        now = self._clock()
+        now = self.clock()
         self._next_session += 1
         agent = self._agents.get(address.url)
         if agent is None:
@@ -90,6 +95,9 @@ class AgentControllerPool:
                 "agent %s re-registered at %s, replacing its previous session", name, address.url
             )
             agent.name = name
+            # The agent may have restarted, and its llama.cpp with it: assume the cache is gone.
+            self.policy.forget(agent.cache_key)
+        agent.cache_key = next(self._cache_keys)
         agent.session_id = self._next_session
         agent.accept_report(status, now, self._circuit_cooldown)
         self._capacity_changed()
@@ -100,9 +108,13 @@ class AgentControllerPool:
         if agent.removed or agent.session_id != session:
             return False
         previous = agent.status
-        agent.accept_report(status, self._clock(), self._circuit_cooldown)
+        agent.accept_report(status, self.clock(), self._circuit_cooldown)
         if (previous.state, previous.error) != (status.state, status.error):
             log.info("agent %s is now %s", agent.name, _describe(status))
+            if previous.state is LlamaCppState.OK:
+                # llama.cpp may be restarting: whatever it had cached is not to be relied on.
+                self.policy.forget(agent.cache_key)
+                agent.cache_key = next(self._cache_keys)
         self._capacity_changed()
         return True
 
@@ -112,6 +124,7 @@ class AgentControllerPool:
             return False
         agent.removed = True
         del self._agents[agent.address.url]
+        self.policy.forget(agent.cache_key)
         log.info(
             "agent %s removed (%s); %d request(s) still running there will finish",
             agent.name,
@@ -122,7 +135,7 @@ class AgentControllerPool:
 
     def sweep(self, stale_after: float) -> None:
         """Remove agents that stopped reporting and expire settling slots."""
-        now = self._clock()
+        now = self.clock()
         for agent in list(self._agents.values()):
             if now - agent.last_report_at > stale_after:
                 self.remove(agent, None, f"no report for {now - agent.last_report_at:.1f}s")
@@ -136,7 +149,7 @@ class AgentControllerPool:
         return len(self._agents)
 
     def snapshot(self) -> FleetSnapshot:
-        now = self._clock()
+        now = self.clock()
         agents = tuple(agent.snapshot(now) for agent in self._agents.values())
         usable = [agent for agent in self._agents.values() if agent.usable()]
         return FleetSnapshot(
@@ -155,35 +168,55 @@ class AgentControllerPool:
         """Call ``listener(agent)`` each time an agent's circuit opens (for metrics)."""
         self._circuit_listeners.append(listener)
 
-    def pick(self, needs_slot: bool, exclude: Iterable[str] = ()) -> AgentController | None:
-        """The usable agent with the most free slots; ties go to the least busy, then by name.
+    def pick(self, demand: Demand) -> AgentController | None:
+        """The agent this request should go to now, or None if it should wait.
 
-        With ``needs_slot`` only agents with a free slot qualify.
+        Candidates are the usable agents that serve the demand's model (any agent, if it names
+        none) and that it has not been tried on; the routing policy chooses among them.
         """
-        excluded = set(exclude)
-        best: AgentController | None = None
-        best_key: tuple[int, int, str, str] | None = None
+        candidates = [
+            agent
+            for agent in self._agents.values()
+            if agent.usable()
+            and agent.id not in demand.exclude
+            and (demand.model is None or agent.serves(demand.model))
+        ]
+        if not candidates:
+            return None
+        return self.policy.choose(candidates, demand, self.clock())
+
+    def serves(self, model: str) -> bool:
+        """Whether ``model`` is known: some agent serves it, or no agent reported any model yet
+        (an empty fleet may be scaling up from zero, and requests for it wait)."""
+        reported = False
         for agent in self._agents.values():
-            if agent.id in excluded or not agent.usable():
-                continue
-            free = agent.free_slots()
-            if needs_slot and free < 1:
-                continue
-            key = (-free, agent.busy_slots(), agent.name, agent.url)
-            if best_key is None or key < best_key:
-                best, best_key = agent, key
-        return best
+            if agent.serves(model):
+                return True
+            reported = reported or bool(agent.status.models)
+        return not reported
 
-    def has_candidates(self, exclude: Iterable[str]) -> bool:
-        """Whether any agent outside ``exclude`` exists at all (usable now or not)."""
+    def models(self) -> dict[str, list[AgentController]]:
+        """Every model the fleet serves, with the agents that serve it."""
+        served: dict[str, list[AgentController]] = {}
+        for agent in self._agents.values():
+            for model in agent.status.models:
+                served.setdefault(model, []).append(agent)
+        return served
+
+    def has_candidates(self, exclude: Iterable[str], model: str | None = None) -> bool:
+        """Whether any agent outside ``exclude`` (serving ``model``) exists, usable now or not."""
         excluded = set(exclude)
-        return any(agent.id not in excluded for agent in self._agents.values())
+        return any(
+            agent.id not in excluded and (model is None or agent.serves(model))
+            for agent in self._agents.values()
+        )
 
-    def reserve(self, agent: AgentController, needs_slot: bool) -> SlotGuard:
+    def reserve(self, agent: AgentController, demand: Demand) -> SlotGuard:
         agent.in_flight += 1
-        if needs_slot:
+        if demand.needs_slot:
             agent.reserved += 1
-        return SlotGuard(self, agent, needs_slot)
+        self.policy.dispatched(agent, demand)
+        return SlotGuard(self, agent, demand.needs_slot, self.clock())
 
     def release(self, guard: SlotGuard, *, abandoned: bool) -> None:
         """Called by ``SlotGuard.release`` only, exactly once per guard."""
@@ -191,8 +224,12 @@ class AgentControllerPool:
         agent.in_flight -= 1
         if guard.holds_slot:
             agent.reserved -= 1
-            if abandoned and not agent.removed:
-                agent.settling.append(self._clock() + self._settle_timeout)
+            now = self.clock()
+            if abandoned:
+                if not agent.removed:
+                    agent.settling.append(now + self._settle_timeout)
+            else:
+                agent.observe_hold(now - guard.reserved_at)
         self._capacity_changed()
 
     # -- failures ---------------------------------------------------------------------------
@@ -201,7 +238,7 @@ class AgentControllerPool:
         """Take an agent out of rotation until it reports healthy again."""
         agent.consecutive_failures += 1
         opening = agent.circuit_opened_at is None
-        agent.circuit_opened_at = self._clock()
+        agent.circuit_opened_at = self.clock()
         if opening:
             log.warning("circuit opened for agent %s: %s", agent.name, reason)
             for listener in self._circuit_listeners:

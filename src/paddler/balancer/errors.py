@@ -81,5 +81,14 @@ def unauthorized() -> ApiError:
     return ApiError(401, "missing or wrong management token", "authentication_error")
 
 
+def unknown_model(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"the model {model!r} is not served by any llama.cpp server of this fleet "
+        "(GET /v1/models lists the models that are)",
+        "not_found_error",
+    )
+
+
 def bad_request(message: str) -> ApiError:
     return ApiError(400, message, "invalid_request_error")

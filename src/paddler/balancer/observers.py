@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from paddler.balancer.agent_controller import AgentController
+from paddler.balancer.cache_report import CacheReport
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class RequestRecord:
     path: str
     route: str
     needs_slot: bool
+    model: str | None = None
     client_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     started: float = field(default_factory=time.perf_counter)
     buffer_wait: float = 0.0
@@ -52,6 +54,8 @@ class RequestRecord:
     attempts: int = 0
     first_chunk_at: float | None = None
     status: int | None = None
+    cache: CacheReport | None = None
+    """What llama.cpp reported of its prompt cache for this request, if it did."""
     outcome: Outcome | None = None
     ended: float | None = None
 

@@ -23,12 +23,13 @@ from collections.abc import Iterator
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.observers import Observer, Outcome, RequestRecord
 from paddler.balancer.request_buffer import RequestBuffer
+from paddler.balancer.routing import PrefixPolicy, RoutingPolicy
 from paddler.protocol import LlamaCppState
 
 _AGENT_LABELS = ("agent", "url", "model")
@@ -97,12 +98,98 @@ class FleetCollector:
         yield from per_agent.values()
 
 
+class RoutingCollector:
+    """What routing decided, what llama.cpp found in its prompt cache, and the prefix index."""
+
+    def __init__(self, pool: AgentControllerPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        policy: RoutingPolicy = self._pool.policy
+        stats = policy.stats
+        decisions = CounterMetricFamily(
+            "paddler_routing_decisions",
+            "Requests sent to an agent, by what decided it: prefix (the agent probably held "
+            "part of the prompt in cache) or load.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.decisions.items()):
+            decisions.add_metric([reason], count)
+        yield decisions
+        yield CounterMetricFamily(
+            "paddler_prompt_tokens",
+            "Prompt tokens of generations, as llama.cpp counted them (timings cache_n + prompt_n).",
+            value=stats.prompt_tokens,
+        )
+        yield CounterMetricFamily(
+            "paddler_prompt_tokens_cached",
+            "Prompt tokens llama.cpp reused from its prompt cache (timings cache_n).",
+            value=stats.cached_tokens,
+        )
+        yield CounterMetricFamily(
+            "paddler_prompt_tokens_cached_predicted",
+            "Prompt tokens the prefix index expected the chosen agent to hold in cache.",
+            value=stats.predicted_cached_tokens,
+        )
+        actual, predicted = stats.recent_hit_ratio()
+        ratio = GaugeMetricFamily(
+            "paddler_prompt_cache_hit_ratio",
+            "Share of prompt tokens found in llama.cpp's cache over the last 256 generations: "
+            "actual (reported by llama.cpp) and predicted (by the prefix index).",
+            labels=["source"],
+        )
+        ratio.add_metric(["actual"], actual)
+        ratio.add_metric(["predicted"], predicted)
+        yield ratio
+        if isinstance(policy, PrefixPolicy):
+            index = policy.index
+            yield _gauge(
+                "paddler_prefix_index_bytes",
+                "Estimated memory held by the prefix index.",
+                index.memory_bytes,
+            )
+            yield _gauge(
+                "paddler_prefix_index_bytes_limit",
+                "Most memory the prefix index may hold (--prefix-index-memory).",
+                index.memory_limit,
+            )
+            yield _gauge(
+                "paddler_prefix_index_blocks",
+                "Prompt blocks the prefix index remembers.",
+                index.blocks,
+            )
+            yield CounterMetricFamily(
+                "paddler_prefix_index_evictions",
+                "Blocks the prefix index forgot to stay within its memory limit.",
+                value=index.evictions,
+            )
+        prefill = GaugeMetricFamily(
+            "paddler_agent_prefill_tokens_per_second",
+            "Measured prompt tokens one agent's llama.cpp computes per second (running average).",
+            labels=_AGENT_LABELS,
+        )
+        hold = GaugeMetricFamily(
+            "paddler_agent_slot_hold_seconds",
+            "Measured time a request holds one of the agent's slots (running average).",
+            labels=_AGENT_LABELS,
+        )
+        for agent in self._pool.agents():
+            labels = [agent.name, agent.url, ",".join(agent.status.models)]
+            if agent.prefill_rate is not None:
+                prefill.add_metric(labels, agent.prefill_rate)
+            if agent.slot_hold is not None:
+                hold.add_metric(labels, agent.slot_hold)
+        yield prefill
+        yield hold
+
+
 class PrometheusMetrics(Observer):
     """The balancer's metrics registry: fleet gauges, request counters and histograms."""
 
     def __init__(self, pool: AgentControllerPool, buffer: RequestBuffer) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(FleetCollector(pool, buffer))
+        self.registry.register(RoutingCollector(pool))
         registry = self.registry
         self._requests = Counter(
             "paddler_requests",

@@ -7,7 +7,15 @@ can serve is handed a reservation directly: waiters are woken by the event, neve
 a newcomer never overtakes a waiter that the same slot could serve.
 
 A waiter that cannot be served (for example one that excludes the only free agent after a failure
-there) does not block those behind it.
+there, or one for another model) does not block those behind it.
+
+Buffering is per model: ``size`` bounds the waiters for each model a request can name (and for
+requests that name none), so that a flood of requests for one model never fills the buffer for
+another. Unknown models are refused before they get here, so the models are the fleet's.
+
+The routing policy may keep a request waiting although a slot is free elsewhere (when waiting
+for the server that holds its prefix is cheaper); it then names a time to decide again, and the
+buffer dispatches again at that time.
 """
 
 from __future__ import annotations
@@ -15,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.routing import Demand
 from paddler.balancer.slot_guard import SlotGuard
 
 log = logging.getLogger(__name__)
@@ -46,8 +55,7 @@ class ShuttingDown(BufferRejection):
 
 @dataclass(eq=False)
 class _Waiter:
-    needs_slot: bool
-    exclude: frozenset[str]
+    demand: Demand
     future: asyncio.Future[SlotGuard] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -59,6 +67,9 @@ class RequestBuffer:
         self._size = size
         self._timeout = timeout
         self._waiters: deque[_Waiter] = deque()
+        self._per_model: Counter[str | None] = Counter()
+        self._revisit: asyncio.TimerHandle | None = None
+        self._revisit_at = 0.0
         self._closed = False
         pool.on_capacity(self._dispatch)
 
@@ -70,29 +81,27 @@ class RequestBuffer:
     def timeout(self) -> float:
         return self._timeout
 
-    async def acquire(
-        self,
-        *,
-        needs_slot: bool,
-        exclude: frozenset[str] = frozenset(),
-        deadline: float | None = None,
-    ) -> SlotGuard:
+    def waiting_for(self, model: str | None) -> int:
+        return self._per_model[model]
+
+    async def acquire(self, demand: Demand, *, deadline: float | None = None) -> SlotGuard:
         """Wait for a reservation; ``deadline`` is on the loop clock (default: now + timeout).
 
         Raises ``BufferFull``, ``BufferTimeout``, ``NoCandidates`` or ``ShuttingDown``.
         """
         if self._closed:
             raise ShuttingDown("the balancer is shutting down")
-        if exclude and not self._pool.has_candidates(exclude):
+        if demand.exclude and not self._pool.has_candidates(demand.exclude, demand.model):
             raise NoCandidates("no other agent is registered")
-        waiter = _Waiter(needs_slot, exclude)
-        self._waiters.append(waiter)
+        waiter = _Waiter(demand)
+        self._add(waiter)
         self._dispatch()
         if waiter.future.done():
             return waiter.future.result()
-        if len(self._waiters) > self._size:
-            self._waiters.remove(waiter)
-            raise BufferFull(f"the request buffer is full ({self._size} requests waiting)")
+        if self._per_model[demand.model] > self._size:
+            self._forget(waiter)
+            whose = f" for model {demand.model!r}" if demand.model else ""
+            raise BufferFull(f"the request buffer is full ({self._size} requests waiting{whose})")
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self._timeout
@@ -111,15 +120,30 @@ class RequestBuffer:
     def close(self) -> None:
         """Refuse new requests and fail every waiting one with ``ShuttingDown``."""
         self._closed = True
+        if self._revisit is not None:
+            self._revisit.cancel()
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter = self._waiters[0]
+            self._remove(waiter)
+            self._pool.policy.abandoned(waiter.demand)
             if not waiter.future.done():
                 waiter.future.set_exception(ShuttingDown("the balancer is shutting down"))
+
+    def _add(self, waiter: _Waiter) -> None:
+        self._waiters.append(waiter)
+        self._per_model[waiter.demand.model] += 1
+
+    def _remove(self, waiter: _Waiter) -> None:
+        self._waiters.remove(waiter)
+        self._per_model[waiter.demand.model] -= 1
+        if not self._per_model[waiter.demand.model]:
+            del self._per_model[waiter.demand.model]
 
     def _forget(self, waiter: _Waiter) -> None:
         """Drop a waiter that gave up; a slot handed to it at the last moment goes back."""
         with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
+            self._remove(waiter)
+        self._pool.policy.abandoned(waiter.demand)
         future = waiter.future
         if not future.done():
             future.cancel()
@@ -129,11 +153,32 @@ class RequestBuffer:
     def _dispatch(self) -> None:
         if not self._waiters:
             return
+        revisit_at: float | None = None
         for waiter in list(self._waiters):
             if waiter.future.done():
                 continue
-            agent = self._pool.pick(waiter.needs_slot, waiter.exclude)
+            demand = waiter.demand
+            agent = self._pool.pick(demand)
             if agent is None:
+                if demand.revisit_at is not None:
+                    revisit_at = min(revisit_at or demand.revisit_at, demand.revisit_at)
                 continue
-            self._waiters.remove(waiter)
-            waiter.future.set_result(self._pool.reserve(agent, waiter.needs_slot))
+            self._remove(waiter)
+            waiter.future.set_result(self._pool.reserve(agent, demand))
+        self._schedule_revisit(revisit_at)
+
+    def _schedule_revisit(self, when: float | None) -> None:
+        """Dispatch again at ``when`` (the pool's clock), the earliest time a waiter asked for."""
+        if self._revisit is not None:
+            if when is not None and self._revisit_at <= when:
+                return
+            self._revisit.cancel()
+            self._revisit = None
+        if when is not None:
+            delay = max(0.0, when - self._pool.clock())
+            self._revisit_at = when
+            self._revisit = asyncio.get_running_loop().call_later(delay, self._revisited)
+
+    def _revisited(self) -> None:
+        self._revisit = None
+        self._dispatch()

@@ -9,6 +9,13 @@ is taken out of rotation and the request goes to another server. Any other 5xx m
 request's own fault: it is also retried elsewhere, but only repeated ones open the circuit, so
 that a single poisonous request cannot empty the fleet. When no attempt is left, the client gets
 the last server's own 5xx answer.
+
+A request that names a model (``"model"`` in a JSON body, ``?model=`` otherwise) goes only to
+agents that serve it; a model no agent serves gets 404, unless ``--allow-unknown-models``.
+``GET /v1/models`` is answered here, from the agents' reports: the fleet's models.
+
+For generations, the end of the response is kept as it is relayed, so that the routing policy
+can learn what llama.cpp found in its prompt cache (see ``cache_report``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from paddler.balancer import errors
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.body_budget import BodyBudget
+from paddler.balancer.cache_report import ResponseTail
 from paddler.balancer.observers import Observers, Outcome, RequestRecord
 from paddler.balancer.request_buffer import (
     BufferFull,
@@ -33,7 +41,9 @@ from paddler.balancer.request_buffer import (
     ShuttingDown,
 )
 from paddler.balancer.request_id import request_id
+from paddler.balancer.request_traits import inspect
 from paddler.balancer.routes import needs_slot, route_label
+from paddler.balancer.routing import Demand
 from paddler.balancer.upstream import (
     ConnectFailed,
     Upstream,
@@ -69,12 +79,36 @@ class ReverseProxy:
         self._buffer = buffer
         self._upstream = upstream
         self._budget = BodyBudget(config.request_body_memory)
+        self._index_prompts = config.routing == "prefix"
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._config.max_request_body_size)
         app.router.add_get("/health", self.health)
+        for path in ("/v1/models", "/models"):
+            app.router.add_get(path, self.models)
         app.router.add_route("*", "/{tail:.*}", self.forward)
         return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        """The fleet's models in OpenAI's list shape, with how many agents and slots each has."""
+        data = []
+        for model, agents in sorted(self._pool.models().items()):
+            usable = [agent for agent in agents if agent.usable()]
+            data.append(
+                {
+                    "id": model,
+                    "object": "model",
+                    "created": int(min(agent.registered_at for agent in agents)),
+                    "owned_by": "llamacpp",
+                    "paddler": {
+                        "agents": len(agents),
+                        "agents_usable": len(usable),
+                        "slots_total": sum(agent.slots_total for agent in usable),
+                        "slots_idle": sum(agent.free_slots() for agent in usable),
+                    },
+                }
+            )
+        return web.json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
         """Aggregate slots of usable agents; 503 while no agent can serve a request."""
@@ -107,7 +141,19 @@ class ReverseProxy:
                 record.outcome = Outcome.REFUSED
                 return self._refuse(record, error)
             try:
-                return await self._dispatch(request, body, record)
+                traits = inspect(request.method, request.path, request.query, body)
+                model = traits.model
+                if model is not None and not self._pool.serves(model):
+                    if not self._config.allow_unknown_models:
+                        record.outcome = Outcome.REFUSED
+                        log.info("request %s: unknown model %r", record.id, model[:200])
+                        return self._refuse(record, errors.unknown_model(model[:200]))
+                    model = None
+                record.model = model
+                demand = Demand.of(
+                    record.needs_slot, model, traits.prompt if self._index_prompts else None
+                )
+                return await self._dispatch(request, body, record, demand)
             finally:
                 self._budget.give(len(body))
         except asyncio.CancelledError:
@@ -118,7 +164,7 @@ class ReverseProxy:
             self._observers.request_finished(record)
 
     async def _dispatch(
-        self, request: web.Request, body: bytes, record: RequestRecord
+        self, request: web.Request, body: bytes, record: RequestRecord, demand: Demand
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._buffer.timeout
@@ -129,9 +175,8 @@ class ReverseProxy:
             self._observers.buffer_wait_started(record)
             waiting_since = time.perf_counter()
             try:
-                guard = await self._buffer.acquire(
-                    needs_slot=record.needs_slot, exclude=frozenset(tried), deadline=deadline
-                )
+                demand.exclude = frozenset(tried)
+                guard = await self._buffer.acquire(demand, deadline=deadline)
             except BufferRejection as rejection:
                 record.outcome = _REJECTION_OUTCOMES.get(type(rejection), Outcome.UPSTREAM_FAILED)
                 if isinstance(rejection, NoCandidates) and last_error is not None:
@@ -180,11 +225,13 @@ class ReverseProxy:
                 # The last attempt's answer goes to the client as it is, even a 5xx: it is the
                 # server's own account of what went wrong.
                 record.status = upstream.status
+                tail = ResponseTail() if record.needs_slot and upstream.status == 200 else None
                 relayed = await relay(
                     request,
                     upstream,
                     extra_headers=self._response_headers(record, agent),
                     on_first_chunk=lambda: self._first_chunk(record),
+                    on_chunk=tail.feed if tail is not None else None,
                 )
                 if relayed.client_gone:
                     guard.release(abandoned=True)
@@ -196,6 +243,10 @@ class ReverseProxy:
                     log.warning("request %s via %s: %s", record.id, agent.name, relayed.failure)
                 else:
                     record.outcome = Outcome.COMPLETED
+                    if tail is not None:
+                        record.cache = tail.cache_report()
+                        if record.cache is not None:
+                            self._pool.policy.learn(agent, demand, record.cache)
                 return relayed.response
         assert last_error is not None
         record.outcome = Outcome.UPSTREAM_FAILED

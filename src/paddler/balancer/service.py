@@ -24,6 +24,7 @@ from paddler.balancer.prometheus_metrics import PrometheusMetrics
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.balancer.request_log import RequestLog
 from paddler.balancer.reverse_proxy import ReverseProxy
+from paddler.balancer.routing import make_policy
 from paddler.balancer.stats_history import StatsHistory
 from paddler.balancer.statsd_reporter import StatsdReporter
 from paddler.balancer.tracing import TracingObserver
@@ -48,6 +49,7 @@ class Balancer:
             circuit_cooldown=config.circuit_breaker_cooldown,
             failure_threshold=config.circuit_breaker_failure_threshold,
             max_agents=config.max_agents,
+            policy=make_policy(config.routing, config.prefix_index_memory),
         )
         self.buffer = RequestBuffer(
             self.pool, size=config.request_buffer_size, timeout=config.request_buffer_timeout

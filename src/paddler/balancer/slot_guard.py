@@ -23,12 +23,19 @@ if TYPE_CHECKING:
 
 
 class SlotGuard:
-    __slots__ = ("_pool", "_released", "agent", "holds_slot")
+    __slots__ = ("_pool", "_released", "agent", "holds_slot", "reserved_at")
 
-    def __init__(self, pool: AgentControllerPool, agent: AgentController, holds_slot: bool) -> None:
+    def __init__(
+        self,
+        pool: AgentControllerPool,
+        agent: AgentController,
+        holds_slot: bool,
+        reserved_at: float,
+    ) -> None:
         self._pool = pool
         self.agent = agent
         self.holds_slot = holds_slot
+        self.reserved_at = reserved_at
         self._released = False
 
     @property

@@ -177,6 +177,7 @@ async def relay(
     *,
     extra_headers: Mapping[str, str] | None = None,
     on_first_chunk: Callable[[], None] | None = None,
+    on_chunk: Callable[[bytes], None] | None = None,
 ) -> Relayed:
     """Copy the upstream response to the client as it arrives, never buffering it whole.
 
@@ -205,6 +206,8 @@ async def relay(
             if on_first_chunk is not None:
                 on_first_chunk()
                 on_first_chunk = None
+            if on_chunk is not None:
+                on_chunk(chunk)
             await response.write(chunk)
         await response.write_eof()
         finished = True

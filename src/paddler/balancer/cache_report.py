@@ -1,0 +1,62 @@
+"""What llama.cpp says it found in its prompt cache, read from the end of a response.
+
+Every completion llama.cpp sends ends with a ``timings`` object (the last event of a stream, the
+end of a JSON body): ``cache_n`` prompt tokens came from the cache, ``prompt_n`` were computed,
+in ``prompt_ms``. Routing learns from these numbers, so the proxy keeps the last few kilobytes of
+each generation's response as it relays it (never the whole body) and reads them at the end.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TAIL_BYTES = 8192
+"""The timings object and what follows it (a usage object, ``data: [DONE]``) fit easily."""
+
+_TIMINGS = re.compile(rb'"timings"\s*:\s*\{([^{}]*)\}')
+_FIELD = re.compile(rb'"(cache_n|prompt_n|prompt_ms)"\s*:\s*(-?[0-9.eE+-]+)')
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    cached_tokens: int
+    """``cache_n``: prompt tokens llama.cpp reused from its cache."""
+    computed_tokens: int
+    """``prompt_n``: prompt tokens it had to compute."""
+    prompt_seconds: float
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.cached_tokens + self.computed_tokens
+
+
+class ResponseTail:
+    """The last ``TAIL_BYTES`` of a response, fed chunk by chunk."""
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        tail = self._tail + chunk
+        self._tail = tail[-TAIL_BYTES:] if len(tail) > TAIL_BYTES else tail
+
+    def cache_report(self) -> CacheReport | None:
+        """The last ``timings`` object in the tail, or None if there is none (or it is cut)."""
+        found = None
+        for found in _TIMINGS.finditer(self._tail):  # noqa: B007 - the last one counts
+            pass
+        if found is None:
+            return None
+        fields = {name.decode(): value for name, value in _FIELD.findall(found.group(1))}
+        try:
+            cached = int(float(fields["cache_n"]))
+            computed = int(float(fields["prompt_n"]))
+            seconds = float(fields.get("prompt_ms", b"0")) / 1000
+        except (KeyError, ValueError):
+            return None
+        if cached < 0 or computed < 0:
+            return None
+        return CacheReport(cached, computed, max(0.0, seconds))
