@@ -19,7 +19,7 @@ with the number of prompt characters routed to that server so far, and the *age*
 is how many characters were routed there since. Every response reports how much of its prompt
 llama.cpp found in cache (``timings.cache_n``); comparing that with the ages of the blocks the
 index thought were there brackets the server's *retention*: blocks younger than a confirmed hit
-are kept, a block at least as old as a confirmed miss is gone. Ownerships older than the learned
+are kept, a block older than a confirmed miss is gone. Ownerships older than the learned
 retention no longer count as matches.
 
 Hand-written: no maintained Python library offers a bounded prefix-ownership map with per-owner
@@ -86,6 +86,7 @@ class PrefixIndex:
         self._owners = 0
         self._routed: dict[int, int] = {}
         self._retention: dict[int, float] = {}
+        self._kept: dict[int, int] = {}
         self.evictions = 0
 
     # -- size -------------------------------------------------------------------------------
@@ -162,20 +163,22 @@ class PrefixIndex:
     def learn(self, key: int, match: Match, cached_chars: int) -> None:
         """llama.cpp found ``cached_chars`` of a prompt in cache where the index said ``match``.
 
-        Blocks it still had are at most as old as the retention; the first block it no longer
-        had is older.
+        Blocks it still had show that the server keeps at least that much; the first block it
+        no longer had, if it is older than anything seen kept, shows that it keeps less. A miss
+        on a block younger than one seen kept is not an eviction (llama.cpp's cache evicts by
+        age): the request took another slot, for example, and nothing is learned from it.
         """
         if key not in self._routed or not match.ages:
             return
         kept = min(cached_chars // BLOCK_CHARS, len(match.ages))
-        retention = self.retention(key)
-        if kept:
-            retention = max(retention, max(match.ages[:kept]))
+        seen_kept = max(self._kept.get(key, -1), max(match.ages[:kept], default=-1))
+        self._kept[key] = seen_kept
+        retention = max(self.retention(key), seen_kept)
         # One block of slack: the chat template's tokens and llama.cpp re-evaluating the last
         # prompt token make the cached count fall a little short of a full match.
         if kept + 1 < len(match.ages):
             lost = match.ages[kept + 1]
-            if lost >= max(match.ages[:kept], default=0):
+            if lost > seen_kept:
                 retention = min(retention, lost - 1)
         self._retention[key] = retention
 
@@ -183,3 +186,4 @@ class PrefixIndex:
         """The server's cache is gone; its ownerships no longer match and age out."""
         self._routed.pop(key, None)
         self._retention.pop(key, None)
+        self._kept.pop(key, None)

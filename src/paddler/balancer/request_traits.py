@@ -44,14 +44,15 @@ def inspect(method: str, path: str, query: Mapping[str, str], body: bytes) -> Re
         return RequestTraits(model=model or None)
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        if not isinstance(document, dict):
+            return NO_TRAITS
+        model = document.get("model")
+        if not isinstance(model, str) or not model:
+            model = query.get("model") or None
+        return RequestTraits(model=model, prompt=_prompt_text(path.rstrip("/"), document))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: a body nested deeper than the parser goes (a few thousand levels).
         return NO_TRAITS
-    if not isinstance(document, dict):
-        return NO_TRAITS
-    model = document.get("model")
-    if not isinstance(model, str) or not model:
-        model = query.get("model") or None
-    return RequestTraits(model=model, prompt=_prompt_text(path.rstrip("/"), document))
 
 
 def _prompt_text(path: str, document: dict[str, Any]) -> str | None:
@@ -82,8 +83,9 @@ def _prompt_text(path: str, document: dict[str, Any]) -> str | None:
         if isinstance(prompt, str):
             parts.append(prompt)
         elif isinstance(prompt, list) and all(isinstance(token, int) for token in prompt):
-            # Token ids: their text form shares prefixes exactly as the ids do.
-            parts.append(" ".join(map(str, prompt)))
+            # Token ids, each ended by a space: their text form shares prefixes exactly as the
+            # ids do ("1 2 " is not a prefix of "1 23 ").
+            parts.append("".join(f"{token} " for token in prompt))
     text = "".join(parts)
     return text or None
 
