@@ -329,3 +329,23 @@ async def test_a_waiting_request_that_gives_up_is_no_longer_counted_as_waiting(
         await waiter
     assert a.awaited == 0
     assert buffer.waiting == 0
+
+
+async def test_model_names_cannot_multiply_the_buffer_of_a_fleet_without_models(
+    clock: Clock,
+) -> None:
+    """An empty fleet accepts every model name (it may be scaling from zero), but inventing
+    names does not buy more room: the whole buffer is bounded too."""
+    pool = AgentControllerPool(policy=SlotsPolicy(), clock=clock)
+    buffer = RequestBuffer(pool, size=2, timeout=5)
+    waiting = [
+        asyncio.create_task(buffer.acquire(Demand(True, f"model-{number}"))) for number in range(2)
+    ]
+    await asyncio.sleep(0)
+    assert buffer.waiting == 2
+    with pytest.raises(BufferFull):
+        await buffer.acquire(Demand(True, "model-3"))
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert buffer.waiting == 0

@@ -11,7 +11,9 @@ there, or one for another model) does not block those behind it.
 
 Buffering is per model: ``size`` bounds the waiters for each model a request can name (and for
 requests that name none), so that a flood of requests for one model never fills the buffer for
-another. Unknown models are refused before they get here, so the models are the fleet's.
+another. Unknown models are refused before they get here, but a fleet that has not reported any
+model yet accepts every name, so the whole buffer is also bounded: ``size`` times the number of
+models the fleet serves (at least one).
 
 The routing policy may keep a request waiting although a slot is free elsewhere (when waiting
 for the server that holds its prefix is cheaper); it then names a time to decide again, and the
@@ -98,7 +100,9 @@ class RequestBuffer:
         self._dispatch()
         if waiter.future.done():
             return waiter.future.result()
-        if self._per_model[demand.model] > self._size:
+        if self._per_model[demand.model] > self._size or len(self._waiters) > self._size * max(
+            1, len(self._pool.models())
+        ):
             self._forget(waiter)
             whose = f" for model {demand.model!r}" if demand.model else ""
             raise BufferFull(f"the request buffer is full ({self._size} requests waiting{whose})")
