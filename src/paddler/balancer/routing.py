@@ -10,7 +10,7 @@ request that needs a slot to a server without one: llama.cpp would queue it out 
 ``prefix`` (documented in docs/routing.md): pick the agent where the request is expected to be
 *served soonest*, in seconds, using what was measured from llama.cpp's own responses::
 
-    service(a) = uncached_tokens(a) / prefill_rate(a) * (1 + busy(a) / slots(a))
+    service(a) = uncached_tokens(a) / prefill_rate * (1 + busy(a) / slots(a))
     cost(a)    = service(a)                            if a has a free slot
                = service(a) + expected_wait(a)         if it has none
     expected_wait(a) = slot_hold(a) * (waiting_for(a) + 1) / slots(a)
@@ -38,7 +38,8 @@ from paddler.balancer.cache_report import CacheReport
 from paddler.balancer.prefix_index import NO_MATCH, Match, PrefixIndex, prefix_chain
 
 _DEFAULT_PREFILL_RATE = 1000.0
-"""Prompt tokens per second assumed for a server not measured yet; only ratios matter then."""
+"""Prompt tokens per second assumed before any was measured; only ratios matter then (waiting,
+which compares with measured slot times, is never chosen on it)."""
 
 _SMOOTHING = 0.2
 """Weight of the newest measurement in the running averages."""
@@ -183,16 +184,18 @@ class PrefixPolicy:
         if not demand.needs_slot or not demand.chain:
             return least_loaded(candidates, demand.needs_slot)
         matches = self.index.match(demand.chain, [agent.cache_key for agent in candidates])
+        rates = [agent.prefill_rate for agent in candidates if agent.prefill_rate is not None]
+        rate = sum(rates) / len(rates) if rates else None
         free: list[tuple[float, AgentController]] = []
         best_full: tuple[float, float] | None = None  # (cost, service)
         best_full_agent: AgentController | None = None
         for agent in candidates:
             match = matches.get(agent.cache_key, NO_MATCH)
-            service = self._service_seconds(agent, demand.prompt_chars - match.chars)
+            service = self._service_seconds(agent, demand.prompt_chars - match.chars, rate)
             if agent.free_slots() > 0:
                 free.append((service, agent))
             else:
-                wait = self._expected_wait(agent, demand)
+                wait = self._expected_wait(agent, demand) if rate is not None else None
                 if wait is not None and (best_full is None or service + wait < best_full[0]):
                     best_full, best_full_agent = (service + wait, service), agent
         best_free_agent, best_free_cost = self._cheapest(free)
@@ -265,14 +268,16 @@ class PrefixPolicy:
         )
         return agent, service
 
-    def _service_seconds(self, agent: AgentController, uncached_chars: int) -> float:
+    def _service_seconds(
+        self, agent: AgentController, uncached_chars: int, rate: float | None
+    ) -> float:
         tokens = max(0, uncached_chars) / self._chars_per_token
-        rate = agent.prefill_rate or _DEFAULT_PREFILL_RATE
+        rate = rate or _DEFAULT_PREFILL_RATE
         load = agent.busy_slots() / max(1, agent.slots_total)
         return tokens / rate * (1 + load)
 
     def _expected_wait(self, agent: AgentController, demand: Demand) -> float | None:
-        if agent.slot_hold is None or agent.prefill_rate is None:
+        if agent.slot_hold is None:
             return None
         ahead = agent.awaited - (1 if demand.waiting_for is agent else 0)
         return agent.slot_hold * (ahead + 1) / max(1, agent.slots_total)
