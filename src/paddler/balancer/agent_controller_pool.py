@@ -108,6 +108,7 @@ class AgentControllerPool:
         if agent.removed or agent.session_id != session:
             return False
         previous = agent.status
+        was = (agent.usable(), agent.free_slots())
         agent.accept_report(status, self.clock(), self._circuit_cooldown)
         if (previous.state, previous.error) != (status.state, status.error):
             log.info("agent %s is now %s", agent.name, _describe(status))
@@ -115,7 +116,15 @@ class AgentControllerPool:
                 # llama.cpp may be restarting: whatever it had cached is not to be relied on.
                 self.policy.forget(agent.cache_key)
                 agent.cache_key = next(self._cache_keys)
-        self._capacity_changed()
+        # Most reports change nothing a waiting request could use: only more free slots, a
+        # change of usability or of models can let one through.
+        was_usable, was_free = was
+        if (
+            agent.usable() != was_usable
+            or agent.free_slots() > was_free
+            or previous.models != status.models
+        ):
+            self._capacity_changed()
         return True
 
     def remove(self, agent: AgentController, session: int | None, reason: str) -> bool:
