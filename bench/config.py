@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.llamacpp import BackendSpec
+
 CONTEXT_PER_SLOT = 512
 """Tokens of context per slot: a prompt of about 40 tokens plus ``n_predict`` fit many times."""
 
@@ -53,3 +55,13 @@ class BenchConfig:
     @property
     def context_size(self) -> int:
         return self.slots * CONTEXT_PER_SLOT
+
+    @property
+    def backends(self) -> BackendSpec:
+        """The tiny default model, so that generation is fast and a proxy's cost shows."""
+        return BackendSpec(
+            servers=self.servers,
+            slots=self.slots,
+            context_size=self.context_size,
+            threads=self.threads,
+        )

@@ -51,7 +51,12 @@ async def running_contestants(
 ) -> AsyncIterator[list[Contestant]]:
     async with contextlib.AsyncExitStack() as stack:
         nginx = await stack.enter_async_context(running_nginx(backends, workdir))
-        paddler = await stack.enter_async_context(running_paddler(config, backends, workdir))
+        # Room for every stream: if Paddler ever holds requests back, the results show it as
+        # buffered requests and as latency, never as 503s.
+        buffer_size = f"--request-buffer-size={max(config.concurrency)}"
+        paddler = await stack.enter_async_context(
+            running_paddler(backends, config.slots, workdir, (buffer_size,))
+        )
         yield [
             Contestant(
                 BASELINE, tuple(backend.url for backend in backends), fresh_connections=True

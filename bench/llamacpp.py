@@ -5,17 +5,32 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.config import BenchConfig
 from bench.processes import log_tail, read_until, spawn, stop
 from paddler.agent.llamacpp_child import READY_PREFIX
 from paddler.tiny_model import TinyModelShape, ensure_tiny_model
 from tests.support.metrics import llamacpp_metrics
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to start the servers: the same for every server of a run."""
+
+    servers: int
+    slots: int
+    """Slots per server."""
+    context_size: int
+    """Tokens of context per server, shared by its slots."""
+    threads: int
+    shape: TinyModelShape = field(default_factory=TinyModelShape)
+    """The generated model they serve."""
+    cache_ram_mib: int | None = None
+    """llama.cpp's RAM prompt cache (``--cache-ram``); None leaves llama.cpp's default."""
 
 
 @dataclass(frozen=True)
@@ -30,20 +45,20 @@ class Backend:
 
 
 @contextlib.asynccontextmanager
-async def running_backends(config: BenchConfig, workdir: Path) -> AsyncIterator[list[Backend]]:
-    """Start ``config.servers`` llama.cpp servers on the tiny default model; stop them after."""
-    model = ensure_tiny_model(TinyModelShape())
+async def running_backends(spec: BackendSpec, workdir: Path) -> AsyncIterator[list[Backend]]:
+    """Start ``spec.servers`` llama.cpp servers on the model of ``spec.shape``; stop them after."""
+    model = ensure_tiny_model(spec.shape)
     async with contextlib.AsyncExitStack() as stack:
         backends = [
-            await stack.enter_async_context(_running_backend(config, model, workdir, index))
-            for index in range(config.servers)
+            await stack.enter_async_context(_running_backend(spec, model, workdir, index))
+            for index in range(spec.servers)
         ]
         yield backends
 
 
 @contextlib.asynccontextmanager
 async def _running_backend(
-    config: BenchConfig, model: Path, workdir: Path, index: int
+    spec: BackendSpec, model: Path, workdir: Path, index: int
 ) -> AsyncIterator[Backend]:
     name = f"llamacpp-{index}"
     log_path = workdir / f"{name}.log"
@@ -59,11 +74,12 @@ async def _running_backend(
         "--port",
         "0",
         "--slots",
-        str(config.slots),
+        str(spec.slots),
         "--ctx",
-        str(config.context_size),
+        str(spec.context_size),
         "--threads",
-        str(config.threads),
+        str(spec.threads),
+        *(() if spec.cache_ram_mib is None else ("--cache-ram-mib", str(spec.cache_ram_mib))),
         log_path=log_path,
         stdin_pipe=True,
         stdout_pipe=True,

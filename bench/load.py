@@ -93,8 +93,12 @@ def staggered_lengths(count: int, concurrency: int, n_predict: int) -> list[int]
     return [first[index] if index < concurrency else n_predict for index in range(count)]
 
 
-def client_session(max_concurrency: int) -> aiohttp.ClientSession:
-    """The one client session of the benchmark, shared by every contestant."""
+def client_session(max_concurrency: int, read_timeout: float = 30.0) -> aiohttp.ClientSession:
+    """The one client session of the benchmark, shared by every contestant.
+
+    ``read_timeout`` bounds the wait for any single read, headers included: a request that
+    waits in a queue gets no byte until it has a slot.
+    """
     connector = aiohttp.TCPConnector(
         limit=4 * max_concurrency + 16,
         # Connections are not carried from one run to the next (the other contestants' runs
@@ -104,7 +108,7 @@ def client_session(max_concurrency: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=connector,
         # Per phase, never in total; still bounded, so that a stuck stream cannot hang the run.
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=30.0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=read_timeout),
     )
 
 

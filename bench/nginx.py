@@ -44,8 +44,7 @@ http {{
     scgi_temp_path {workdir}/scgi;
 
     upstream llamacpp {{
-        least_conn;
-{servers}
+{balance}{servers}
         keepalive 256;
         keepalive_timeout 4s;
     }}
@@ -76,13 +75,17 @@ def nginx_binary() -> str:
     return found
 
 
-def render_config(backends: list[Backend], port: int, workdir: Path) -> str:
+def render_config(
+    backends: list[Backend], port: int, workdir: Path, balance: str = "least_conn"
+) -> str:
+    """``balance`` is the upstream's method directive; "" is nginx's default, round robin."""
     # max_fails=0: a pooled connection that llama.cpp has closed is not the server's failure;
     # counting it would take every server out of rotation in turn (502 "no live upstreams").
     servers = "\n".join(
         f"        server {backend.url.split('//', 1)[1]} max_fails=0;" for backend in backends
     )
-    return _CONFIG.format(workdir=workdir, servers=servers, port=port)
+    method = f"        {balance};\n" if balance else ""
+    return _CONFIG.format(workdir=workdir, balance=method, servers=servers, port=port)
 
 
 async def nginx_version() -> str:
@@ -101,15 +104,18 @@ class RunningNginx:
 
 
 @contextlib.asynccontextmanager
-async def running_nginx(backends: list[Backend], workdir: Path) -> AsyncIterator[RunningNginx]:
-    """Run nginx in front of ``backends`` until the block ends."""
+async def running_nginx(
+    backends: list[Backend], workdir: Path, balance: str = "least_conn"
+) -> AsyncIterator[RunningNginx]:
+    """Run nginx in front of ``backends`` until the block ends (``balance``: see
+    ``render_config``)."""
     directory = workdir / "nginx"
     directory.mkdir()
     # Workers run as "nobody" when nginx starts as root; they must reach their temp paths.
     directory.chmod(0o755)
     port = free_port()
     config = directory / "nginx.conf"
-    config.write_text(render_config(backends, port, directory))
+    config.write_text(render_config(backends, port, directory, balance))
     log_path = directory / "nginx-stderr.log"
     process = await spawn(
         nginx_binary(),

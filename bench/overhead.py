@@ -34,6 +34,7 @@ from bench.load import Prompts, client_session, run_closed_loop
 from bench.nginx import nginx_version
 from bench.queue_watch import watching_queues
 from bench.report import Report, markdown_document, tables, write_json
+from bench.routing_report import existing_section
 from bench.stats import Cell, RunOutcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +210,7 @@ async def benchmark(config: BenchConfig, workdir: Path, started_at: str, stamp: 
     load_before = os.getloadavg()[0]
     async with contextlib.AsyncExitStack() as stack:
         say(f"starting {config.servers} llama.cpp server(s) with {config.slots} slots")
-        backends = await stack.enter_async_context(running_backends(config, workdir))
+        backends = await stack.enter_async_context(running_backends(config.backends, workdir))
         say("starting nginx and Paddler (balancer and agents)")
         contestants = await stack.enter_async_context(
             running_contestants(config, backends, workdir)
@@ -239,7 +240,11 @@ def write_outputs(report: Report, cells: list[Cell], stamp: str) -> None:
     say(f"raw results: {json_path}")
     if config.output is not None:
         config.output.parent.mkdir(parents=True, exist_ok=True)
-        config.output.write_text(markdown_document(report))
+        # The routing benchmark's section of the same document is kept as it is.
+        existing = config.output.read_text() if config.output.exists() else ""
+        routing = existing_section(existing)
+        document = markdown_document(report)
+        config.output.write_text(document + (f"\n{routing}\n" if routing else ""))
         say(f"report: {config.output}")
 
 

@@ -10,14 +10,13 @@ import asyncio
 import contextlib
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.config import BenchConfig
 from bench.llamacpp import Backend
 from bench.processes import log_tail, spawn, stop
 
@@ -33,18 +32,22 @@ class RunningPaddler:
 
 @contextlib.asynccontextmanager
 async def running_paddler(
-    config: BenchConfig, backends: list[Backend], workdir: Path
+    backends: list[Backend],
+    slots: int,
+    workdir: Path,
+    balancer_flags: Sequence[str] = (),
+    agent_flags: Sequence[str] = ("--monitoring-interval=100ms",),
 ) -> AsyncIterator[RunningPaddler]:
-    """Run the balancer and one agent per backend until the block ends."""
+    """Run the balancer (with ``balancer_flags``) and one agent per backend until the block
+    ends; ready once every agent reports its ``slots`` slots."""
     async with contextlib.AsyncExitStack() as stack:
-        # Room for every stream: if Paddler ever holds requests back, the results show it as
-        # buffered requests and as latency, never as 503s.
-        buffer_size = f"--request-buffer-size={max(config.concurrency)}"
-        paddler = await stack.enter_async_context(running_balancer(workdir, buffer_size))
+        paddler = await stack.enter_async_context(running_balancer(workdir, *balancer_flags))
         management_port = paddler.management_url.rsplit(":", 1)[1]
         for backend in backends:
-            await stack.enter_async_context(_running_agent(backend, management_port, workdir))
-        await _wait_for_agents(paddler, backends, config.slots, workdir)
+            await stack.enter_async_context(
+                _running_agent(backend, management_port, workdir, agent_flags)
+            )
+        await _wait_for_agents(paddler, backends, slots, workdir)
         yield paddler
 
 
@@ -108,7 +111,7 @@ async def _copy_lines(stream: asyncio.StreamReader, log_path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def _running_agent(
-    backend: Backend, management_port: str, workdir: Path
+    backend: Backend, management_port: str, workdir: Path, flags: Sequence[str]
 ) -> AsyncIterator[None]:
     name = f"agent-{backend.name}"
     process = await spawn(
@@ -119,13 +122,20 @@ async def _running_agent(
         f"--local-llamacpp-port={backend.port}",
         f"--management-port={management_port}",
         f"--name={name}",
-        "--monitoring-interval=100ms",
+        *flags,
         log_path=workdir / f"{name}.log",
     )
     try:
         yield
     finally:
         await stop(process, timeout=10.0)
+
+
+async def prometheus_text(session: aiohttp.ClientSession, paddler: RunningPaddler) -> str:
+    """The balancer's own Prometheus exposition (management port, ``GET /metrics``)."""
+    async with session.get(f"{paddler.management_url}/metrics") as response:
+        response.raise_for_status()
+        return await response.text()
 
 
 async def agents(session: aiohttp.ClientSession, paddler: RunningPaddler) -> dict[str, Any]:
