@@ -253,7 +253,7 @@ def logging_options(function: Callable[..., Any]) -> Callable[..., Any]:
 @option(
     "--routing",
     type=click.Choice(ROUTING_POLICIES),
-    default="slots",
+    default="prefix",
     help="How to choose among servers with a free slot. prefix: prefer the server whose llama.cpp most likely holds the prompt's prefix in its cache, weighed against load (see docs/routing.md). slots: the server with the most free slots.",
 )
 @option(

@@ -69,7 +69,7 @@ class BalancerConfig:
     statsd_prefix: str = "paddler"
     statsd_interval: float = 1.0
     autoscaling_target_utilization: float = 0.8
-    routing: str = "slots"
+    routing: str = "prefix"
     prefix_index_memory: int = 64 * 1024 * 1024
     allow_unknown_models: bool = False
 
