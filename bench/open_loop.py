@@ -5,6 +5,12 @@ not wait for each other. Here each request of a workload is sent at its offset f
 start whatever is still outstanding, and a contestant that cannot keep up shows it as growing
 time to first token, not as a lower offered load.
 
+One constraint is kept from real users: a chat session's next turn is never sent before the
+answer to its previous turn has ended (a person reads the answer before replying). Such a turn
+leaves at its scheduled time or when that answer ends, whichever is later; its latencies count
+from when it actually left. Without this, an overloaded proxy would be sent turns that extend
+answers not given yet, which no prompt cache can serve and no chat client sends.
+
 Each request streams ``POST /v1/chat/completions``. Time to first token runs from the moment
 it is sent to the first chunk that carries content (llama.cpp's first chunk only names the
 role). The last chunk carries llama.cpp's own ``timings``: ``cache_n`` (prompt tokens reused
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +74,7 @@ async def run_open_loop(
     bodies = [request.body() for request in requests]
     headers = _HEADERS_CLOSE if contestant.fresh_connections else _HEADERS
     tasks: list[asyncio.Task[ChatSample]] = []
+    previous_turn: dict[int, asyncio.Task[ChatSample]] = {}
     started = time.perf_counter()
     async with asyncio.TaskGroup() as group:
         for index, (request, body) in enumerate(zip(requests, bodies, strict=True)):
@@ -74,15 +82,25 @@ async def run_open_loop(
             if delay > 0:
                 await asyncio.sleep(delay)
             url = contestant.url_for(index) + ROUTE
-            tasks.append(
-                group.create_task(
-                    stream_chat(session, url, body, request.max_tokens, headers, timeout, started)
-                )
-            )
+            turn = stream_chat(session, url, body, request.max_tokens, headers, timeout, started)
+            if request.session is not None and request.session in previous_turn:
+                turn = _after(previous_turn[request.session], turn)
+            task = group.create_task(turn)
+            if request.session is not None:
+                previous_turn[request.session] = task
+            tasks.append(task)
     samples = [task.result() for task in tasks]
     ends = [sample.sent + (sample.total or 0.0) for sample in samples]
     first = min((sample.sent for sample in samples), default=0.0)
     return OpenLoopRun(samples, max(ends, default=0.0) - first)
+
+
+async def _after(
+    previous: asyncio.Task[ChatSample], turn: Coroutine[Any, Any, ChatSample]
+) -> ChatSample:
+    """Run ``turn`` once ``previous`` (the same session's last turn) has ended."""
+    await asyncio.wait([previous])
+    return await turn
 
 
 async def stream_chat(

@@ -181,13 +181,16 @@ template's first ~21 tokens, so even a miss shows a few cached tokens.
 Every workload is generated in full from seed {config.seed} before the first run: the same \
 requests at the same offsets for every contestant, with open-loop Poisson arrivals (a request is \
 sent at its time whether or not earlier ones are answered). The assistant turns in a chat's \
-history are pre-generated, so no request depends on a server's answer. Each request is a \
+history are pre-generated, so no request depends on a server's answer. In (a), each arrival \
+takes the next turn of a lane picked at random among the half of the lanes idle the longest, so \
+that no proxy gets affinity by accident from a fixed cycle. Each request is a \
 streaming `POST /v1/chat/completions` with `max_tokens`, `"ignore_eos": true` and temperature 0, \
 with a {config.request_timeout:g} s deadline. Contestants, in turn at each offered load (the \
 order rotating): `direct` (everything to server 0), `nginx-rr` (nginx round robin), \
 `nginx-least-conn` (nginx `least_conn`; both one worker, `proxy_buffering off`, upstream \
 keep-alive), `paddler-slots` and `paddler-prefix` (`paddler balancer --routing slots|prefix` with \
-an agent per server, {" ".join(f"`{flag}`" for flag in config.paddler_flags)}).
+an agent per server with its default settings, \
+{" ".join(f"`{flag}`" for flag in config.paddler_flags)}).
 
 Throughput is completed requests (and their generated tokens) over the time from the first send \
 to the last completion. TTFT runs to the first chunk with content; e2e to the end of the stream. \

@@ -360,3 +360,33 @@ def test_without_a_shared_prefix_the_less_busy_agent_wins_whatever_its_measured_
     measured(b, prefill_rate=1000.0, slot_hold=1.0)
     a.reserved = 1
     assert send(pool, demand("x" * (BLOCK_CHARS * 10))) is b
+
+
+async def test_a_freed_slot_goes_to_a_request_that_wants_that_server_before_any_spills(
+    pool: AgentControllerPool,
+) -> None:
+    """Two requests wait, each for the full server that holds its conversation. When one of
+    those servers frees a slot, the request that wants it gets it, even though the other
+    request arrived first and would rather spill there than wait: under load a spill only
+    trades one cache hit for another's miss."""
+    x, _ = pool.register("x", address(1), status(idle=1))
+    y, _ = pool.register("y", address(2), status(idle=1))
+    for agent in (x, y):
+        measured(agent, prefill_rate=1000.0, slot_hold=100.0)
+    buffer = RequestBuffer(pool, size=10, timeout=5)
+    on_x = await buffer.acquire(demand(SYSTEM + "conversation on x"))
+    on_y = await buffer.acquire(demand("y" * len(SYSTEM) + "conversation on y"))
+    assert (on_x.agent, on_y.agent) == (x, y)
+    wants_x = asyncio.create_task(buffer.acquire(demand(SYSTEM + "conversation on x, again")))
+    await asyncio.sleep(0)
+    wants_y = asyncio.create_task(
+        buffer.acquire(demand("y" * len(SYSTEM) + "conversation on y, again"))
+    )
+    await asyncio.sleep(0)
+    assert buffer.waiting == 2
+    on_y.release()
+    guard = await asyncio.wait_for(wants_y, timeout=1)
+    assert guard.agent is y
+    assert not wants_x.done()
+    on_x.release()
+    assert (await asyncio.wait_for(wants_x, timeout=1)).agent is x

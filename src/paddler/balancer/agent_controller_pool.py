@@ -177,11 +177,12 @@ class AgentControllerPool:
         """Call ``listener(agent)`` each time an agent's circuit opens (for metrics)."""
         self._circuit_listeners.append(listener)
 
-    def pick(self, demand: Demand) -> AgentController | None:
+    def pick(self, demand: Demand, *, spill: bool = True) -> AgentController | None:
         """The agent this request should go to now, or None if it should wait.
 
         Candidates are the usable agents that serve the demand's model (any agent, if it names
-        none) and that it has not been tried on; the routing policy chooses among them.
+        none) and that it has not been tried on; the routing policy chooses among them. Without
+        ``spill`` only the agent the request prefers (or one as good) may be chosen.
         """
         candidates = [
             agent
@@ -192,7 +193,7 @@ class AgentControllerPool:
         ]
         if not candidates:
             return None
-        return self.policy.choose(candidates, demand, self.clock())
+        return self.policy.choose(candidates, demand, self.clock(), spill=spill)
 
     def serves(self, model: str) -> bool:
         """Whether ``model`` is known: some agent serves it, or no agent reported any model yet

@@ -155,20 +155,29 @@ class RequestBuffer:
             future.result().release()
 
     def _dispatch(self) -> None:
+        """Hand free slots to waiters, in two passes over the queue, each in FIFO order.
+
+        First each waiter may only take a slot on the server it prefers (the one that holds its
+        prefix, or one as good); then, with what is left, the policy may send a waiter elsewhere.
+        So a slot that frees on a server goes first to a request that wants that very server,
+        and another request spills onto it only if none does: under load, spilling would only
+        trade one request's cache hit for another's miss.
+        """
         if not self._waiters:
             return
         revisit_at: float | None = None
-        for waiter in list(self._waiters):
-            if waiter.future.done():
-                continue
-            demand = waiter.demand
-            agent = self._pool.pick(demand)
-            if agent is None:
-                if demand.revisit_at is not None:
-                    revisit_at = min(revisit_at or demand.revisit_at, demand.revisit_at)
-                continue
-            self._remove(waiter)
-            waiter.future.set_result(self._pool.reserve(agent, demand))
+        for spill in (False, True):
+            for waiter in list(self._waiters):
+                if waiter.future.done():
+                    continue
+                demand = waiter.demand
+                agent = self._pool.pick(demand, spill=spill)
+                if agent is None:
+                    if spill and demand.revisit_at is not None:
+                        revisit_at = min(revisit_at or demand.revisit_at, demand.revisit_at)
+                    continue
+                self._remove(waiter)
+                waiter.future.set_result(self._pool.reserve(agent, demand))
         self._schedule_revisit(revisit_at)
 
     def _schedule_revisit(self, when: float | None) -> None:

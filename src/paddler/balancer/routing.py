@@ -23,6 +23,11 @@ numbers say that waiting is cheaper than recomputing the prefix elsewhere (and n
 the saving), and a hot prefix spills over to other servers (which then hold it too) as soon as
 its queue makes waiting dearer than recomputing. Until a server's numbers are measured, waiting
 for it is never chosen.
+
+The buffer asks twice (``spill``): first each waiting request may only take a slot on the
+server it prefers (or one as good), then what is left may go to requests that spill. A slot
+that frees on a server thus goes to a request that wants that server before any other request
+spills onto it.
 """
 
 from __future__ import annotations
@@ -77,7 +82,12 @@ class RoutingPolicy(Protocol):
     stats: RoutingStats
 
     def choose(
-        self, candidates: Sequence[AgentController], demand: Demand, now: float
+        self,
+        candidates: Sequence[AgentController],
+        demand: Demand,
+        now: float,
+        *,
+        spill: bool = True,
     ) -> AgentController | None: ...
 
     def dispatched(self, agent: AgentController, demand: Demand) -> None: ...
@@ -137,7 +147,12 @@ class SlotsPolicy:
         self.stats = RoutingStats()
 
     def choose(
-        self, candidates: Sequence[AgentController], demand: Demand, now: float
+        self,
+        candidates: Sequence[AgentController],
+        demand: Demand,
+        now: float,
+        *,
+        spill: bool = True,
     ) -> AgentController | None:
         return least_loaded(candidates, demand.needs_slot)
 
@@ -179,7 +194,12 @@ class PrefixPolicy:
         self._measured_chars_per_token = False
 
     def choose(
-        self, candidates: Sequence[AgentController], demand: Demand, now: float
+        self,
+        candidates: Sequence[AgentController],
+        demand: Demand,
+        now: float,
+        *,
+        spill: bool = True,
     ) -> AgentController | None:
         if not demand.needs_slot or not demand.chain:
             return least_loaded(candidates, demand.needs_slot)
@@ -189,15 +209,25 @@ class PrefixPolicy:
         free: list[tuple[float, AgentController]] = []
         best_full: tuple[float, float] | None = None  # (cost, service)
         best_full_agent: AgentController | None = None
+        best_service = math.inf
         for agent in candidates:
             match = matches.get(agent.cache_key, NO_MATCH)
             service = self._service_seconds(agent, demand.prompt_chars - match.chars, rate)
+            best_service = min(best_service, service)
             if agent.free_slots() > 0:
                 free.append((service, agent))
             else:
                 wait = self._expected_wait(agent, demand) if rate is not None else None
                 if wait is not None and (best_full is None or service + wait < best_full[0]):
                     best_full, best_full_agent = (service + wait, service), agent
+        if not spill:
+            # Only the preferred server, or one as good, may take the request now.
+            free = [entry for entry in free if entry[0] <= _equivalent(best_service)]
+            preferred, _ = self._cheapest(free)
+            if preferred is not None:
+                self._stop_waiting(demand)
+                demand.match = matches.get(preferred.cache_key, NO_MATCH)
+            return preferred
         best_free_agent, best_free_cost = self._cheapest(free)
         if best_free_agent is None:
             # Nothing is free: wait, and decide again when a slot frees anywhere.
@@ -254,8 +284,7 @@ class PrefixPolicy:
         """
         if not free:
             return None, math.inf
-        cheapest = min(service for service, _ in free)
-        limit = cheapest * (1 + _EQUIVALENT) + _EQUIVALENT_SECONDS
+        limit = _equivalent(min(service for service, _ in free))
         service, agent = min(
             (entry for entry in free if entry[0] <= limit),
             key=lambda entry: (
@@ -296,6 +325,11 @@ class PrefixPolicy:
             self._chars_per_token += _SMOOTHING * (value - self._chars_per_token)
         else:
             self._chars_per_token, self._measured_chars_per_token = value, True
+
+
+def _equivalent(seconds: float) -> float:
+    """The highest cost that still counts as equal to ``seconds``."""
+    return seconds * (1 + _EQUIVALENT) + _EQUIVALENT_SECONDS
 
 
 def make_policy(name: str, prefix_index_memory: int) -> SlotsPolicy | PrefixPolicy:
