@@ -183,7 +183,9 @@ requests at the same offsets for every contestant, with open-loop Poisson arriva
 sent at its time whether or not earlier ones are answered). The assistant turns in a chat's \
 history are pre-generated, so no request depends on a server's answer. In (a), each arrival \
 takes the next turn of a lane picked at random among the half of the lanes idle the longest, so \
-that no proxy gets affinity by accident from a fixed cycle. Each request is a \
+that no proxy gets affinity by accident from a fixed cycle, and a turn is never sent before the \
+answer to the session's previous turn has ended (it leaves at its time or then, whichever is \
+later, and its latencies count from when it left). Each request is a \
 streaming `POST /v1/chat/completions` with `max_tokens`, `"ignore_eos": true` and temperature 0, \
 with a {config.request_timeout:g} s deadline. Contestants, in turn at each offered load (the \
 order rotating): `direct` (everything to server 0), `nginx-rr` (nginx round robin), \
