@@ -10,17 +10,12 @@ managers (so that every one is stopped, whatever happens) and turns SIGTERM into
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import shlex
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -35,6 +30,7 @@ from bench.nginx import nginx_version
 from bench.queue_watch import watching_queues
 from bench.report import Report, markdown_document, tables, write_json
 from bench.routing_report import existing_section
+from bench.runner import run, say
 from bench.stats import Cell, RunOutcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,10 +109,6 @@ def parse_args(argv: Sequence[str]) -> BenchConfig:
         disturbed_retries=2,
         command=shlex.join(["./scripts/bench", *argv]),
     )
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 async def measure(
@@ -248,38 +240,14 @@ def write_outputs(report: Report, cells: list[Cell], stamp: str) -> None:
         say(f"report: {config.output}")
 
 
-async def _main(config: BenchConfig, workdir: Path, started_at: str, stamp: str) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    # SIGTERM cancels like Ctrl-C does, so that every child process is stopped on the way out.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await benchmark(config, workdir, started_at, stamp)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    started_at = datetime.now(UTC).replace(microsecond=0).isoformat()
-    stamp = started_at.replace(":", "").replace("-", "").replace("+0000", "Z")
-    with tempfile.TemporaryDirectory(prefix="paddler-bench-") as temporary:
-        workdir = Path(temporary)
-        # nginx's workers run as "nobody" and must reach their directory below this one.
-        workdir.chmod(0o755)
-        try:
-            status = asyncio.run(_main(config, workdir, started_at, stamp))
-        except BaseException:
-            kept = config.results_dir / f"logs-{stamp}"
-            shutil.copytree(workdir, kept, dirs_exist_ok=True)
-            say(f"the benchmark did not finish; the processes' logs are in {kept}")
-            if sys.exc_info()[0] is KeyboardInterrupt:
-                sys.exit(130)
-            if sys.exc_info()[0] is asyncio.CancelledError:  # SIGTERM
-                sys.exit(143)
-            raise
-        if config.keep_logs:
-            kept = config.results_dir / f"logs-{stamp}"
-            shutil.copytree(workdir, kept, dirs_exist_ok=True)
-            say(f"the processes' logs: {kept}")
-    sys.exit(status)
+    run(
+        lambda workdir, started_at, stamp: benchmark(config, workdir, started_at, stamp),
+        name="overhead",
+        results_dir=config.results_dir,
+        keep_logs=config.keep_logs,
+    )
 
 
 if __name__ == "__main__":

@@ -16,17 +16,12 @@ managers (so that every one is stopped, whatever happens) and turns SIGTERM into
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -44,6 +39,7 @@ from bench.routing_config import MODEL, RoutingConfig
 from bench.routing_contestants import CONTESTANTS, running_contestant
 from bench.routing_report import RoutingReport, write_outputs
 from bench.routing_stats import RunStats, run_stats, scraped_metrics
+from bench.runner import run, say
 from bench.workloads import WORKLOADS, ChatRequest, ChatShape, IndependentShape, MixedShape
 from bench.workloads import generate as generate_workload
 
@@ -219,10 +215,6 @@ def plan(config: RoutingConfig) -> Plan:
     }
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 async def measure(
     config: RoutingConfig, runs: Plan, session: aiohttp.ClientSession, workdir: Path
 ) -> list[RunStats]:
@@ -324,37 +316,14 @@ async def benchmark(config: RoutingConfig, workdir: Path, started_at: str, stamp
     return 1 if any(stats.errors for stats in results) else 0
 
 
-async def _main(config: RoutingConfig, workdir: Path, started_at: str, stamp: str) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    # SIGTERM cancels like Ctrl-C does, so that every child process is stopped on the way out.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await benchmark(config, workdir, started_at, stamp)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    started_at = datetime.now(UTC).replace(microsecond=0).isoformat()
-    stamp = started_at.replace(":", "").replace("-", "").replace("+0000", "Z")
-    with tempfile.TemporaryDirectory(prefix="paddler-routing-") as temporary:
-        workdir = Path(temporary)
-        workdir.chmod(0o755)
-        try:
-            status = asyncio.run(_main(config, workdir, started_at, stamp))
-        except BaseException:
-            kept = config.results_dir / f"logs-routing-{stamp}"
-            shutil.copytree(workdir, kept, dirs_exist_ok=True)
-            say(f"the benchmark did not finish; the processes' logs are in {kept}")
-            if sys.exc_info()[0] is KeyboardInterrupt:
-                sys.exit(130)
-            if sys.exc_info()[0] is asyncio.CancelledError:  # SIGTERM
-                sys.exit(143)
-            raise
-        if config.keep_logs:
-            kept = config.results_dir / f"logs-routing-{stamp}"
-            shutil.copytree(workdir, kept, dirs_exist_ok=True)
-            say(f"the processes' logs: {kept}")
-    sys.exit(status)
+    run(
+        lambda workdir, started_at, stamp: benchmark(config, workdir, started_at, stamp),
+        name="routing",
+        results_dir=config.results_dir,
+        keep_logs=config.keep_logs,
+    )
 
 
 if __name__ == "__main__":

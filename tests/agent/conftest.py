@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from tests.support.llamacpp import tiny_model_path
@@ -12,9 +10,3 @@ from tests.support.llamacpp import tiny_model_path
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     return tiny_model_path()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session

@@ -7,7 +7,6 @@ import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 from textual.pilot import Pilot
 from textual.widgets import Label, Sparkline
 
@@ -19,12 +18,6 @@ from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_unt
 from tests.support.fake_management_api import agent_json, fake_management_api
 
 REFRESH = 0.05
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @contextlib.asynccontextmanager

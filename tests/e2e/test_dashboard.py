@@ -25,12 +25,6 @@ async def browser() -> AsyncIterator[Browser]:
         yield browser
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def open_dashboard(browser: Browser, running: RunningBalancer) -> Page:
     page = await browser.new_page()
     await page.goto(f"{running.management_url}/dashboard")

@@ -17,27 +17,12 @@ import aiohttp
 import openai
 import pytest
 
-from paddler.tiny_model import TinyModelShape, ensure_tiny_model
 from tests.support.agent import running_agent
 from tests.support.balancer import RunningBalancer, running_balancer, wait_until
 from tests.support.llamacpp import LlamaCppServer, running_llamacpp
 from tests.support.metrics import llamacpp_metrics
 
 TOKEN = "e2e-secret-token"
-# Slow enough (about 240 tokens/s on one core) that a long generation is still running when the
-# test acts on it.
-SLOW_SHAPE = TinyModelShape(embedding_length=256, block_count=4, feed_forward_length=768)
-
-
-@pytest.fixture(scope="session")
-def slow_model() -> Path:
-    return ensure_tiny_model(SLOW_SHAPE)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,12 +13,6 @@ from tests.support.agent import running_agent
 from tests.support.balancer import running_balancer, wait_until
 from tests.support.llamacpp import running_llamacpp
 from tests.support.prometheus import INSTALL_HINT, running_prometheus
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_prometheus_scrapes_the_fleet_and_the_traffic(

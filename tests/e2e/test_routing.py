@@ -14,26 +14,10 @@ import aiohttp
 import openai
 import pytest
 
-from paddler.tiny_model import TinyModelShape, ensure_tiny_model
 from tests.support.agent import running_agent
 from tests.support.balancer import RunningBalancer, running_balancer, wait_until
 from tests.support.llamacpp import LlamaCppServer, running_llamacpp
 from tests.support.metrics import llamacpp_metrics
-
-# Slow enough (about 110 generated tokens/s on one core) that a long generation is still
-# running while the test acts.
-SLOW_SHAPE = TinyModelShape(embedding_length=256, block_count=4, feed_forward_length=768)
-
-
-@pytest.fixture(scope="module")
-def slow_model() -> Path:
-    return ensure_tiny_model(SLOW_SHAPE)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -14,12 +13,6 @@ from paddler import protocol
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 
 TOKEN = "socket-secret"
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def refusal(socket: aiohttp.ClientWebSocketResponse) -> tuple[str, int | None]:

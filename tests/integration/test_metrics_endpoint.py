@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from tests.support.balancer import RunningBalancer, ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.prometheus import free_port, sample
 from tests.support.upstream import fake_upstream
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def echo(request: web.Request) -> web.Response:

@@ -16,13 +16,6 @@ from paddler.balancer.routing import Demand
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import closing_keepalive_upstream, fake_upstream
 
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 _agents: list[ScriptedAgent] = []
 
 

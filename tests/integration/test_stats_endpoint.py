@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from tests.support.balancer import RunningBalancer, ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import fake_upstream
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def stats(session: aiohttp.ClientSession, running: RunningBalancer) -> dict[str, Any]:

@@ -19,12 +19,6 @@ from tests.support.prometheus import free_port
 from tests.support.upstream import fake_upstream
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 class StatsdServer(asyncio.DatagramProtocol):
     """Keeps every datagram, and the latest value of each gauge."""
 

@@ -32,16 +32,21 @@ class CacheReport:
 
 
 class ResponseTail:
-    """The last ``TAIL_BYTES`` of a response, fed chunk by chunk."""
+    """At least the last ``TAIL_BYTES`` of a response, fed chunk by chunk.
+
+    Chunks are appended in place and the front is trimmed only once the buffer holds twice
+    ``TAIL_BYTES``, so that each chunk costs its own length, not a copy of the tail.
+    """
 
     __slots__ = ("_tail",)
 
     def __init__(self) -> None:
-        self._tail = b""
+        self._tail = bytearray()
 
     def feed(self, chunk: bytes) -> None:
-        tail = self._tail + chunk
-        self._tail = tail[-TAIL_BYTES:] if len(tail) > TAIL_BYTES else tail
+        self._tail += chunk
+        if len(self._tail) > 2 * TAIL_BYTES:
+            del self._tail[:-TAIL_BYTES]
 
     def cache_report(self) -> CacheReport | None:
         """The last ``timings`` object in the tail, or None if there is none (or it is cut)."""

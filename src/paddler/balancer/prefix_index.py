@@ -88,6 +88,8 @@ class PrefixIndex:
         self._retention: dict[int, float] = {}
         self._kept: dict[int, int] = {}
         self.evictions = 0
+        self.version = 0
+        """Changes whenever a ``match`` might answer differently."""
 
     # -- size -------------------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class PrefixIndex:
 
     def record(self, key: int, chain: tuple[int, ...], chars: int) -> None:
         """``chars`` characters of a prompt with this chain were sent to the server ``key``."""
+        self.version += 1
         stamp = self._routed.get(key, 0) + chars
         self._routed[key] = stamp
         # Deepest block first, so that a chain's root is the most recently used of its blocks
@@ -170,6 +173,7 @@ class PrefixIndex:
         """
         if key not in self._routed or not match.ages:
             return
+        self.version += 1
         kept = min(cached_chars // BLOCK_CHARS, len(match.ages))
         seen_kept = max(self._kept.get(key, -1), max(match.ages[:kept], default=-1))
         self._kept[key] = seen_kept
@@ -184,6 +188,7 @@ class PrefixIndex:
 
     def forget(self, key: int) -> None:
         """The server's cache is gone; its ownerships no longer match and age out."""
+        self.version += 1
         self._routed.pop(key, None)
         self._retention.pop(key, None)
         self._kept.pop(key, None)

@@ -70,6 +70,10 @@ class Demand:
     """When the policy wants to decide again even if no capacity changed."""
     match: Match = NO_MATCH
     """The index's prediction for the agent the request was sent to."""
+    matches: dict[int, Match] = field(default_factory=dict)
+    matched_at: tuple[int, tuple[int, ...]] | None = None
+    """The index version and cache keys ``matches`` was computed for: the buffer asks again
+    at every capacity change, usually of an index that did not change."""
 
     @classmethod
     def of(cls, needs_slot: bool, model: str | None, prompt: str | None) -> Demand:
@@ -203,7 +207,7 @@ class PrefixPolicy:
     ) -> AgentController | None:
         if not demand.needs_slot or not demand.chain:
             return least_loaded(candidates, demand.needs_slot)
-        matches = self.index.match(demand.chain, [agent.cache_key for agent in candidates])
+        matches = self._matches(demand, candidates)
         rates = [agent.prefill_rate for agent in candidates if agent.prefill_rate is not None]
         rate = sum(rates) / len(rates) if rates else None
         free: list[tuple[float, AgentController]] = []
@@ -272,6 +276,13 @@ class PrefixPolicy:
 
     def forget(self, agent_cache_key: int) -> None:
         self.index.forget(agent_cache_key)
+
+    def _matches(self, demand: Demand, candidates: Sequence[AgentController]) -> dict[int, Match]:
+        keys = tuple(agent.cache_key for agent in candidates)
+        if demand.matched_at != (self.index.version, keys):
+            demand.matches = self.index.match(demand.chain, keys)
+            demand.matched_at = (self.index.version, keys)
+        return demand.matches
 
     def _cheapest(
         self, free: list[tuple[float, AgentController]]

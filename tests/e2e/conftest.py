@@ -1,0 +1,18 @@
+"""Fixtures of the end-to-end tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from paddler.tiny_model import TinyModelShape, ensure_tiny_model
+
+# Slow enough (about 110 generated tokens/s and 1,500 prompt tokens/s on one core) that a long
+# generation is still running while a test acts, and that a prompt cache hit shows.
+SLOW_SHAPE = TinyModelShape(embedding_length=256, block_count=4, feed_forward_length=768)
+
+
+@pytest.fixture(scope="session")
+def slow_model() -> Path:
+    return ensure_tiny_model(SLOW_SHAPE)
