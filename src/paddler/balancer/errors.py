@@ -1,17 +1,11 @@
-"""Every error the balancer itself answers, in llama.cpp's (and OpenAI's) error shape.
+"""Every error the balancer itself answers: the one place where a failure becomes an HTTP status.
 
-``{"error": {"code": <http status>, "message": <text>, "type": <llama.cpp error type>}}``.
-This is the one place where a failure becomes an HTTP status.
+The shape (llama.cpp's and OpenAI's) is ``api_error.ApiError``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import dataclass
-
-from aiohttp import web
-
+from paddler.balancer.api_error import ApiError
 from paddler.balancer.request_buffer import (
     BufferFull,
     BufferRejection,
@@ -20,26 +14,7 @@ from paddler.balancer.request_buffer import (
     ShuttingDown,
 )
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ApiError(Exception):
-    status: int
-    message: str
-    type: str
-    retry_after: int | None = None
-
-    def body(self) -> dict[str, dict[str, object]]:
-        return {"error": {"code": self.status, "message": self.message, "type": self.type}}
-
-    def response(self) -> web.Response:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return web.json_response(self.body(), status=self.status, headers=headers)
-
-    def sse_event(self) -> bytes:
-        """The error as a server-sent event, for a stream whose headers were already sent."""
-        return f"data: {json.dumps(self.body())}\n\n".encode()
+__all__ = ["ApiError"]
 
 
 def from_buffer(rejection: BufferRejection) -> ApiError:

@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from paddler.balancer.agent_controller import AgentController
-from paddler.balancer.errors import upstream_failed
+from paddler.balancer.api_error import stream_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ async def _end_broken_stream(
         # The client gets a well-formed end: an error event, as llama.cpp itself sends after the
         # first chunk, then the end of the chunked body.
         try:
-            await response.write(upstream_failed(f"stream interrupted ({error!r})").sse_event())
+            await response.write(stream_interrupted(repr(error)).sse_event())
             await response.write_eof()
         except ConnectionResetError:
             pass
