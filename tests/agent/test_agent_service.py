@@ -20,8 +20,9 @@ from tests.support.llamacpp import process_exists
 async def test_agent_runs_llamacpp_registers_its_port_and_cleans_up_on_shutdown(
     tiny_model: Path,
 ) -> None:
-    """With --model and port 0, the agent registers the child's real port and an ok status;
-    shutdown deregisters it and leaves no llama.cpp behind."""
+    """With --model and port 0, the agent registers the child's real port and an ok status
+    (naming its model from the start, even while llama.cpp loads); shutdown deregisters it and
+    leaves no llama.cpp behind."""
     async with running_fake_balancer() as balancer:
         config = AgentConfig(
             local=Address("http", "127.0.0.1", 0),
@@ -45,6 +46,7 @@ async def test_agent_runs_llamacpp_registers_its_port_and_cleans_up_on_shutdown(
             assert register.name == f"{socket.gethostname()}:{port}"
             status = register.status
             while status.state is not LlamaCppState.OK:
+                assert status.models == ("tiny",)
                 _, message = await balancer.next_message(timeout=20)
                 assert isinstance(message, protocol.Status)
                 status = message
@@ -67,3 +69,30 @@ def test_agent_refuses_port_zero_without_a_model_to_run() -> None:
     )
     with pytest.raises(ValueError, match="port 0"):
         Agent(config)
+
+
+@pytest.mark.llamacpp
+async def test_an_agent_names_its_model_while_its_llamacpp_is_still_loading(
+    tiny_model: Path,
+) -> None:
+    """The balancer learns the model before llama.cpp answers, so that requests naming it are
+    known while the fleet scales up."""
+    async with running_fake_balancer() as balancer:
+        config = AgentConfig(
+            local=Address("http", "127.0.0.1", 0),
+            external=Address("http", "127.0.0.1", 9),  # registered at once, before the child
+            management_port=balancer.port,
+            monitoring_interval=0.05,
+            launch=LlamaCppLaunch(model=tiny_model, slots=1, context_size=512, threads=1),
+        )
+        shutdown = asyncio.Event()
+        task = asyncio.create_task(Agent(config).run(shutdown))
+        try:
+            _, register = await balancer.next_message(timeout=20)
+            assert isinstance(register, protocol.Register)
+            assert register.status.state is LlamaCppState.LOADING
+            assert register.status.models == (str(tiny_model),)
+        finally:
+            shutdown.set()
+            async with asyncio.timeout(10):
+                await task

@@ -110,7 +110,8 @@ async def test_monitor_reports_slots_disabled_when_llamacpp_runs_with_no_slots(
 async def test_monitor_reads_props_again_after_llamacpp_was_unreachable(
     tiny_model: Path, session: aiohttp.ClientSession
 ) -> None:
-    """After an outage, a llama.cpp restarted on the same port with a new alias is seen as new."""
+    """After an outage, a llama.cpp restarted on the same port with a new alias is seen as new;
+    during it, the models it last served are still named."""
     async with running_llamacpp(tiny_model, alias="before") as server:
         monitor = LlamaCppMonitor(session, server.url, None, 3.0)
         first = await monitor.observe()
@@ -120,6 +121,7 @@ async def test_monitor_reads_props_again_after_llamacpp_was_unreachable(
         after = await monitor.observe()
     assert first.models == ("before",)
     assert during.state is LlamaCppState.UNREACHABLE
+    assert during.models == ("before",)
     assert after == Status(state=LlamaCppState.OK, slots_idle=3, models=("after",))
 
 

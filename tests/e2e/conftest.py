@@ -16,3 +16,11 @@ SLOW_SHAPE = TinyModelShape(embedding_length=256, block_count=4, feed_forward_le
 @pytest.fixture(scope="session")
 def slow_model() -> Path:
     return ensure_tiny_model(SLOW_SHAPE)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every end-to-end test runs real llama.cpp, so ``-m "not llamacpp"`` leaves them out."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.llamacpp)

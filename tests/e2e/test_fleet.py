@@ -10,7 +10,6 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -18,18 +17,13 @@ import openai
 import pytest
 
 from tests.support.agent import running_agent
-from tests.support.balancer import RunningBalancer, running_balancer, wait_until
-from tests.support.llamacpp import LlamaCppServer, running_llamacpp
+from tests.support.balancer import running_balancer, wait_until
+from tests.support.fleet import Fleet
+from tests.support.fleet import fleet as shared_fleet
+from tests.support.llamacpp import running_llamacpp
 from tests.support.metrics import llamacpp_metrics
 
 TOKEN = "e2e-secret-token"
-
-
-@dataclass
-class Fleet:
-    balancer: RunningBalancer
-    servers: list[LlamaCppServer]
-    agents: list[asyncio.subprocess.Process]
 
 
 @contextlib.asynccontextmanager
@@ -37,29 +31,10 @@ async def fleet(
     count: int, *, slots: int = 2, model: Path | None = None, **balancer_options: object
 ) -> AsyncIterator[Fleet]:
     """``count`` llama.cpp servers with an agent each, behind one balancer; all ready."""
-    async with contextlib.AsyncExitStack() as stack:
-        running = await stack.enter_async_context(
-            running_balancer(management_token=TOKEN, **balancer_options)
-        )
-        servers = [
-            await stack.enter_async_context(running_llamacpp(model, slots=slots))
-            for _ in range(count)
-        ]
-        agents = [
-            await stack.enter_async_context(
-                running_agent(
-                    llamacpp_port=server.port,
-                    management_port=running.balancer.management_port or 0,
-                    name=f"agent-{index}",
-                    token=TOKEN,
-                )
-            )
-            for index, server in enumerate(servers)
-        ]
-        await wait_until(
-            lambda: sum(agent.usable() for agent in running.pool.agents()) == count, timeout=30
-        )
-        yield Fleet(running, servers, agents)
+    async with shared_fleet(
+        count, slots=slots, model=model, token=TOKEN, **balancer_options
+    ) as cluster:
+        yield cluster
 
 
 async def test_the_openai_sdk_works_through_the_balancer(session: aiohttp.ClientSession) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,44 +12,9 @@ import aiohttp
 import openai
 import pytest
 
-from tests.support.agent import running_agent
-from tests.support.balancer import RunningBalancer, running_balancer, wait_until
-from tests.support.llamacpp import LlamaCppServer, running_llamacpp
+from tests.support.balancer import wait_until
+from tests.support.fleet import fleet
 from tests.support.metrics import llamacpp_metrics
-
-
-@dataclass
-class Fleet:
-    balancer: RunningBalancer
-    servers: dict[str, LlamaCppServer]
-
-
-@contextlib.asynccontextmanager
-async def fleet(
-    aliases: list[str | None], model: Path, *, slots: int, **balancer_options: Any
-) -> AsyncIterator[Fleet]:
-    """One real llama.cpp (with that alias) and one agent per entry, behind one balancer."""
-    async with contextlib.AsyncExitStack() as stack:
-        running = await stack.enter_async_context(running_balancer(**balancer_options))
-        servers: dict[str, LlamaCppServer] = {}
-        for index, alias in enumerate(aliases):
-            server = await stack.enter_async_context(
-                running_llamacpp(model, slots=slots, alias=alias)
-            )
-            name = f"agent-{alias or index}"
-            servers[name] = server
-            await stack.enter_async_context(
-                running_agent(
-                    llamacpp_port=server.port,
-                    management_port=running.balancer.management_port or 0,
-                    name=name,
-                )
-            )
-        await wait_until(
-            lambda: sum(agent.usable() for agent in running.pool.agents()) == len(aliases),
-            timeout=30,
-        )
-        yield Fleet(running, servers)
 
 
 def chat(model: str | None, content: str, max_tokens: int = 4, **extra: Any) -> dict[str, Any]:
@@ -71,7 +34,7 @@ async def test_requests_go_only_to_servers_of_the_model_they_name(
 ) -> None:
     """Two llama.cpp servers started with different aliases: each name reaches its own server,
     for POST bodies and for GET ?model=; /v1/models lists both; an unknown name gets 404."""
-    async with fleet(["alpha", "beta"], slow_model, slots=2) as cluster:
+    async with fleet(["alpha", "beta"], model=slow_model, slots=2) as cluster:
         proxy = cluster.balancer.proxy_url
         async with session.get(f"{proxy}/v1/models") as response:
             assert response.status == 200
@@ -79,6 +42,7 @@ async def test_requests_go_only_to_servers_of_the_model_they_name(
         assert listing["object"] == "list"
         assert [model["id"] for model in listing["data"]] == ["alpha", "beta"]
         assert listing["data"][0]["paddler"] == {
+            "names": ["alpha"],
             "agents": 1,
             "agents_usable": 1,
             "slots_total": 2,
@@ -116,7 +80,9 @@ async def test_a_request_for_one_model_never_waits_behind_another_models_slots(
 ) -> None:
     """alpha's only slot is busy and an alpha request waits in the buffer; a beta request is
     served meanwhile, and alpha's waiting request gets alpha's slot once it frees."""
-    async with fleet(["alpha", "beta"], slow_model, slots=1, request_buffer_size=4) as cluster:
+    async with fleet(
+        ["alpha", "beta"], model=slow_model, slots=1, request_buffer_size=4
+    ) as cluster:
         proxy = cluster.balancer.proxy_url
         first_chunk = asyncio.Event()
 
@@ -149,7 +115,7 @@ async def test_a_request_for_one_model_never_waits_behind_another_models_slots(
         with contextlib.suppress(asyncio.CancelledError):
             await stream
         assert await asyncio.wait_for(waiting, timeout=30) == "agent-alpha"
-        for server in cluster.servers.values():
+        for server in cluster.servers:
             metrics = await llamacpp_metrics(session, server.url)
             assert metrics["requests_deferred"] == 0
 
@@ -158,7 +124,7 @@ async def test_unknown_models_may_be_allowed_to_reach_any_server(
     session: aiohttp.ClientSession, slow_model: Path
 ) -> None:
     """With --allow-unknown-models, a name no server serves is accepted, as by one llama.cpp."""
-    async with fleet(["alpha"], slow_model, slots=1, allow_unknown_models=True) as cluster:
+    async with fleet(["alpha"], model=slow_model, slots=1, allow_unknown_models=True) as cluster:
         body = chat("gpt-4o-mini", "hi")
         async with session.post(
             f"{cluster.balancer.proxy_url}/v1/chat/completions", json=body
@@ -188,7 +154,7 @@ async def test_prefix_routing_keeps_each_conversation_where_llamacpp_caches_it(
     served_by: list[set[str]] = [set() for _ in systems]
     reported = {"cached": 0, "total": 0}
     later_turn_cached: list[int] = []
-    async with fleet([None, None], slow_model, slots=2, routing="prefix") as cluster:
+    async with fleet([None, None], model=slow_model, slots=2, routing="prefix") as cluster:
         proxy = cluster.balancer.proxy_url
 
         async def turn(index: int, number: int) -> None:

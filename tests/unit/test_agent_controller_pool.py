@@ -235,3 +235,44 @@ def test_snapshot_aggregates_usable_agents(pool: AgentControllerPool) -> None:
     # one slot busy before we dispatched (foreign), plus ours
     assert (fleet.slots_idle, fleet.slots_processing, fleet.usable_agents) == (2, 2, 1)
     assert len(fleet.agents) == 2
+
+
+def test_a_route_a_server_lacks_goes_to_servers_that_may_have_it(
+    pool: AgentControllerPool, clock: Clock
+) -> None:
+    """After a 501 for /v1/embeddings, embeddings avoid that server while others exist, for a
+    while only; chat requests are not affected."""
+    lacking, _ = pool.register("lacking", address(1), status(idle=4))
+    other, _ = pool.register("other", address(2), status(idle=1))
+    pool.lacks_route(lacking, "/v1/embeddings", "answered 501")
+    assert pool.pick(Demand(True, route="/v1/embeddings")) is other
+    assert pool.pick(Demand(True, route="/v1/chat/completions")) is lacking
+    assert not pool.has_candidates({other.id}, route="/v1/embeddings")
+    assert pool.has_candidates({other.id})
+    clock.now += 61
+    assert pool.pick(Demand(True, route="/v1/embeddings")) is lacking
+
+
+def test_when_every_server_lacks_a_route_the_request_still_reaches_one(
+    pool: AgentControllerPool,
+) -> None:
+    """The client then gets llama.cpp's own 501 and its reason, not a wait or a 502."""
+    agent, _ = pool.register("only", address(1), status(idle=1))
+    pool.lacks_route(agent, "/v1/embeddings", "answered 501")
+    assert pool.pick(Demand(True, route="/v1/embeddings")) is agent
+
+
+def test_a_restarted_server_is_asked_again_for_routes_it_lacked(
+    pool: AgentControllerPool,
+) -> None:
+    """It may have come back with --embeddings; and one that serves the route is believed."""
+    lacking, session = pool.register("lacking", address(1), status(idle=4))
+    other, _ = pool.register("other", address(2), status(idle=1))
+    pool.lacks_route(lacking, "/v1/embeddings", "answered 501")
+    pool.report(lacking, session, Status(state=LlamaCppState.LOADING))
+    pool.report(lacking, session, status(idle=4))
+    assert pool.pick(Demand(True, route="/v1/embeddings")) is lacking
+    pool.lacks_route(lacking, "/v1/embeddings", "answered 501")
+    pool.offers_route(lacking, "/v1/embeddings")
+    assert pool.pick(Demand(True, route="/v1/embeddings")) is lacking
+    assert other.lacking_routes == {}

@@ -246,8 +246,11 @@ def test_only_agents_serving_the_named_model_are_candidates(pool: AgentControlle
     assert alpha.name == "alpha"
     assert pool.pick(Demand(True, "beta-alias")) is beta
     assert pool.pick(Demand(True)) is beta
-    assert pool.serves("alpha")
-    assert not pool.serves("gamma")
+    assert pool.knows("alpha")
+    assert pool.accepts("alpha")
+    assert not pool.knows("gamma")
+    assert not pool.accepts("gamma")
+    assert pool.pick(Demand(True, "gamma")) is None
     assert sorted(pool.models()) == ["alpha", "beta", "beta-alias"]
     alpha.reserved = 1
     assert pool.pick(Demand(True, "alpha")) is None
@@ -256,9 +259,9 @@ def test_only_agents_serving_the_named_model_are_candidates(pool: AgentControlle
 def test_an_empty_fleet_accepts_any_model_so_that_it_can_scale_from_zero() -> None:
     """Before any agent reported a model, a named model may still arrive: requests wait."""
     pool = AgentControllerPool(policy=SlotsPolicy())
-    assert pool.serves("anything")
+    assert pool.accepts("anything")
     pool.register("loading", address(1), Status(state=LlamaCppState.LOADING))
-    assert pool.serves("anything")
+    assert pool.accepts("anything")
 
 
 async def test_buffering_is_per_model(clock: Clock) -> None:

@@ -10,6 +10,10 @@ tell them apart:
 - ``SLOTS_DISABLED``: 501 on ``/slots`` (llama.cpp was started with ``--no-slots``);
 - ``ERROR``: any other status code or a body that is not what llama.cpp sends.
 
+A failed observation still names the models llama.cpp served when it was last seen: a server
+that restarts is still a server of that model to the balancer (which then keeps its model known
+to clients), not a server of no model.
+
 Each observation costs ``GET /health`` and ``GET /slots``. ``GET /props`` and ``GET /v1/models``
 (slot count and model names) rarely change, so they are read once and read again only after a
 sign that llama.cpp may have restarted: it was unreachable, loading or failing, its slot count
@@ -71,6 +75,12 @@ class LlamaCppMonitor:
         self._timeout_seconds = timeout
         self._props: _Props | None = None
         self._props_url: str | None = None
+        self._last_models: tuple[str, ...] = ()
+
+    @property
+    def last_models(self) -> tuple[str, ...]:
+        """The models llama.cpp served when it was last seen serving."""
+        return self._last_models
 
     def forget(self) -> None:
         """Drop the cached props, so that the next observation reads them again."""
@@ -79,7 +89,11 @@ class LlamaCppMonitor:
     async def observe(self) -> Status:
         url = self._base_url()
         if url is None:
-            return Status(state=LlamaCppState.UNREACHABLE, error="llama.cpp is not running")
+            return Status(
+                state=LlamaCppState.UNREACHABLE,
+                models=self._last_models,
+                error="llama.cpp is not running",
+            )
         url = url.rstrip("/")
         if url != self._props_url:
             self._props, self._props_url = None, url
@@ -87,14 +101,14 @@ class LlamaCppMonitor:
             await self._check_health(url)
             if self._props is None:
                 self._props = await self._read_props(url)
+                self._last_models = self._props.models
             idle, processing = await self._read_slots(url)
         except _Failure as failure:
-            models: tuple[str, ...] = ()
-            if failure.state is LlamaCppState.SLOTS_DISABLED and self._props is not None:
-                models = self._props.models
-            else:
+            if failure.state is not LlamaCppState.SLOTS_DISABLED:
                 self._props = None
-            return Status(state=failure.state, models=models, error=_clip(failure.message))
+            return Status(
+                state=failure.state, models=self._last_models, error=_clip(failure.message)
+            )
         models = self._props.models
         if idle + processing != self._props.total_slots:
             self._props = None  # a different slot count means a different server: re-read props

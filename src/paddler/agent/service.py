@@ -72,11 +72,15 @@ class Agent:
             config.local_llamacpp_api_key,
             config.llamacpp_timeout,
         )
+        # Before our own llama.cpp first answers, it will serve this model under this name.
+        expected_models = (
+            (config.launch.alias or str(config.launch.model),) if config.launch is not None else ()
+        )
         seen_generation = 0
         logged: tuple[LlamaCppState, str | None] | None = None
         while not shutdown.is_set():
             if process is not None and process.url is None:
-                status = _child_not_serving(process)
+                status = _child_not_serving(process, monitor.last_models or expected_models)
             else:
                 if process is not None and process.generation != seen_generation:
                     seen_generation = process.generation
@@ -104,10 +108,14 @@ class Agent:
         await BalancerLink(link_config, session, self.board).run(shutdown)
 
 
-def _child_not_serving(process: LlamaCppProcess) -> Status:
+def _child_not_serving(process: LlamaCppProcess, models: tuple[str, ...]) -> Status:
     if process.starting:
-        return Status(state=LlamaCppState.LOADING, error="llama.cpp is starting")
-    return Status(state=LlamaCppState.UNREACHABLE, error="llama.cpp is not running; restarting it")
+        return Status(state=LlamaCppState.LOADING, models=models, error="llama.cpp is starting")
+    return Status(
+        state=LlamaCppState.UNREACHABLE,
+        models=models,
+        error="llama.cpp is not running; restarting it",
+    )
 
 
 def _log_transition(status: Status) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from paddler.balancer.model_names import model_id, names_of
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 
@@ -81,6 +82,24 @@ class AgentController:
     """Measured seconds a request holds a slot here (running average), once known."""
     awaited: int = 0
     """Requests waiting in the buffer for this agent in particular (prefix routing)."""
+    models: dict[str, frozenset[str]] = field(default_factory=dict)
+    """The models served here, by id, each with every name a client may use for it (see
+    ``model_names``)."""
+    model_names: frozenset[str] = frozenset()
+    """Every name of every model served here."""
+    lacking_routes: dict[str, float] = field(default_factory=dict)
+    """Routes llama.cpp answered 501 for here, until when (pool clock) to believe it."""
+
+    def __post_init__(self) -> None:
+        self._name_models(self.status.models)
+
+    def _name_models(self, reported: tuple[str, ...]) -> None:
+        models: dict[str, frozenset[str]] = {}
+        for name in reported:
+            model = model_id(name)
+            models[model] = models.get(model, frozenset()) | names_of(name)
+        self.models = models
+        self.model_names = frozenset().union(*models.values())
 
     @property
     def url(self) -> str:
@@ -101,7 +120,19 @@ class AgentController:
         return self.circuit_opened_at is not None
 
     def serves(self, model: str) -> bool:
-        return model in self.status.models
+        return model in self.model_names
+
+    def lacks(self, route: str | None, now: float) -> bool:
+        """Whether llama.cpp recently answered 501 for ``route`` here."""
+        if route is None:
+            return False
+        until = self.lacking_routes.get(route)
+        if until is None:
+            return False
+        if until <= now:
+            del self.lacking_routes[route]
+            return False
+        return True
 
     def observe_prefill(self, report: CacheReport) -> None:
         if report.computed_tokens < _MIN_PREFILL_TOKENS or report.prompt_seconds <= 0:
@@ -124,6 +155,8 @@ class AgentController:
         return len(self.settling) != before
 
     def accept_report(self, status: Status, now: float, cooldown: float) -> None:
+        if status.models != self.status.models:
+            self._name_models(status.models)
         self.status = status
         self.last_report_at = now
         self.foreign = max(0, status.slots_processing - self.reserved)

@@ -10,6 +10,16 @@ Membership policy (documented in docs/membership.md):
 - Removal only stops new requests: requests already running on that server hold a reference to
   its controller and finish normally; their release is then a no-op for the fleet.
 
+Model policy (documented in docs/routing.md, "Models"): a request that names a model goes to
+servers that answer to that name (see ``model_names``). A name no server answers to is served
+anyway, by any server, when the fleet serves a single model (as a single llama.cpp would) or
+with ``allow_unknown_models``; in a fleet of several models it is *unknown* (the proxy answers
+404). A fleet where no agent reported a model yet (empty, or still loading) accepts every name,
+so that requests can wait for it to scale up from zero.
+
+A server that answered 501 for a route (llama.cpp without ``--embeddings``, say) is avoided for
+that route for ``LACKING_ROUTE_SECONDS``, or until it restarts, while other servers may have it.
+
 Everything here runs on the event loop between awaits, so no locks are needed. Changes that may
 free capacity call the ``on_capacity`` listeners, which is how buffered requests are woken.
 """
@@ -19,6 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -29,6 +40,9 @@ from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 
 log = logging.getLogger(__name__)
+
+LACKING_ROUTE_SECONDS = 60.0
+"""How long a 501 keeps a route away from a server: it costs one retry to find out again."""
 
 
 class FleetFull(Exception):
@@ -56,10 +70,14 @@ class AgentControllerPool:
         failure_threshold: int = 3,
         max_agents: int = 1024,
         policy: RoutingPolicy | None = None,
+        allow_unknown_models: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy: RoutingPolicy = policy or SlotsPolicy()
         self._agents: dict[str, AgentController] = {}
+        self._allow_unknown_models = allow_unknown_models
+        self._model_names: Counter[str] = Counter()
+        self._model_ids: Counter[str] = Counter()
         self._cache_keys = itertools.count(1)
         self._settle_timeout = settle_timeout
         self._circuit_cooldown = circuit_cooldown
@@ -97,9 +115,11 @@ class AgentControllerPool:
             agent.name = name
             # The agent may have restarted, and its llama.cpp with it: assume the cache is gone.
             self.policy.forget(agent.cache_key)
+            agent.lacking_routes.clear()
         agent.cache_key = next(self._cache_keys)
         agent.session_id = self._next_session
         agent.accept_report(status, now, self._circuit_cooldown)
+        self._index_models()
         self._capacity_changed()
         return agent, agent.session_id
 
@@ -113,9 +133,13 @@ class AgentControllerPool:
         if (previous.state, previous.error) != (status.state, status.error):
             log.info("agent %s is now %s", agent.name, _describe(status))
             if previous.state is LlamaCppState.OK:
-                # llama.cpp may be restarting: whatever it had cached is not to be relied on.
+                # llama.cpp may be restarting, maybe with other options: whatever it had cached,
+                # and the routes it lacked, are not to be relied on.
                 self.policy.forget(agent.cache_key)
                 agent.cache_key = next(self._cache_keys)
+                agent.lacking_routes.clear()
+        if previous.models != status.models:
+            self._index_models()
         # Most reports change nothing a waiting request could use: only more free slots, a
         # change of usability or of models can let one through.
         was_usable, was_free = was
@@ -134,6 +158,7 @@ class AgentControllerPool:
         agent.removed = True
         del self._agents[agent.address.url]
         self.policy.forget(agent.cache_key)
+        self._index_models()
         log.info(
             "agent %s removed (%s); %d request(s) still running there will finish",
             agent.name,
@@ -180,46 +205,93 @@ class AgentControllerPool:
     def pick(self, demand: Demand, *, spill: bool = True) -> AgentController | None:
         """The agent this request should go to now, or None if it should wait.
 
-        Candidates are the usable agents that serve the demand's model (any agent, if it names
-        none) and that it has not been tried on; the routing policy chooses among them. Without
-        ``spill`` only the agent the request prefers (or one as good) may be chosen.
+        Candidates are the usable agents that may serve the demand's model (see the module
+        docstring) and that it has not been tried on; among them, those not known to lack its
+        route, if any. The routing policy chooses among the candidates. Without ``spill`` only
+        the agent the request prefers (or one as good) may be chosen.
         """
+        if demand.model is not None and not self.accepts(demand.model):
+            return None
+        model_filter = self._model_filter(demand.model)
         candidates = [
             agent
             for agent in self._agents.values()
             if agent.usable()
             and agent.id not in demand.exclude
-            and (demand.model is None or agent.serves(demand.model))
+            and (model_filter is None or agent.serves(model_filter))
         ]
+        if demand.route is not None and candidates:
+            now = self.clock()
+            capable = [agent for agent in candidates if not agent.lacks(demand.route, now)]
+            candidates = capable or candidates
         if not candidates:
             return None
         return self.policy.choose(candidates, demand, self.clock(), spill=spill)
 
-    def serves(self, model: str) -> bool:
-        """Whether ``model`` is known: some agent serves it, or no agent reported any model yet
-        (an empty fleet may be scaling up from zero, and requests for it wait)."""
-        reported = False
-        for agent in self._agents.values():
-            if agent.serves(model):
-                return True
-            reported = reported or bool(agent.status.models)
-        return not reported
+    def _model_filter(self, model: str | None) -> str | None:
+        """The name candidates must answer to: ``model`` if some agent does, else none."""
+        return model if model is not None and model in self._model_names else None
+
+    def knows(self, model: str) -> bool:
+        """Whether some agent answers to ``model``."""
+        return model in self._model_names
+
+    def accepts(self, model: str) -> bool:
+        """Whether a request naming ``model`` may be served (see the module docstring)."""
+        return model in self._model_names or self._allow_unknown_models or len(self._model_ids) <= 1
+
+    def model_ids(self) -> list[str]:
+        """The ids of the models the fleet serves, sorted."""
+        return sorted(self._model_ids)
 
     def models(self) -> dict[str, list[AgentController]]:
-        """Every model the fleet serves, with the agents that serve it."""
+        """Every model the fleet serves, by id, with the agents that serve it."""
         served: dict[str, list[AgentController]] = {}
         for agent in self._agents.values():
-            for model in agent.status.models:
+            for model in agent.models:
                 served.setdefault(model, []).append(agent)
         return served
 
-    def has_candidates(self, exclude: Iterable[str], model: str | None = None) -> bool:
-        """Whether any agent outside ``exclude`` (serving ``model``) exists, usable now or not."""
+    def _index_models(self) -> None:
+        # Rebuilt whole, on membership and model changes only (not on every report).
+        self._model_names = Counter(
+            name for agent in self._agents.values() for name in agent.model_names
+        )
+        self._model_ids = Counter(
+            model for agent in self._agents.values() for model in agent.models
+        )
+
+    def has_candidates(
+        self, exclude: Iterable[str], model: str | None = None, route: str | None = None
+    ) -> bool:
+        """Whether any agent outside ``exclude`` that may serve ``model`` (and is not known to
+        lack ``route``) exists, usable now or not."""
         excluded = set(exclude)
+        model_filter = self._model_filter(model)
+        now = self.clock()
         return any(
-            agent.id not in excluded and (model is None or agent.serves(model))
+            agent.id not in excluded
+            and (model_filter is None or agent.serves(model_filter))
+            and not agent.lacks(route, now)
             for agent in self._agents.values()
         )
+
+    def lacks_route(self, agent: AgentController, route: str, detail: str) -> None:
+        """llama.cpp answered 501 for ``route`` on ``agent``: avoid it there for a while."""
+        if not agent.lacks(route, self.clock()):
+            log.info(
+                "agent %s does not offer %s (llama.cpp: %s); such requests go to other servers "
+                "for the next %gs",
+                agent.name,
+                route,
+                detail[:300],
+                LACKING_ROUTE_SECONDS,
+            )
+        agent.lacking_routes[route] = self.clock() + LACKING_ROUTE_SECONDS
+
+    def offers_route(self, agent: AgentController, route: str) -> None:
+        """``agent`` just served ``route``."""
+        agent.lacking_routes.pop(route, None)
 
     def reserve(self, agent: AgentController, demand: Demand) -> SlotGuard:
         agent.in_flight += 1

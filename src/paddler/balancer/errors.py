@@ -12,6 +12,7 @@ from paddler.balancer.request_buffer import (
     BufferTimeout,
     NoCandidates,
     ShuttingDown,
+    UnknownModel,
 )
 
 __all__ = ["ApiError"]
@@ -26,6 +27,8 @@ def from_buffer(rejection: BufferRejection) -> ApiError:
         return ApiError(504, str(rejection), "unavailable_error")
     if isinstance(rejection, ShuttingDown):
         return ApiError(503, str(rejection), "unavailable_error", retry_after=1)
+    if isinstance(rejection, UnknownModel):
+        return unknown_model(rejection.model, rejection.served)
     if isinstance(rejection, NoCandidates):
         return ApiError(
             502, f"every llama.cpp server failed this request ({rejection})", "server_error"
@@ -56,11 +59,15 @@ def unauthorized() -> ApiError:
     return ApiError(401, "missing or wrong management token", "authentication_error")
 
 
-def unknown_model(model: str) -> ApiError:
+def unknown_model(model: str, served: list[str]) -> ApiError:
+    listed = ", ".join(repr(name) for name in served[:10])
+    if len(served) > 10:
+        listed += f" and {len(served) - 10} more"
     return ApiError(
         404,
-        f"the model {model!r} is not served by any llama.cpp server of this fleet "
-        "(GET /v1/models lists the models that are)",
+        f"the model {model!r} is not served by this fleet, which serves {listed}. "
+        "GET /v1/models lists the models and the names each answers to; a balancer started "
+        "with --allow-unknown-models sends requests for other names to any server instead",
         "not_found_error",
     )
 

@@ -18,6 +18,7 @@ from enum import StrEnum
 
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.cache_report import CacheReport
+from paddler.balancer.verdict import Fault
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,19 @@ class RequestRecord:
     cache: CacheReport | None = None
     """What llama.cpp reported of its prompt cache for this request, if it did."""
     outcome: Outcome | None = None
+    fault: Fault | None = None
+    """Whose fault the relayed answer was (see ``verdict``)."""
     ended: float | None = None
 
     @property
     def failed(self) -> bool:
         """Whether the fleet failed this request: any outcome but a relayed answer or a client
-        that hung up, or a relayed 5xx (a 4xx is the client's own mistake)."""
+        that hung up, or a relayed 5xx that was not the request's own (a 4xx, a 501, or a 5xx
+        that several servers gave it are the request's)."""
         if self.outcome not in _FINE_OUTCOMES:
             return True
+        if self.fault is Fault.REQUEST:
+            return False
         return self.status is not None and self.status >= 500
 
     @property

@@ -29,6 +29,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.model_names import model_id
 from paddler.balancer.routing import Demand
 from paddler.balancer.slot_guard import SlotGuard
 
@@ -55,12 +56,26 @@ class ShuttingDown(BufferRejection):
     """The balancer is shutting down and takes no new work."""
 
 
+class UnknownModel(BufferRejection):
+    """The request names a model that the fleet, as it is now, does not serve."""
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__(model)
+        self.model = model
+        self.served = served
+
+
 @dataclass(eq=False)
 class _Waiter:
     demand: Demand
     future: asyncio.Future[SlotGuard] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+    @property
+    def model(self) -> str | None:
+        """The buffer's key: the id of the model the request names, whatever name it used."""
+        return None if self.demand.model is None else model_id(self.demand.model)
 
 
 class RequestBuffer:
@@ -84,7 +99,7 @@ class RequestBuffer:
         return self._timeout
 
     def waiting_for(self, model: str | None) -> int:
-        return self._per_model[model]
+        return self._per_model[None if model is None else model_id(model)]
 
     async def acquire(self, demand: Demand, *, deadline: float | None = None) -> SlotGuard:
         """Wait for a reservation; ``deadline`` is on the loop clock (default: now + timeout).
@@ -100,8 +115,8 @@ class RequestBuffer:
         self._dispatch()
         if waiter.future.done():
             return waiter.future.result()
-        if self._per_model[demand.model] > self._size or len(self._waiters) > self._size * max(
-            1, len(self._pool.models())
+        if self._per_model[waiter.model] > self._size or len(self._waiters) > self._size * max(
+            1, len(self._pool.model_ids())
         ):
             self._forget(waiter)
             whose = f" for model {demand.model!r}" if demand.model else ""
@@ -135,13 +150,13 @@ class RequestBuffer:
 
     def _add(self, waiter: _Waiter) -> None:
         self._waiters.append(waiter)
-        self._per_model[waiter.demand.model] += 1
+        self._per_model[waiter.model] += 1
 
     def _remove(self, waiter: _Waiter) -> None:
         self._waiters.remove(waiter)
-        self._per_model[waiter.demand.model] -= 1
-        if not self._per_model[waiter.demand.model]:
-            del self._per_model[waiter.demand.model]
+        self._per_model[waiter.model] -= 1
+        if not self._per_model[waiter.model]:
+            del self._per_model[waiter.model]
 
     def _forget(self, waiter: _Waiter) -> None:
         """Drop a waiter that gave up; a slot handed to it at the last moment goes back."""
@@ -173,6 +188,14 @@ class RequestBuffer:
                 demand = waiter.demand
                 agent = self._pool.pick(demand, spill=spill)
                 if agent is None:
+                    if demand.model is not None and not self._pool.accepts(demand.model):
+                        # The fleet changed while it waited (a second model joined).
+                        self._remove(waiter)
+                        self._pool.policy.abandoned(demand)
+                        waiter.future.set_exception(
+                            UnknownModel(demand.model, self._pool.model_ids())
+                        )
+                        continue
                     if spill and demand.revisit_at is not None:
                         revisit_at = min(revisit_at or demand.revisit_at, demand.revisit_at)
                     continue

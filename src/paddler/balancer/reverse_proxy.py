@@ -2,17 +2,13 @@
 
 A request is read whole first (it is bounded by ``--max-request-body-size``), so that it can be
 sent again if the first server fails before answering. Then, up to ``1 + max_retries`` times:
-reserve an agent (waiting in the buffer if none is free), send, and relay the answer.
-
-A server that cannot be connected to, or that answers 502/503/504 before anything was relayed,
-is taken out of rotation and the request goes to another server. Any other 5xx may be the
-request's own fault: it is also retried elsewhere, but only repeated ones open the circuit, so
-that a single poisonous request cannot empty the fleet. When no attempt is left, the client gets
-the last server's own 5xx answer.
+reserve an agent (waiting in the buffer if none is free), send, judge the answer and either relay
+it or try another server. Whose fault an answer is, and therefore whether it is retried and
+whether it counts against the server, is decided in ``verdict`` alone; what the client gets when
+every attempt failed, in ``attempts``.
 
 A request that names a model (``"model"`` in a JSON body, ``?model=`` otherwise) goes only to
-agents that serve it; a model no agent serves gets 404, unless ``--allow-unknown-models``.
-``GET /v1/models`` is answered here, from the agents' reports: the fleet's models.
+agents that serve it, when some do; see ``agent_controller_pool`` for names no agent answers to.
 
 For generations, the end of the response is kept as it is relayed, so that the routing policy
 can learn what llama.cpp found in its prompt cache (see ``cache_report``).
@@ -24,13 +20,16 @@ import asyncio
 import logging
 import time
 
+import aiohttp
 from aiohttp import web
 
 from paddler.balancer import errors
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.attempts import Attempts, Failure
 from paddler.balancer.body_budget import BodyBudget
 from paddler.balancer.cache_report import ResponseTail
+from paddler.balancer.model_listing import ModelListing
 from paddler.balancer.observers import Observers, Outcome, RequestRecord
 from paddler.balancer.request_buffer import (
     BufferFull,
@@ -39,28 +38,31 @@ from paddler.balancer.request_buffer import (
     NoCandidates,
     RequestBuffer,
     ShuttingDown,
+    UnknownModel,
 )
 from paddler.balancer.request_id import request_id
 from paddler.balancer.request_traits import inspect
 from paddler.balancer.routes import needs_slot, route_label
 from paddler.balancer.routing import Demand
+from paddler.balancer.slot_guard import SlotGuard
 from paddler.balancer.upstream import (
     ConnectFailed,
     Upstream,
     UpstreamBroken,
-    discard,
+    hold,
     relay,
 )
+from paddler.balancer.verdict import NOT_IMPLEMENTED, Action, Fault, judge
 from paddler.config import BalancerConfig
 
 log = logging.getLogger(__name__)
 
-_TRIPPING_STATUSES = frozenset({502, 503, 504})
 _REJECTION_OUTCOMES: dict[type[BufferRejection], Outcome] = {
     BufferFull: Outcome.BUFFER_FULL,
     BufferTimeout: Outcome.BUFFER_TIMEOUT,
     ShuttingDown: Outcome.SHUTTING_DOWN,
     NoCandidates: Outcome.UPSTREAM_FAILED,
+    UnknownModel: Outcome.REFUSED,
 }
 
 
@@ -84,31 +86,11 @@ class ReverseProxy:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._config.max_request_body_size)
         app.router.add_get("/health", self.health)
+        listing = ModelListing(self._pool)
         for path in ("/v1/models", "/models"):
-            app.router.add_get(path, self.models)
+            app.router.add_get(path, listing.handle)
         app.router.add_route("*", "/{tail:.*}", self.forward)
         return app
-
-    async def models(self, request: web.Request) -> web.Response:
-        """The fleet's models in OpenAI's list shape, with how many agents and slots each has."""
-        data = []
-        for model, agents in sorted(self._pool.models().items()):
-            usable = [agent for agent in agents if agent.usable()]
-            data.append(
-                {
-                    "id": model,
-                    "object": "model",
-                    "created": int(min(agent.registered_at for agent in agents)),
-                    "owned_by": "llamacpp",
-                    "paddler": {
-                        "agents": len(agents),
-                        "agents_usable": len(usable),
-                        "slots_total": sum(agent.slots_total for agent in usable),
-                        "slots_idle": sum(agent.free_slots() for agent in usable),
-                    },
-                }
-            )
-        return web.json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
         """Aggregate slots of usable agents; 503 while no agent can serve a request."""
@@ -143,15 +125,18 @@ class ReverseProxy:
             try:
                 traits = inspect(request.method, request.path, request.query, body)
                 model = traits.model
-                if model is not None and not self._pool.serves(model):
-                    if not self._config.allow_unknown_models:
-                        record.outcome = Outcome.REFUSED
-                        log.info("request %s: unknown model %r", record.id, model[:200])
-                        return self._refuse(record, errors.unknown_model(model[:200]))
-                    model = None
+                if model is not None and not self._pool.accepts(model):
+                    record.outcome = Outcome.REFUSED
+                    log.info("request %s: unknown model %r", record.id, model[:200])
+                    return self._refuse(
+                        record, errors.unknown_model(model[:200], self._pool.model_ids())
+                    )
                 record.model = model
                 demand = Demand.of(
-                    record.needs_slot, model, traits.prompt if self._index_prompts else None
+                    record.needs_slot,
+                    model,
+                    traits.prompt if self._index_prompts else None,
+                    record.route,
                 )
                 return await self._dispatch(request, body, record, demand)
             finally:
@@ -166,28 +151,20 @@ class ReverseProxy:
     async def _dispatch(
         self, request: web.Request, body: bytes, record: RequestRecord, demand: Demand
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._buffer.timeout
-        tried: set[str] = set()
-        last_error: errors.ApiError | None = None
+        deadline = asyncio.get_running_loop().time() + self._buffer.timeout
+        attempts = Attempts()
         for attempt in range(self._config.max_retries + 1):
             is_last = attempt == self._config.max_retries
-            self._observers.buffer_wait_started(record)
-            waiting_since = time.perf_counter()
             try:
-                demand.exclude = frozenset(tried)
-                guard = await self._buffer.acquire(demand, deadline=deadline)
+                guard = await self._reserve(record, demand, attempts, deadline)
             except BufferRejection as rejection:
+                if isinstance(rejection, NoCandidates) and attempts.failures:
+                    break
                 record.outcome = _REJECTION_OUTCOMES.get(type(rejection), Outcome.UPSTREAM_FAILED)
-                if isinstance(rejection, NoCandidates) and last_error is not None:
-                    return self._refuse(record, last_error)
                 return self._refuse(record, errors.from_buffer(rejection))
-            finally:
-                record.buffer_wait += time.perf_counter() - waiting_since
-                self._observers.buffer_wait_ended(record)
             with guard:
                 agent = guard.agent
-                tried.add(agent.id)
+                attempts.sent_to(agent)
                 record.agent = agent
                 record.attempts += 1
                 if attempt:
@@ -198,68 +175,134 @@ class ReverseProxy:
                 try:
                     upstream = await self._upstream.send(agent, request, body, headers)
                 except ConnectFailed as failure:
-                    self._pool.trip(agent, f"cannot connect: {failure}")
+                    self._server_failed(record, attempts, agent, f"cannot connect: {failure}")
                     self._observers.upstream_failed(record, agent, "connect_failed")
-                    last_error = errors.upstream_failed(f"{agent.name} is unreachable")
                     continue
                 except UpstreamBroken as failure:
-                    self._pool.trip(agent, str(failure))
+                    self._server_failed(record, attempts, agent, str(failure))
                     self._observers.upstream_failed(record, agent, "disconnected")
-                    last_error = errors.upstream_failed(str(failure))
                     continue
-                if upstream.status < 500:
-                    self._pool.record_success(agent)
-                else:
-                    self._count_server_error(agent, upstream.status)
-                    if not is_last:
-                        self._observers.upstream_failed(record, agent, f"status_{upstream.status}")
-                        detail = await discard(upstream)
+                status = upstream.status
+                if status == NOT_IMPLEMENTED and demand.route is not None:
+                    self._pool.lacks_route(agent, demand.route, "answered 501")
+                verdict = judge(
+                    status,
+                    failed_elsewhere=attempts.failed_elsewhere,
+                    can_retry=not is_last
+                    and self._pool.has_candidates(
+                        attempts.tried,
+                        demand.model,
+                        demand.route if status == NOT_IMPLEMENTED else None,
+                    ),
+                )
+                if verdict.action is Action.RETRY:
+                    answer, cause = await hold(upstream, agent.name)
+                    self._observers.upstream_failed(record, agent, f"status_{status}")
+                    if verdict.fault is Fault.SERVER:
+                        self._server_failed(record, attempts, agent, cause)
+                    else:
+                        attempts.failed(Failure(agent, verdict.fault, cause, answer))
                         log.info(
-                            "request %s: %s answered %d %r; retrying elsewhere",
+                            "request %s: %s %s; trying another server",
                             record.id,
                             agent.name,
-                            upstream.status,
-                            detail[:200],
+                            cause[:300],
                         )
-                        continue
-                # The last attempt's answer goes to the client as it is, even a 5xx: it is the
-                # server's own account of what went wrong.
-                record.status = upstream.status
-                tail = ResponseTail() if record.needs_slot and upstream.status == 200 else None
-                relayed = await relay(
-                    request,
-                    upstream,
-                    extra_headers=self._response_headers(record, agent),
-                    on_first_chunk=lambda: self._first_chunk(record),
-                    on_chunk=tail.feed if tail is not None else None,
-                )
-                if relayed.client_gone:
-                    guard.release(abandoned=True)
-                    record.outcome = Outcome.CLIENT_GONE
-                elif relayed.failure is not None:
-                    self._pool.trip(agent, relayed.failure)
-                    self._observers.upstream_failed(record, agent, "broke_mid_response")
-                    record.outcome = Outcome.UPSTREAM_FAILED
-                    log.warning("request %s via %s: %s", record.id, agent.name, relayed.failure)
-                else:
-                    record.outcome = Outcome.COMPLETED
-                    if tail is not None:
-                        record.cache = tail.cache_report()
-                        if record.cache is not None:
-                            self._pool.policy.learn(agent, demand, record.cache)
-                return relayed.response
-        assert last_error is not None
+                    continue
+                self._credit(agent, verdict.fault, attempts, demand)
+                record.fault = verdict.fault
+                return await self._relay(request, record, guard, upstream, demand)
+        return self._give_up(record, attempts)
+
+    async def _reserve(
+        self, record: RequestRecord, demand: Demand, attempts: Attempts, deadline: float
+    ) -> SlotGuard:
+        self._observers.buffer_wait_started(record)
+        waiting_since = time.perf_counter()
+        try:
+            demand.exclude = frozenset(attempts.tried)
+            return await self._buffer.acquire(demand, deadline=deadline)
+        finally:
+            record.buffer_wait += time.perf_counter() - waiting_since
+            self._observers.buffer_wait_ended(record)
+
+    def _server_failed(
+        self, record: RequestRecord, attempts: Attempts, agent: AgentController, cause: str
+    ) -> None:
+        """Evidence against the server: out of rotation, and the request goes elsewhere."""
+        self._pool.trip(agent, cause)
+        attempts.failed(Failure(agent, Fault.SERVER, cause))
+        log.info("request %s: %s %s", record.id, agent.name, cause[:300])
+
+    def _credit(
+        self, agent: AgentController, fault: Fault, attempts: Attempts, demand: Demand
+    ) -> None:
+        """Count an answer that is about to be relayed for or against the servers involved."""
+        if fault is Fault.NONE:
+            self._pool.record_success(agent)
+            if demand.route is not None:
+                self._pool.offers_route(agent, demand.route)
+            # Served here, failed there: that was the other servers' fault.
+            for suspect in attempts.suspects():
+                self._pool.record_failure(suspect.agent, f"{suspect.cause} (served elsewhere)")
+        elif fault is Fault.REQUEST and not attempts.failed_elsewhere:
+            self._pool.record_success(agent)  # it answered, and sanely: a 4xx or a 501
+
+    async def _relay(
+        self,
+        request: web.Request,
+        record: RequestRecord,
+        guard: SlotGuard,
+        upstream: aiohttp.ClientResponse,
+        demand: Demand,
+    ) -> web.StreamResponse:
+        agent = guard.agent
+        record.status = upstream.status
+        tail = ResponseTail() if record.needs_slot and upstream.status == 200 else None
+        relayed = await relay(
+            request,
+            upstream,
+            extra_headers=self._response_headers(record, agent.name),
+            on_first_chunk=lambda: self._first_chunk(record),
+            on_chunk=tail.feed if tail is not None else None,
+        )
+        if relayed.client_gone:
+            guard.release(abandoned=True)
+            record.outcome = Outcome.CLIENT_GONE
+        elif relayed.failure is not None:
+            self._pool.trip(agent, relayed.failure)
+            self._observers.upstream_failed(record, agent, "broke_mid_response")
+            record.outcome = Outcome.UPSTREAM_FAILED
+            log.warning("request %s via %s: %s", record.id, agent.name, relayed.failure)
+        else:
+            record.outcome = Outcome.COMPLETED
+            if tail is not None:
+                record.cache = tail.cache_report()
+                if record.cache is not None:
+                    self._pool.policy.learn(agent, demand, record.cache)
+        return relayed.response
+
+    def _give_up(self, record: RequestRecord, attempts: Attempts) -> web.Response:
+        """No attempt left: llama.cpp's own answer if one was kept, else every cause."""
+        kept = attempts.best_answer()
+        if kept is not None and kept.answer is not None:
+            record.status = kept.answer.status
+            record.outcome = Outcome.COMPLETED
+            record.fault = kept.fault
+            return kept.answer.response(self._response_headers(record, kept.answer.agent_name))
         record.outcome = Outcome.UPSTREAM_FAILED
-        return self._refuse(record, last_error)
+        error = attempts.summary()
+        log.warning("request %s: %s", record.id, error.message)
+        return self._refuse(record, error)
 
     def _first_chunk(self, record: RequestRecord) -> None:
         record.first_chunk_at = time.perf_counter()
         self._observers.first_chunk(record)
 
-    def _response_headers(self, record: RequestRecord, agent: AgentController) -> dict[str, str]:
+    def _response_headers(self, record: RequestRecord, agent_name: str) -> dict[str, str]:
         headers = {"X-Request-Id": record.id}
         if self._config.agent_header:
-            headers["X-Paddler-Agent"] = agent.name
+            headers["X-Paddler-Agent"] = agent_name
         return headers
 
     def _refuse(self, record: RequestRecord, error: errors.ApiError) -> web.Response:
@@ -267,12 +310,6 @@ class ReverseProxy:
         response = error.response()
         response.headers["X-Request-Id"] = record.id
         return response
-
-    def _count_server_error(self, agent: AgentController, status: int) -> None:
-        if status in _TRIPPING_STATUSES:
-            self._pool.trip(agent, f"answered {status}")
-        else:
-            self._pool.record_failure(agent, f"answered {status}")
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, within the per-request limit and the balancer's memory budget."""

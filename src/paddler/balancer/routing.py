@@ -60,6 +60,8 @@ class Demand:
 
     needs_slot: bool
     model: str | None = None
+    route: str | None = None
+    """The llama.cpp route (``routes.route_label``): servers known to lack it are avoided."""
     prompt_chars: int = 0
     chain: tuple[int, ...] = ()
     exclude: frozenset[str] = frozenset()
@@ -76,10 +78,12 @@ class Demand:
     at every capacity change, usually of an index that did not change."""
 
     @classmethod
-    def of(cls, needs_slot: bool, model: str | None, prompt: str | None) -> Demand:
+    def of(
+        cls, needs_slot: bool, model: str | None, prompt: str | None, route: str | None = None
+    ) -> Demand:
         if not prompt or not needs_slot:
-            return cls(needs_slot, model)
-        return cls(needs_slot, model, len(prompt), prefix_chain(prompt))
+            return cls(needs_slot, model, route)
+        return cls(needs_slot, model, route, len(prompt), prefix_chain(prompt))
 
 
 class RoutingPolicy(Protocol):

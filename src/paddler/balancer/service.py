@@ -50,6 +50,7 @@ class Balancer:
             failure_threshold=config.circuit_breaker_failure_threshold,
             max_agents=config.max_agents,
             policy=make_policy(config.routing, config.prefix_index_memory),
+            allow_unknown_models=config.allow_unknown_models,
         )
         self.buffer = RequestBuffer(
             self.pool, size=config.request_buffer_size, timeout=config.request_buffer_timeout

@@ -18,6 +18,7 @@ A failure to *open* a connection is the server's fault, not the pool's: it surfa
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -242,12 +243,69 @@ async def _end_broken_stream(
         request.transport.close()
 
 
-async def discard(response: aiohttp.ClientResponse, limit: int = 4096) -> str:
-    """Read a little of a failed response for the log, then close it."""
+@dataclass(frozen=True)
+class HeldAnswer:
+    """A server's answer read whole (an error: small), to give to the client later, unchanged."""
+
+    agent_name: str
+    status: int
+    reason: str | None
+    headers: CIMultiDict[str]
+    body: bytes
+
+    @property
+    def message(self) -> str:
+        """llama.cpp's ``error.message``, or else the start of the body."""
+        try:
+            document = json.loads(self.body)
+        except ValueError:
+            document = None
+        if isinstance(document, dict) and isinstance(document.get("error"), dict):
+            message = document["error"].get("message")
+            if isinstance(message, str):
+                return message
+        return self.body[:300].decode("utf-8", "replace")
+
+    def response(self, extra_headers: Mapping[str, str] | None = None) -> web.Response:
+        response = web.Response(status=self.status, reason=self.reason, body=self.body)
+        response.headers.update(self.headers)
+        if extra_headers:
+            response.headers.update(extra_headers)
+        return response
+
+
+HELD_ANSWER_LIMIT = 64 * 1024
+"""Largest answer kept to replay; llama.cpp's error bodies are a few hundred bytes."""
+
+
+async def hold(
+    response: aiohttp.ClientResponse,
+    agent_name: str,
+    *,
+    limit: int = HELD_ANSWER_LIMIT,
+    timeout: float = 5.0,
+) -> tuple[HeldAnswer | None, str]:
+    """Read an error answer whole and close it: the answer (None if it was too large, too slow
+    or broken) and a description of it for logs and for the client's final error."""
+    chunks: list[bytes] = []
+    size = 0
+    complete = False
     try:
-        async with asyncio.timeout(1.0):
-            text = (await response.content.read(limit)).decode("utf-8", "replace")
+        async with asyncio.timeout(timeout):
+            while size <= limit:
+                chunk = await response.content.read(limit + 1 - size)
+                if not chunk:
+                    complete = True
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     except (TimeoutError, aiohttp.ClientError, OSError):
-        text = ""
-    response.close()
-    return text
+        pass
+    finally:
+        response.close()
+    body = b"".join(chunks)
+    answer = HeldAnswer(
+        agent_name, response.status, response.reason, _forwardable(response.headers), body
+    )
+    description = f"answered {response.status}: {answer.message}"
+    return (answer if complete else None), description
