@@ -27,8 +27,6 @@ from typing import Any
 
 import aiohttp
 
-from paddler.tiny_model import ensure_tiny_model
-
 log = logging.getLogger(__name__)
 
 _READY_TIMEOUT = 180.0
@@ -41,10 +39,17 @@ class ClusterConfig:
     servers: int = 2
     slots: int = 4
     threads: int = 1
+    context_size: int = 0
+    model_alias: str | None = None
+    extra_args: tuple[str, ...] = ()
+    """llama-server options for every server, checked by the CLI."""
     reverseproxy_port: int = 8086
     management_port: int = 8085
     request_buffer_size: int = 20
     request_buffer_timeout: float = 60.0
+    routing: str = "prefix"
+    allow_unknown_models: bool = False
+    shutdown_drain_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "text"
 
@@ -79,9 +84,12 @@ class Cluster:
 
     async def run(self, shutdown: asyncio.Event) -> int:
         config = self._config
-        model: Path = (
-            config.model if config.model is not None else await asyncio.to_thread(ensure_tiny_model)
-        )
+        if config.model is not None:
+            model = config.model
+        else:
+            from paddler.tiny_model import ensure_tiny_model
+
+            model = await asyncio.to_thread(ensure_tiny_model)
         proxy_port = config.reverseproxy_port or _free_port()
         management_port = config.management_port or _free_port()
         env = {
@@ -98,6 +106,9 @@ class Cluster:
                 f"--reverseproxy-port={proxy_port}",
                 f"--request-buffer-size={config.request_buffer_size}",
                 f"--request-buffer-timeout={config.request_buffer_timeout}",
+                f"--routing={config.routing}",
+                f"--allow-unknown-models={config.allow_unknown_models}",
+                f"--shutdown-drain-timeout={config.shutdown_drain_timeout}",
                 "--management-dashboard-enable",  # loopback only, and read-only
             ],
             env,
@@ -116,7 +127,9 @@ class Cluster:
                         f"--threads={config.threads}",
                         "--local-llamacpp-port=0",
                         f"--management-port={management_port}",
-                        f"--model-alias={_alias(config.model)}",
+                        f"--model-alias={config.model_alias or _alias(config.model)}",
+                        f"--context-size={config.context_size}",
+                        *(["--", *config.extra_args] if config.extra_args else []),
                     ],
                     env,
                 )

@@ -110,6 +110,8 @@ class LlamaCppLaunch:
     alias: str | None = None
     cache_ram_mib: int = 1024
     restart_backoff_max: float = 30.0
+    # llama-server's own options, passed through: see paddler.agent.llamacpp_options
+    extra_args: tuple[str, ...] = ()
 
     @property
     def total_context(self) -> int:
@@ -122,6 +124,8 @@ class AgentConfig:
     external: Address
     management_host: str = "127.0.0.1"
     management_port: int = 8085
+    management_scheme: str = "http"
+    """``https``: the agent speaks TLS to the balancer's management port (wss://)."""
     management_token: str | None = None
     local_llamacpp_api_key: str | None = None
     name: str = ""
@@ -133,4 +137,4 @@ class AgentConfig:
 
     @property
     def management_url(self) -> str:
-        return Address("http", self.management_host, self.management_port).url
+        return Address(self.management_scheme, self.management_host, self.management_port).url

@@ -13,8 +13,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 _BYTE_TOKEN_TYPE = 6
 _NORMAL_TOKEN_TYPE = 1
 _UNKNOWN_TOKEN_TYPE = 2
@@ -58,7 +56,9 @@ def ensure_tiny_model(shape: TinyModelShape | None = None, directory: Path | Non
 
 
 def write_tiny_model(path: Path, shape: TinyModelShape) -> None:
-    import gguf  # imported here: gguf is slow to import and only the writer needs it
+    # Imported here: the writer alone needs them (the ``model`` extra), and gguf is slow to load.
+    import gguf
+    import numpy as np
 
     if shape.embedding_length % shape.head_count:
         raise ValueError("embedding_length must be a multiple of head_count")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from paddler.agent.llamacpp_options import LlamaCppOptionError
 from paddler.agent.llamacpp_process import LlamaCppProcess
 from paddler.config import LlamaCppLaunch
 from tests.support.llamacpp import process_exists
@@ -112,3 +114,27 @@ async def test_process_logs_why_a_child_failed_to_start_and_tries_again(tmp_path
     assert "exited with code 1 before it was ready" in failures[0]
     assert "failed to load model" in failures[0]
     assert process.url is None and process.generation == 0
+
+
+async def test_process_passes_extra_llamacpp_options_to_its_child(
+    tiny_model: Path, session: aiohttp.ClientSession
+) -> None:
+    """``extra_args`` reach llama.cpp: with --embeddings --pooling mean the child embeds."""
+    embedding = dataclasses.replace(
+        launch(tiny_model), extra_args=("--embeddings", "--pooling", "mean")
+    )
+    process = LlamaCppProcess(embedding, "127.0.0.1", 0, None)
+    async with supervising(process):
+        async with asyncio.timeout(20):
+            url = await process.wait_ready()
+        async with session.post(f"{url}/v1/embeddings", json={"input": "hello"}) as response:
+            assert response.status == 200
+            body = await response.json()
+    assert len(body["data"][0]["embedding"]) > 0
+
+
+def test_process_refuses_extra_options_that_no_child_could_take(tiny_model: Path) -> None:
+    """A bad llama.cpp option fails at construction instead of a child failing forever."""
+    bad = dataclasses.replace(launch(tiny_model), extra_args=("--ctx-size", "8192"))
+    with pytest.raises(LlamaCppOptionError, match="use paddler agent --context-size instead"):
+        LlamaCppProcess(bad, "127.0.0.1", 0, None)

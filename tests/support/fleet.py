@@ -61,7 +61,7 @@ async def fleet(
                     spec.model or model,
                     slots=slots,
                     alias=spec.alias,
-                    **({"extra_args": spec.extra_args} if spec.extra_args else {}),
+                    extra_args=spec.extra_args,
                 )
             )
             name = f"agent-{spec.alias or index}"

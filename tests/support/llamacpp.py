@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +47,13 @@ async def running_llamacpp(
     alias: str | None = None,
     api_key: str | None = None,
     slots_endpoint: bool = True,
+    extra_args: Sequence[str] = (),
     ready_timeout: float = 30.0,
 ) -> AsyncIterator[LlamaCppServer]:
     """Run one real llama.cpp on 127.0.0.1 (``port`` 0: a free port) until the block ends.
 
     ``ctx`` is the total context shared by the slots; 0 gives each slot 2048 tokens.
+    ``extra_args`` are llama-server's own options, such as ``("--embeddings",)``.
     """
     argv = [
         sys.executable,
@@ -78,6 +80,8 @@ async def running_llamacpp(
         argv += ["--alias", alias]
     if not slots_endpoint:
         argv.append("--no-slots")
+    if extra_args:
+        argv += ["--", *extra_args]
     env = {name: value for name, value in os.environ.items() if name != API_KEY_ENV}
     if api_key:
         env[API_KEY_ENV] = api_key

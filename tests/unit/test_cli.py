@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import pytest
 from click.testing import CliRunner
 
-from paddler.cli import DURATION, cli
+from paddler.cli import cli
+from paddler.cli.options import DURATION
 
 
 @pytest.mark.parametrize("command", ["agent", "balancer", "cluster"])
@@ -15,6 +18,9 @@ def test_every_flag_has_help_and_an_environment_variable(command: str) -> None:
     subcommand = cli.commands[command]  # type: ignore[attr-defined]
     for parameter in subcommand.params:
         if not isinstance(parameter, click.Option) or parameter.name == "help":
+            continue
+        if not parameter.expose_value:  # --no-agent-header: the same as --agent-header=false
+            assert parameter.help, parameter.name
             continue
         assert parameter.help, parameter.name
         long_name = parameter.opts[0].split("/")[0]
@@ -28,7 +34,10 @@ def test_help_lists_every_flag(command: str) -> None:
     result = CliRunner().invoke(cli, [command, "--help"])
     assert result.exit_code == 0
     for parameter in cli.commands[command].params:  # type: ignore[attr-defined]
-        assert parameter.opts[0] in result.output
+        if isinstance(parameter, click.Option):
+            assert parameter.opts[0] in result.output
+        else:
+            assert parameter.human_readable_name in result.output
 
 
 @pytest.mark.parametrize(
@@ -66,3 +75,128 @@ def test_environment_variables_set_flags() -> None:
         "PADDLER_REQUEST_BUFFER_SIZE" in result.output
         or "'x' is not a valid integer" in result.output
     )
+
+
+def _boolean_options() -> list[tuple[str, str, bool]]:
+    found = []
+    for name, command in cli.commands.items():  # type: ignore[attr-defined]
+        for parameter in command.params:
+            if (
+                isinstance(parameter, click.Option)
+                and parameter.expose_value
+                and isinstance(parameter.type, click.types.BoolParamType)
+            ):
+                found.append((name, parameter.opts[0], bool(parameter.default)))
+    return found
+
+
+BOOLEAN_OPTIONS = _boolean_options()
+
+
+def test_every_boolean_option_is_found() -> None:
+    """The table below covers the boolean flags the original Paddler documents."""
+    flags = {flag for _, flag, _ in BOOLEAN_OPTIONS}
+    assert {"--management-dashboard-enable", "--statsd-enable", "--rewrite-host-header"} <= flags
+    assert all(
+        not (isinstance(parameter, click.Option) and parameter.is_flag and parameter.expose_value)
+        for command in cli.commands.values()  # type: ignore[attr-defined]
+        for parameter in command.params
+    ), "a click is_flag option does not accept --flag=true: use cli.options.flag()"
+
+
+@pytest.mark.parametrize(("command", "flag", "default"), BOOLEAN_OPTIONS)
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [
+        ("{flag}", True),
+        ("{flag}=true", True),
+        ("{flag}=false", False),
+        ("{flag}=1", True),
+        ("{flag}=0", False),
+        ("{flag}=yes", True),
+        ("{flag}=no", False),
+        ("{flag}=True", True),
+        ("{flag}=FALSE", False),
+    ],
+)
+def test_every_boolean_flag_takes_go_style_values(
+    command: str, flag: str, default: bool, spelling: str, expected: bool
+) -> None:
+    """--flag, --flag=true|false, 1|0 and yes|no, as the original's Go flags accept them."""
+    subcommand = cli.commands[command]  # type: ignore[attr-defined]
+    context = subcommand.make_context(command, [spelling.format(flag=flag)])
+    assert context.params[flag[2:].replace("-", "_")] is expected
+    assert subcommand.make_context(command, []).params[flag[2:].replace("-", "_")] is default
+
+
+@pytest.mark.parametrize(("command", "flag", "default"), BOOLEAN_OPTIONS)
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", True), ("false", False), ("1", True), ("0", False), ("yes", True), ("no", False)],
+)
+def test_every_boolean_environment_variable_takes_the_same_values(
+    command: str, flag: str, default: bool, value: str, expected: bool
+) -> None:
+    """PADDLER_STATSD_ENABLE=yes and friends mean what --statsd-enable=yes means."""
+    from paddler.cli.options import envvar_for
+
+    subcommand = cli.commands[command]  # type: ignore[attr-defined]
+    runner = CliRunner(env={envvar_for(flag): value})
+    with runner.isolation():
+        context = subcommand.make_context(command, [])
+    assert context.params[flag[2:].replace("-", "_")] is expected
+
+
+def test_a_boolean_flag_refuses_a_value_that_is_not_one() -> None:
+    """--statsd-enable=maybe is a usage error naming the value."""
+    result = CliRunner().invoke(cli, ["balancer", "--statsd-enable=maybe"])
+    assert result.exit_code == 2
+    assert "'maybe' is not a valid boolean" in result.output
+
+
+def test_negative_spellings_still_work() -> None:
+    """--no-agent-header, as before, is the same as --agent-header=false."""
+    command = cli.commands["balancer"]  # type: ignore[attr-defined]
+    assert command.make_context("balancer", ["--no-agent-header"]).params["agent_header"] is False
+    assert command.make_context("balancer", []).params["agent_header"] is True
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1m30s", 90.0), ("1h2m", 3720.0), ("250ms", 0.25), ("1.5s", 1.5), ("100us", 0.0001)],
+)
+def test_durations_accept_go_syntax(text: str, seconds: float) -> None:
+    """--request-buffer-timeout=1m30s works as in the original."""
+    assert DURATION.convert(text, None, None) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "s", "1x", "1m30", "m1", "-5s", "1 m"])
+def test_malformed_durations_are_refused(text: str) -> None:
+    """Half a duration is not one."""
+    with pytest.raises(click.BadParameter):
+        DURATION.convert(text, None, None)
+
+
+def test_a_model_that_is_not_a_gguf_file_is_refused_at_once(tmp_path: Path) -> None:
+    """paddler agent --model on a text file fails before anything starts, saying why."""
+    not_a_model = tmp_path / "model.gguf"
+    not_a_model.write_text("this is not a model")
+    result = CliRunner().invoke(cli, ["agent", "--model", str(not_a_model)])
+    assert result.exit_code == 2
+    assert "is not a GGUF model file" in result.output
+
+
+def test_an_unknown_llamacpp_option_is_refused_at_once(tmp_path: Path) -> None:
+    """A misspelled llama-server option fails before llama.cpp starts, naming it."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(60))
+    result = CliRunner().invoke(cli, ["agent", "--model", str(model), "--", "--embedingz"])
+    assert result.exit_code == 2
+    assert "--embedingz" in result.output
+
+
+def test_llamacpp_options_need_a_model() -> None:
+    """Options for llama.cpp make sense only when the agent runs llama.cpp."""
+    result = CliRunner().invoke(cli, ["agent", "--", "--embeddings"])
+    assert result.exit_code == 2
+    assert "need --model" in result.output

@@ -2,7 +2,8 @@
 
 Contract (see ``paddler.protocol`` for the messages):
 
-- It connects to ``ws://{management_host}:{management_port}/api/v1/agents/socket``, with
+- It connects to ``ws://{management_host}:{management_port}/api/v1/agents/socket`` (``wss://``
+  with ``--management-scheme https``), with
   ``Authorization: Bearer <management_token>`` when a token is set, once the status board has a
   first observation.
 - It sends ``register`` first and waits for ``registered``. An ``error`` answer, or HTTP 401/403
@@ -66,8 +67,9 @@ class BalancerLink:
         self._board = board
         self._handshake_timeout = handshake_timeout
         self._goodbye_timeout = goodbye_timeout
+        websocket_scheme = "wss" if config.management_scheme == "https" else "ws"
         self._url = (
-            Address("ws", config.management_host, config.management_port).url
+            Address(websocket_scheme, config.management_host, config.management_port).url
             + protocol.AGENT_SOCKET_PATH
         )
         token = config.management_token

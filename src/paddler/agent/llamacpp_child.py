@@ -4,7 +4,11 @@ Usage::
 
     python -m paddler.agent.llamacpp_child --model PATH --host H --port P --slots N --ctx N
         [--threads N] [--alias A] [--api-key K] [--cache-ram-mib N] [--no-slots]
-        [--parent-pid PID]
+        [--parent-pid PID] [-- LLAMA_SERVER_OPTION ...]
+
+After ``--`` come llama-server's own options, spelled as for ``llama-server``
+(``-- --embeddings --pooling mean -ngl 99``); ``paddler.agent.llamacpp_options`` lists the ones
+the embedded server takes. They are applied after the fields above, which they may not set.
 
 Contract with the parent:
 
@@ -15,7 +19,8 @@ Contract with the parent:
   gap before that is set up), so it is never orphaned.
   The parent must therefore keep stdin open while it wants the server.
 - A server that fails to start exits with status 1 and a reason on stderr; llama.cpp's own log
-  goes to stderr too.
+  goes to stderr too. A llama.cpp option it cannot take makes it exit with status 2 and a
+  one-line reason on stderr, before anything is loaded.
 - The API key may come from ``PADDLER_LLAMACPP_API_KEY`` instead of ``--api-key``: unlike the
   command line, a process's environment is not readable by other users.
 
@@ -34,12 +39,22 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import NoReturn
 
+from paddler.agent import llamacpp_options
+from paddler.agent.llamacpp_options import LlamaCppOptionError
+
 READY_PREFIX = "PADDLER_LLAMACPP_READY"
 API_KEY_ENV = "PADDLER_LLAMACPP_API_KEY"
 _PR_SET_PDEATHSIG = 1
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The child's own options, and in ``llamacpp`` the llama-server options after ``--``.
+
+    Exits with status 2 and a one-line reason on a llama.cpp option the server cannot take.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    separator = argv.index("--") if "--" in argv else len(argv)
+    own, extra = argv[:separator], argv[separator + 1 :]
     parser = argparse.ArgumentParser(prog="python -m paddler.agent.llamacpp_child")
     parser.add_argument("--model", required=True, help="path of the GGUF model")
     parser.add_argument("--host", default="127.0.0.1")
@@ -54,7 +69,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--parent-pid", type=int, default=None, help="exit at once if this is not our parent"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(own)
+    try:
+        args.llamacpp = llamacpp_options.parse(extra)
+    except LlamaCppOptionError as error:
+        parser.exit(2, f"{error}\n")
+    return args
 
 
 def start_server(args: argparse.Namespace) -> tuple[object, str]:
@@ -78,6 +98,7 @@ def start_server(args: argparse.Namespace) -> tuple[object, str]:
         params.model_alias = {args.alias}
     if args.api_key:
         params.api_keys = [args.api_key]
+    llamacpp_options.apply(args.llamacpp, params)
     server = xllamacpp.Server(params)
     return server, str(server.listening_address)
 
@@ -90,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         # The server must stay referenced until the process exits: dropping it stops llama.cpp.
         _server, url = start_server(args)
+    except LlamaCppOptionError as error:  # a value it could not use, such as a missing file
+        print(error, file=sys.stderr)
+        sys.exit(2)
     except RuntimeError as error:  # xllamacpp's only report: "Failed to init server, ..."
         print(f"llama.cpp did not start: {error} (see its log above)", file=sys.stderr)
         # A normal exit, unlike os._exit, runs llama.cpp's static destructors, which flush the

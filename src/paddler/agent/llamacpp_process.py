@@ -9,6 +9,9 @@ Contract:
   that same port, so the address the balancer knows stays valid.
 - ``url`` is the base URL while a child serves and ``None`` otherwise; ``generation`` counts the
   children that became ready, and ``wait_ready(after)`` waits for one newer than ``after``.
+- ``launch.extra_args`` (llama-server's own options) go to every child after ``--``; they are
+  checked at construction, which raises ``LlamaCppOptionError`` for one that no child could take,
+  rather than starting children that fail forever.
 - No child outlives ``run``: on shutdown, failure or cancellation it gets SIGTERM, then SIGKILL
   after ``stop_timeout``. Should this process die without cleaning up, the child still exits: its
   stdin (a pipe nobody writes) reaches end of file, and on Linux the kernel sends it SIGTERM.
@@ -25,6 +28,7 @@ import signal
 import sys
 from urllib.parse import urlsplit
 
+from paddler.agent import llamacpp_options
 from paddler.agent.backoff import Backoff
 from paddler.agent.interruptible import unless_shutdown
 from paddler.agent.llamacpp_child import API_KEY_ENV, READY_PREFIX
@@ -60,6 +64,7 @@ class LlamaCppProcess:
         startup_timeout: float = 600.0,
         stop_timeout: float = 5.0,
     ) -> None:
+        llamacpp_options.parse(launch.extra_args)
         self._launch = launch
         self._host = host
         self._port = port
@@ -221,6 +226,8 @@ class LlamaCppProcess:
         ]
         if launch.alias:
             argv += ["--alias", launch.alias]
+        if launch.extra_args:
+            argv += ["--", *launch.extra_args]
         return argv
 
     def _env(self) -> dict[str, str]:

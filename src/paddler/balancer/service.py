@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 
 from aiohttp import web
@@ -33,6 +34,10 @@ from paddler.config import BalancerConfig
 from paddler.lifecycle import wait_or_shutdown
 
 log = logging.getLogger(__name__)
+
+
+class ListenFailed(Exception):
+    """A port could not be opened: taken by another process, or not an address of this host."""
 
 
 class Balancer:
@@ -154,6 +159,10 @@ class Balancer:
 
 async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ListenFailed(f"cannot listen on {host}:{port}: {reason}") from None
     address = runner.addresses[-1]
     return int(address[1])

@@ -1,0 +1,164 @@
+"""``paddler agent``: watch one llama.cpp server (or run one) and report it to the balancer."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import click
+
+from paddler.cli.launch import checked_llamacpp_args, launch_options, require_llamacpp
+from paddler.cli.options import DURATION, PORT, logging_options, option
+from paddler.cli.process import configure_logging, resolve_host, run_until_signalled
+from paddler.config import Address, AgentConfig, LlamaCppLaunch
+
+
+@click.command()
+@option(
+    "--local-llamacpp-host", default="127.0.0.1", help="Host where this agent reaches llama.cpp."
+)
+@option(
+    "--local-llamacpp-port",
+    type=PORT,
+    default=8088,
+    help="Port where this agent reaches llama.cpp (with --model, 0 picks a free port).",
+)
+@option(
+    "--local-llamacpp-scheme",
+    type=click.Choice(["http", "https"]),
+    default="http",
+    help="Scheme this agent uses to reach llama.cpp.",
+)
+@option(
+    "--local-llamacpp-api-key",
+    default=None,
+    help="llama.cpp's API key, needed for /slots and /props when llama.cpp has one (with --model, llama.cpp is started with it). Prefer the environment variable.",
+)
+@option(
+    "--external-llamacpp-host",
+    default="127.0.0.1",
+    help="Host where the balancer reaches llama.cpp.",
+)
+@option(
+    "--external-llamacpp-port",
+    type=PORT,
+    default=None,
+    help="Port where the balancer reaches llama.cpp [default: the local port].",
+)
+@option(
+    "--external-llamacpp-scheme",
+    type=click.Choice(["http", "https"]),
+    default="http",
+    help="Scheme the balancer uses to reach llama.cpp.",
+)
+@option("--management-host", default="127.0.0.1", help="Host of the balancer's management port.")
+@option("--management-port", type=PORT, default=8085, help="The balancer's management port.")
+@option(
+    "--management-scheme",
+    type=click.Choice(["http", "https"]),
+    default="http",
+    help="https: reach the management port over TLS (wss://), through a TLS proxy in front of it.",
+)
+@option(
+    "--management-token",
+    default=None,
+    help="Shared secret to present to the balancer. Prefer the environment variable: a command line is visible to every user of the machine.",
+)
+@option("--name", default="", help="Name shown in the balancer [default: hostname:external port].")
+@option(
+    "--reporting-interval",
+    type=DURATION,
+    default="1s",
+    help="Report at least this often, even when nothing changed.",
+)
+@option(
+    "--agent-reporting-interval-miliseconds",
+    type=click.IntRange(1),
+    default=None,
+    help="The original Paddler's spelling of --reporting-interval, in milliseconds.",
+)
+@option(
+    "--monitoring-interval",
+    type=DURATION,
+    default="250ms",
+    help="How often to read llama.cpp's /slots; changes are reported at once.",
+)
+@launch_options(
+    model_help="Run llama.cpp on this GGUF file in a supervised child process instead of "
+    "watching an external server; the options below and any after -- are llama.cpp's.",
+    threads_default=0,
+)
+@logging_options
+def agent(
+    log_level: str,
+    log_format: str,
+    model: Path | None,
+    slots: int,
+    context_size: int,
+    threads: int,
+    model_alias: str | None,
+    llamacpp_args: str,
+    llamacpp_arguments: tuple[str, ...],
+    agent_reporting_interval_miliseconds: int | None,
+    **options: Any,
+) -> None:
+    """Watch one llama.cpp server (or run one) and report its slots to the balancer.
+
+    \b
+    With --model, any llama-server option may follow --, e.g.:
+      paddler agent --model m.gguf --slots 4 -- --embeddings --pooling mean
+    """
+    configure_logging(log_level, log_format)
+    extra = checked_llamacpp_args(llamacpp_args, llamacpp_arguments)
+    if model is None and extra:
+        raise click.UsageError("llama.cpp options (after -- or --llamacpp-args) need --model")
+    if model is not None:
+        require_llamacpp()
+    if agent_reporting_interval_miliseconds is not None:
+        options["reporting_interval"] = agent_reporting_interval_miliseconds / 1000
+    launch = (
+        LlamaCppLaunch(
+            model=model,
+            slots=slots,
+            context_size=context_size,
+            threads=threads,
+            alias=model_alias,
+            extra_args=extra,
+        )
+        if model is not None
+        else None
+    )
+    config = _agent_config(options, launch)
+    from paddler.agent.service import Agent
+
+    async def main(shutdown: asyncio.Event) -> None:
+        await Agent(config).run(shutdown)
+
+    run_until_signalled(main)
+
+
+def _agent_config(options: dict[str, Any], launch: LlamaCppLaunch | None) -> AgentConfig:
+    for key in ("local_llamacpp_host", "external_llamacpp_host", "management_host"):
+        options[key] = resolve_host(options[key])
+    local_port = options["local_llamacpp_port"]
+    external_port = options["external_llamacpp_port"]
+    if external_port is None:
+        external_port = local_port
+    if launch is None and local_port == 0:
+        raise click.UsageError("--local-llamacpp-port 0 only makes sense with --model")
+    return AgentConfig(
+        local=Address(options["local_llamacpp_scheme"], options["local_llamacpp_host"], local_port),
+        external=Address(
+            options["external_llamacpp_scheme"], options["external_llamacpp_host"], external_port
+        ),
+        management_host=options["management_host"],
+        management_port=options["management_port"],
+        management_scheme=options["management_scheme"],
+        management_token=options["management_token"],
+        local_llamacpp_api_key=options["local_llamacpp_api_key"],
+        name=options["name"],
+        reporting_interval=options["reporting_interval"],
+        monitoring_interval=options["monitoring_interval"],
+        launch=launch,
+    )

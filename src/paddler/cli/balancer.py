@@ -1,0 +1,207 @@
+"""``paddler balancer``: the proxy port for clients and the management port for agents."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import click
+
+from paddler.cli.options import DURATION, PORT, flag, logging_options, option
+from paddler.cli.process import configure_logging, notify, resolve_host, run_until_signalled
+from paddler.config import ROUTING_POLICIES, BalancerConfig
+
+
+@click.command()
+@option(
+    "--management-host",
+    default="127.0.0.1",
+    help="Address where agents connect and the API listens.",
+)
+@option(
+    "--management-port",
+    type=PORT,
+    default=8085,
+    help="Port for agents and the management API (0: any free port).",
+)
+@option(
+    "--management-token",
+    default=None,
+    help="Shared secret that agents must present (Bearer token). Required when the management address is not loopback. Prefer the environment variable: a command line is visible to every user of the machine.",
+)
+@flag(
+    "--management-insecure",
+    default=False,
+    help="Allow a non-loopback management address without a token. Anyone who reaches it can then register backends.",
+)
+@flag(
+    "--management-dashboard-enable",
+    default=False,
+    help="Serve a live web dashboard of the fleet at /dashboard on the management port (read-only, like /api/v1/agents).",
+)
+@option("--reverseproxy-host", default="127.0.0.1", help="Address where clients connect.")
+@option(
+    "--reverseproxy-port",
+    type=PORT,
+    default=8086,
+    help="Port where clients connect (0: any free port).",
+)
+@option(
+    "--request-buffer-size",
+    type=click.IntRange(0),
+    default=20,
+    help="How many requests may wait for a free slot; beyond that they get 503 with Retry-After.",
+)
+@option(
+    "--request-buffer-timeout",
+    type=DURATION,
+    default="60s",
+    help="How long a request may wait for a free slot before it gets 504.",
+)
+@flag(
+    "--rewrite-host-header",
+    default=False,
+    help="Send the agent's external host:port as the Host header instead of the client's.",
+)
+@flag(
+    "--agent-header",
+    default=True,
+    negative="--no-agent-header",
+    help="Name the agent that served each response in an X-Paddler-Agent response header.",
+)
+@option(
+    "--max-request-body-size",
+    type=click.IntRange(1),
+    default=32 * 1024 * 1024,
+    help="Largest request body in bytes; larger ones get 413.",
+)
+@option(
+    "--request-body-memory",
+    type=click.IntRange(1),
+    default=512 * 1024 * 1024,
+    help="Most bytes of request bodies held in memory at once, across all requests; beyond that requests get 503 with Retry-After.",
+)
+@option(
+    "--agent-stale-after",
+    type=DURATION,
+    default="5s",
+    help="Remove an agent that sent no report for this long.",
+)
+@option(
+    "--max-retries",
+    type=click.IntRange(0),
+    default=2,
+    help="How many other agents to try when one fails before answering.",
+)
+@option(
+    "--circuit-breaker-cooldown",
+    type=DURATION,
+    default="5s",
+    help="Least time a failing agent stays out of rotation; it returns with its next healthy report after that.",
+)
+@option(
+    "--shutdown-drain-timeout",
+    type=DURATION,
+    default="30s",
+    help="On shutdown, how long requests in flight may run before they are cut.",
+)
+@flag(
+    "--statsd-enable",
+    default=False,
+    help="Send the gauges <prefix>.requests_buffered, .slots_idle and .slots_processing to a StatsD server over UDP, every second.",
+)
+@option("--statsd-host", default="127.0.0.1", help="Host of the StatsD server.")
+@option("--statsd-port", type=PORT, default=8125, help="UDP port of the StatsD server.")
+@option("--statsd-prefix", default="paddler", help="Prefix of every StatsD metric name.")
+@option(
+    "--statsd-scheme",
+    type=click.Choice(["http", "udp"]),
+    default="http",
+    help="Accepted for the original Paddler's commands: StatsD always goes over UDP.",
+)
+@option(
+    "--management-scheme",
+    type=click.Choice(["http"]),
+    default="http",
+    help="Scheme of the management port (the original Paddler's flag); plain HTTP for now.",
+)
+@option(
+    "--reverseproxy-scheme",
+    type=click.Choice(["http"]),
+    default="http",
+    help="Scheme of the proxy port (the original Paddler's flag); plain HTTP for now.",
+)
+@option(
+    "--autoscaling-target-utilization",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.8,
+    help="Share of slots that the autoscaling advice (GET /api/v1/autoscaling on the management port) aims to keep busy.",
+)
+@option(
+    "--routing",
+    type=click.Choice(ROUTING_POLICIES),
+    default="prefix",
+    help="How to choose among servers with a free slot. prefix: prefer the server whose llama.cpp most likely holds the prompt's prefix in its cache, weighed against load (see docs/routing.md). slots: the server with the most free slots.",
+)
+@option(
+    "--prefix-index-memory",
+    type=click.IntRange(0),
+    default=64 * 1024 * 1024,
+    help="Most bytes the prefix index of --routing prefix may hold; the least recently used prefixes are forgotten first.",
+)
+@flag(
+    "--allow-unknown-models",
+    default=False,
+    help="Send a request that names a model no agent serves to any agent (as a single llama.cpp would accept it) instead of answering 404.",
+)
+@logging_options
+def balancer(
+    log_level: str,
+    log_format: str,
+    statsd_scheme: str,
+    management_scheme: str,
+    reverseproxy_scheme: str,
+    **options: Any,
+) -> None:
+    """Proxy clients to llama.cpp servers with a free slot, buffering when none is free."""
+    configure_logging(log_level, log_format)
+    from paddler.balancer.service import Balancer, ListenFailed
+
+    for key in ("management_host", "reverseproxy_host", "statsd_host"):
+        options[key] = resolve_host(options[key])
+    config = BalancerConfig(**options)
+    try:
+        config.validate()
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+    from paddler.telemetry import provider_from_environment
+
+    try:
+        tracer_provider = provider_from_environment(os.environ)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+    async def main(shutdown: asyncio.Event) -> None:
+        service = Balancer(config, tracer_provider=tracer_provider)
+        running = asyncio.create_task(service.run(shutdown))
+        ready = asyncio.create_task(service.ready.wait())
+        await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            notify(
+                f"READY=1\nSTATUS=proxy on port {service.reverseproxy_port}, "
+                f"management on port {service.management_port}"
+            )
+        else:
+            ready.cancel()
+        try:
+            await running
+        finally:
+            notify("STOPPING=1")
+
+    try:
+        run_until_signalled(main, fatal=(ListenFailed,))
+    finally:
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # flushes the spans still batched

@@ -1,0 +1,86 @@
+"""``paddler cluster``: a whole fleet on this machine, for trying Paddler out and for demos."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from paddler.cli.launch import checked_llamacpp_args, launch_options, require_llamacpp
+from paddler.cli.options import DURATION, PORT, flag, logging_options, option
+from paddler.cli.process import configure_logging, require
+from paddler.config import ROUTING_POLICIES
+
+
+@click.command()
+@option(
+    "--servers",
+    type=click.IntRange(1, 64),
+    default=2,
+    help="Number of llama.cpp servers, each with its own agent.",
+)
+@launch_options(
+    model_help="GGUF model for every server [default: a tiny model generated on first use]; "
+    "the options below and any after -- are llama.cpp's.",
+    threads_default=1,
+)
+@option("--reverseproxy-port", type=PORT, default=8086, help="Port where clients connect.")
+@option("--management-port", type=PORT, default=8085, help="The balancer's management port.")
+@option(
+    "--request-buffer-size",
+    type=click.IntRange(0),
+    default=20,
+    help="Requests that may wait for a slot.",
+)
+@option(
+    "--request-buffer-timeout",
+    type=DURATION,
+    default="60s",
+    help="How long a request may wait for a slot.",
+)
+@option(
+    "--routing",
+    type=click.Choice(ROUTING_POLICIES),
+    default="prefix",
+    help="How the balancer chooses among servers with a free slot (see paddler balancer --help).",
+)
+@flag(
+    "--allow-unknown-models",
+    help="Send a request that names a model no server serves to any server instead of "
+    "answering 404 (a cluster of one model serves any name anyway).",
+)
+@option(
+    "--shutdown-drain-timeout",
+    type=DURATION,
+    default="30s",
+    help="On Ctrl-C, how long requests in flight may run before the servers stop.",
+)
+@logging_options
+def cluster(
+    log_level: str,
+    log_format: str,
+    llamacpp_args: str,
+    llamacpp_arguments: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Start llama.cpp servers, an agent beside each and a balancer, all on this machine.
+
+    \b
+    Any llama-server option may follow --, e.g.:
+      paddler cluster -- --embeddings --pooling mean
+    """
+    configure_logging(log_level, log_format)
+    extra = checked_llamacpp_args(llamacpp_args, llamacpp_arguments)
+    require_llamacpp()
+    if options["model"] is None:
+        require("gguf", "model", "Writing the tiny default model")
+    from paddler.cluster import Cluster, ClusterConfig
+
+    model: Path | None = options.pop("model")
+    config = ClusterConfig(
+        model=model, log_level=log_level, log_format=log_format, extra_args=extra, **options
+    )
+    sys.exit(asyncio.run(Cluster(config).run_until_signalled()))

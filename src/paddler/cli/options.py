@@ -1,0 +1,143 @@
+"""Option kinds shared by every subcommand: environment variables, booleans, durations, models.
+
+- Every option can also be set from ``PADDLER_<NAME>`` (``--request-buffer-size`` is
+  ``PADDLER_REQUEST_BUFFER_SIZE``).
+- Every boolean option accepts ``--flag``, ``--flag=true|false`` (also ``1|0``, ``yes|no``,
+  ``on|off``) and its variable with the same values, as the original Paddler's Go flags do.
+- Durations are seconds with an optional unit, or Go's duration syntax: ``60``, ``60s``,
+  ``500ms``, ``2m``, ``1m30s``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_BARE_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """Seconds, with an optional unit, or a Go duration: ``60``, ``60s``, ``500ms``, ``1m30s``."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip()
+        if _BARE_NUMBER.match(text):
+            return float(text)
+        position, seconds = 0, 0.0
+        for match in _DURATION_PART.finditer(text):
+            if match.start() != position:
+                break
+            seconds += float(match.group(1)) * _UNITS[match.group(2)]
+            position = match.end()
+        if not text or position != len(text):
+            self.fail(f"{value!r} is not a duration such as 60s, 500ms, 2m or 1m30s", param, ctx)
+        return seconds
+
+
+DURATION = Duration()
+PORT = click.IntRange(0, 65535)
+
+
+class GgufFile(click.Path):
+    """An existing GGUF model file: refused at once if it is anything else."""
+
+    name = "gguf file"
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False, readable=True, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = super().convert(value, param, ctx)
+        with open(path, "rb") as file:
+            magic = file.read(4)
+        if magic != b"GGUF":
+            self.fail(
+                f"{str(path)!r} is not a GGUF model file (it does not start with 'GGUF'); "
+                "llama.cpp loads .gguf files only",
+                param,
+                ctx,
+            )
+        return path
+
+
+def envvar_for(long_name: str) -> str:
+    return "PADDLER_" + long_name.removeprefix("--").upper().replace("-", "_")
+
+
+def option(*names: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A click option that can also be set from ``PADDLER_<NAME>``."""
+    long_name = next(name for name in names if name.startswith("--")).split("/")[0]
+    kwargs.setdefault("show_default", True)
+    return click.option(*names, envvar=envvar_for(long_name), show_envvar=True, **kwargs)
+
+
+def flag(
+    name: str, *, help: str, default: bool = False, negative: str | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A boolean option: ``--name``, ``--name=true|false|1|0|yes|no``, or its variable.
+
+    ``negative`` adds an option such as ``--no-agent-header``, the same as ``--name=false``.
+    """
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        if negative is not None:
+            dest = name.removeprefix("--").replace("-", "_")
+
+            def set_false(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+                if value:
+                    ctx.params[dest] = False
+
+            function = click.option(
+                negative,
+                is_flag=True,
+                expose_value=False,
+                callback=set_false,
+                help=f"The same as {name}=false.",
+            )(function)
+        return option(
+            name,
+            type=click.BOOL,
+            is_flag=False,
+            flag_value=True,
+            default=default,
+            metavar="[true|false]",
+            help=help,
+        )(function)
+
+    return decorate
+
+
+def logging_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    function = option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        help="Log lines as text, or as one JSON object per line (for log shippers).",
+    )(function)
+    return option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        default="info",
+        help="How much to log.",
+    )(function)

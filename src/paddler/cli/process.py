@@ -1,0 +1,115 @@
+"""What only the command line does: logging set-up, host look-ups, signals, exit codes.
+
+Nothing below the CLI reads the environment, installs signal handlers or exits the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import click
+
+log = logging.getLogger("paddler")
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def resolve_host(host: str) -> str:
+    """Resolve host lookups such as ``aws:metadata:local-ipv4`` (see ``host_resolution``)."""
+    from paddler.host_resolution import AWS_METADATA_URL, HostResolutionError, resolve_host
+
+    metadata_url = os.environ.get("PADDLER_AWS_METADATA_URL", AWS_METADATA_URL)
+    try:
+        return resolve_host(host, metadata_url)
+    except HostResolutionError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def run_until_signalled(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    fatal: tuple[type[Exception], ...] = (),
+) -> None:
+    """Run ``main(shutdown)``; SIGINT or SIGTERM sets ``shutdown``, a second one exits at once.
+
+    An exception of a ``fatal`` kind (a port that cannot be opened, say) ends the process with
+    its message on one line and exit code 1, not with a traceback.
+    """
+
+    async def runner() -> None:
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if shutdown.is_set():
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                raise SystemExit(130)
+            log.info("%s received: shutting down", signal.Signals(signum).name)
+            shutdown.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        await main(shutdown)
+
+    try:
+        asyncio.run(runner())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except fatal as error:
+        log.error("%s", error)
+        sys.exit(1)
+
+
+def notify(state: str) -> None:
+    """Tell a supervisor how we are (``READY=1``, ``STOPPING=1``, ``STATUS=...``).
+
+    The systemd notification protocol: one datagram to the Unix socket named by
+    ``NOTIFY_SOCKET`` (``@`` for the abstract namespace); nothing without it. ``paddler
+    cluster`` listens on such a socket to know that the balancer it started, and not some other
+    process, holds its ports. Hand-written: it is one ``sendto``, and the libraries that wrap it
+    need libsystemd or are unmaintained.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(state.encode(), address)
+
+
+def require(module: str, extra: str, purpose: str) -> None:
+    """Exit with one clear line if an optional dependency (a pip extra) is missing."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise click.ClickException(
+            f"{purpose} needs the {module!r} package, which this installation does not have: "
+            f"pip install 'paddler[{extra}]'"
+        )

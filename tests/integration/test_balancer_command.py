@@ -1,0 +1,72 @@
+"""``paddler balancer`` as a process: it says when it is ready, and why it cannot start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+from tests.support.llamacpp import stop_process
+
+
+def balancer_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
+    env.update(extra)
+    return env
+
+
+async def test_a_taken_port_ends_the_balancer_with_one_clear_line() -> None:
+    """No traceback: the address, the reason, exit code 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "paddler",
+            "balancer",
+            "--management-port=0",
+            f"--reverseproxy-port={port}",
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=balancer_env(),
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    text = stderr.decode()
+    assert "Traceback" not in text
+    (error,) = [line for line in text.splitlines() if " ERROR " in line]
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in error
+
+
+async def test_the_balancer_tells_its_supervisor_when_it_listens(tmp_path: Path) -> None:
+    """With NOTIFY_SOCKET set (systemd, paddler cluster), READY=1 arrives once both ports
+    listen, and STOPPING=1 when it stops."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notifications:
+        notifications.bind(str(path))
+        notifications.setblocking(False)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "paddler",
+            "balancer",
+            "--management-port=0",
+            "--reverseproxy-port=0",
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=balancer_env(NOTIFY_SOCKET=str(path)),
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            ready = await asyncio.wait_for(loop.sock_recv(notifications, 4096), 30)
+            assert ready.startswith(b"READY=1\n")
+            assert b"proxy on port" in ready
+            process.terminate()
+            stopping = await asyncio.wait_for(loop.sock_recv(notifications, 4096), 30)
+            assert stopping == b"STOPPING=1"
+        finally:
+            await stop_process(process)
