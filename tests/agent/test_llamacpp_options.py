@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import xllamacpp
 
-from paddler.agent.llamacpp_option_table import OPTIONS, REFUSED, Assign, EnumRef, Option
+from paddler.agent.llamacpp_option_kinds import Assign, EnumRef, Option
+from paddler.agent.llamacpp_option_table import OPTIONS, REFUSED
 from paddler.agent.llamacpp_options import LlamaCppOptionError, LlamaCppOptions, apply, parse
 
 
@@ -160,7 +161,7 @@ def test_parse_refuses_what_the_agent_sets_and_names_the_paddler_flag(
     )
 
 
-@pytest.mark.parametrize("spelling", ["--cache-ram", "--no-slots", "--slots", "--metrics"])
+@pytest.mark.parametrize("spelling", ["--no-slots", "--slots", "--metrics"])
 def test_parse_refuses_the_other_settings_the_agent_owns(spelling: str) -> None:
     """The prompt cache size and the /slots and /metrics endpoints are paddler's."""
     assert refusal(spelling, "1").startswith(f"llama.cpp option {spelling} is set by paddler")

@@ -17,9 +17,11 @@ from tests.support.llamacpp import LlamaCppServer, running_llamacpp
 
 @dataclass(frozen=True)
 class Server:
-    """One llama.cpp server of a fleet: its alias, model file and extra llama.cpp options."""
+    """One llama.cpp server of a fleet: its alias, model file and extra llama.cpp options, and
+    the name of its agent (default ``agent-<alias or index>``)."""
 
     alias: str | None = None
+    name: str | None = None
     model: Path | None = None
     extra_args: tuple[str, ...] = ()
 
@@ -64,7 +66,7 @@ async def fleet(
                     extra_args=spec.extra_args,
                 )
             )
-            name = f"agent-{spec.alias or index}"
+            name = spec.name or f"agent-{spec.alias or index}"
             agent = await stack.enter_async_context(
                 running_agent(
                     llamacpp_port=server.port,

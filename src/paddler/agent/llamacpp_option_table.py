@@ -17,343 +17,169 @@ Nothing here imports xllamacpp: enum members are named (``EnumRef``) and looked 
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from enum import Enum
-from typing import NamedTuple
+from collections.abc import Mapping
 
-_INT32 = (-(2**31), 2**31 - 1)
-_UINT32_MAX = 2**32 - 1
-_CPUS = 512  # GGML_MAX_N_THREADS: the length of a CPU mask
-_TRUE, _FALSE, _AUTO = (
-    ("on", "enabled", "true", "1"),
-    ("off", "disabled", "false", "0"),
-    ("auto", "-1"),
+from paddler.agent.llamacpp_option_kinds import (
+    CPUS,
+    INT32,
+    MOE_EXPERTS,
+    UINT32_MAX,
+    Assign,
+    Directory,
+    EnumRef,
+    FileText,
+    Kind,
+    Lora,
+    Option,
+    Write,
+    bounded_int,
+    choice,
+    cpu_mask,
+    cpu_range,
+    csv_items,
+    grammar_kind,
+    ignored,
+    integer,
+    json_text,
+    marked,
+    mib_sizes,
+    moe_layers,
+    named,
+    number,
+    option,
+    penalty_last_n,
+    reciprocal,
+    scaled_loras,
+    sleep_seconds,
+    split_list,
+    switch,
+    template_kwargs,
+    thread_count,
 )
-_MOE_EXPERTS = "\\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # llama.cpp's LLM_FFN_EXPS_REGEX
 
-
-class Write(Enum):
-    """How a value meets what the field holds already."""
-
-    SET = "set"
-    EXTEND = "extend"  # append to a list, add to a set
-    MERGE = "merge"  # update a dict
-    OR = "or"  # OR into a list of booleans: a CPU mask
-    BITOR = "bitor"  # OR into an int of flag bits
-    MAX = "max"
-    JOIN = "join"  # append to a comma-separated string
-    PAD = "pad"  # a shorter list replaces the start, the rest becomes 0
-    SPLICE = "splice"  # a shorter list replaces the start; a single value fills the list
-
-
-class Assign(NamedTuple):
-    path: str
-    value: object
-    write: Write = Write.SET
-
-
-@dataclass(frozen=True)
-class EnumRef:
-    """A member of one of xllamacpp's enums, looked up by name when applied."""
-
-    enum: str
-    member: str
-
-
-@dataclass(frozen=True)
-class Lora:
-    path: str
-    scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class FileText:
-    """A file's text, read when applied (llama.cpp reads it while parsing its command line)."""
-
-    path: str
-
-
-@dataclass(frozen=True)
-class Directory:
-    """A directory that must exist when applied (or is then created); gets a trailing slash."""
-
-    path: str
-    create: bool = False
-
-
-@dataclass(frozen=True)
-class Grammar:
-    kind: str  # a common_grammar_type member, without its prefix
-    source: str | FileText
-    schema: bool = False  # the source is a JSON schema, to turn into a grammar
-
-
-class Invalid(ValueError):
-    """A bad value whose message says what was expected, more precisely than the kind does."""
-
-
-@dataclass(frozen=True)
-class Kind:
-    parse: Callable[[str], object]  # raises ValueError for a bad value
-    expects: str  # for messages: "--temp expects a number; got 'hot'"
-    example: str  # a valid value, for tests
-
-
-@dataclass(frozen=True)
-class Option:
-    names: tuple[str, ...]
-    target: str | tuple[str, ...]
-    kind: Kind | None = None
-    negations: tuple[str, ...] = ()
-    on: object = True
-    off: object = False
-    write: Write = Write.SET
-    extra: tuple[Assign, ...] = ()
-
-
-def option(
-    names: str,
-    target: str | tuple[str, ...],
-    kind: Kind | None = None,
-    /,
-    *,
-    negations: str = "",
-    **fields: object,
-) -> Option:
-    """An ``Option`` whose spellings are given space-separated, to keep the table one per line."""
-    return Option(tuple(names.split()), target, kind, tuple(negations.split()), **fields)  # type: ignore[arg-type]
-
-
-# -- kinds of value ---------------------------------------------------------------------------
-
-
-def _int(text: str, low: int = _INT32[0], high: int = _INT32[1]) -> int:
-    value = int(text)
-    if not low <= value <= high:
-        raise ValueError(text)
-    return value
-
-
-def integer(
-    low: int = _INT32[0], high: int = _INT32[1], words: Mapping[str, int] | None = None
-) -> Kind:
-    words = dict(words or {})
-    limits = "" if (low, high) == _INT32 else f" from {low}"
-    limits += "" if high == _INT32[1] else f" to {high}"
-    *some, last = [f"an integer{limits}", *words]
-    return Kind(
-        lambda text: words[text] if text in words else _int(text, low, high),
-        f"{', '.join(some)} or {last}" if some else last,
-        str(max(low, 1)),
-    )
-
-
-def number(low: float | None = None, *, above: bool = False) -> Kind:
-    def parse(text: str) -> float:
-        value = float(text)
-        if low is not None and (value <= low if above else value < low):
-            raise ValueError(text)
-        return value
-
-    bound = "" if low is None else f" {'above' if above else 'of at least'} {low:g}"
-    return Kind(parse, f"a number{bound}", "1.5")
-
-
-def choice(values: Mapping[str, object], aliases: Mapping[str, str] | None = None) -> Kind:
-    values, aliases = dict(values), dict(aliases or {})
-    return Kind(
-        lambda text: values[aliases.get(text, text)],
-        f"one of {', '.join(values)}",
-        next(iter(values)),
-    )
-
-
-def switch(on: object, off: object, auto: object = None) -> Kind:
-    """on, off (and auto), with llama.cpp's other spellings of them: enabled, true, 1, ..."""
-    values, aliases = (
-        {"on": on, "off": off},
-        dict.fromkeys(_TRUE, "on") | dict.fromkeys(_FALSE, "off"),
-    )
-    if auto is not None:
-        values["auto"] = auto
-        aliases |= dict.fromkeys(_AUTO, "auto")
-    return choice(values, aliases)
-
-
-def named(enum: str, prefix: str, names: Mapping[str, str] | tuple[str, ...]) -> Kind:
-    """llama.cpp's value names for members of an xllamacpp enum (default: the name, upper-cased)."""
-    if isinstance(names, tuple):
-        names = {name: name.upper().replace("-", "_").replace("+", "_") for name in names}
-    return choice({name: EnumRef(enum, prefix + member) for name, member in names.items()})
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(next(csv.reader([text]), []))  # as llama.cpp's parse_csv_row: a,"b,c"
-
-
-def _list(text: str) -> list[str]:
-    return re.split(r"[,/]+", text)
-
-
-def _cpu_mask(text: str) -> tuple[bool, ...]:
-    digits = text.removeprefix("0x")
-    if not digits or len(digits) > _CPUS // 4:
-        raise ValueError(text)
-    bits = int(digits, 16)
-    return tuple(bool(bits >> cpu & 1) for cpu in range(_CPUS))
-
-
-def _cpu_range(text: str) -> tuple[bool, ...]:
-    low, dash, high = text.partition("-")
-    first, last = int(low or 0), int(high) if high else _CPUS - 1
-    if not dash or not 0 <= first <= last < _CPUS:
-        raise ValueError(text)
-    return tuple(first <= cpu <= last for cpu in range(_CPUS))
-
-
-def _mib(text: str) -> tuple[int, ...]:
-    sizes = tuple(int(part) for part in _list(text))
-    if min(sizes) < 0:
-        raise ValueError(text)
-    return tuple(size << 20 for size in sizes)
-
-
-def _scaled_loras(text: str) -> tuple[Lora, ...]:
-    loras = []
-    for item in _csv(text):
-        path, colon, scale = item.rpartition(":")
-        if not colon or not path:
-            raise Invalid("FNAME:SCALE items, comma-separated")
-        loras.append(Lora(path, float(scale)))
-    return tuple(loras)
-
-
-def _json(text: str) -> str:
-    json.loads(text)
-    return text
-
-
-def _template_kwargs(text: str) -> dict[str, str]:
-    parsed = json.loads(text)
-    if not isinstance(parsed, dict):
-        raise ValueError(text)
-    # llama.cpp keeps each value as its JSON text, as nlohmann's dump() writes it
-    return {
-        key: json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-        for key, value in parsed.items()
-    }
-
-
-def _threads(text: str) -> int:
-    value = _int(text)
-    return value if value > 0 else os.cpu_count() or 1  # as llama.cpp: 0 or less is every core
-
-
-def _moe_layers(text: str) -> str:
-    """llama.cpp's --n-cpu-moe, written as the tensor overrides it adds: layers 0..N-1 on CPU."""
-    return ",".join(f"blk\\.{layer}{_MOE_EXPERTS}=CPU" for layer in range(_int(text, 0)))
-
-
-def _reciprocal(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
-    return 1.0 / value
-
-
-def _sleep(text: str) -> int:
-    value = int(text)
-    if value == 0 or value < -1:
-        raise ValueError(text)
-    return value
-
-
-def _marked(mark: str) -> tuple[Assign, ...]:
-    """Tells llama.cpp the operator chose this sampling value: the model's defaults must not win."""
-    flag = EnumRef("common_params_sampling_config", f"COMMON_PARAMS_SAMPLING_CONFIG_{mark}")
-    return (Assign("sampling.user_sampling_config", flag, Write.BITOR),)
-
-
-def _penalty_last_n(text: str) -> tuple[Assign, ...]:
-    value = _int(text, -1)
-    # the sampler must remember at least as many tokens as it penalises
-    return (Assign("sampling.penalty_last_n", value), Assign("sampling.n_prev", value, Write.MAX))
-
-
-def _grammar(kind: str, *, file: bool = False, schema: bool = False) -> Kind:
-    def parse(text: str) -> Grammar:
-        return Grammar(kind, FileText(text) if file else _json(text) if schema else text, schema)
-
-    if file:
-        return Kind(parse, "a file path", "schema.json" if schema else "grammar.gbnf")
-    return Kind(
-        parse, "a JSON schema" if schema else "a grammar", "{}" if schema else 'root ::= "a"'
-    )
-
-
-def _ignored(text: str) -> tuple[Assign, ...]:
-    return ()  # llama.cpp takes any value, and only warns that the option is deprecated
-
-
-# fmt: off
 INT, NATURAL, FLOAT = integer(), integer(0), number()
 TEXT = Kind(str, "a value", "text")
 FILE = Kind(FileText, "a file path", "file.txt")
 DIRECTORY = Kind(Directory, "a directory", ".")
 DEVICES = Kind(str, "a comma-separated list of devices, or none", "none")
 OVERRIDES = Kind(str, "PATTERN=BUFFER_TYPE items, comma-separated", "blk\\.0\\..*=CPU")
-THREADS = Kind(_threads, "an integer", "2")
+THREADS = Kind(thread_count, "an integer", "2")
 GPU_LAYERS = integer(words={"auto": -1, "all": -2})
-SEED = Kind(lambda text: _UINT32_MAX if text == "-1" else _int(text, 0, _UINT32_MAX),
-             f"an integer from -1 to {_UINT32_MAX}", "42")
-CPU_MASK = Kind(_cpu_mask, "a hexadecimal CPU mask of at most 128 digits", "0xF")
-CPU_RANGE = Kind(_cpu_range, f"a CPU range lo-hi below {_CPUS}", "0-3")
-STRICT = Kind(lambda text: _int(text, 0, _UINT32_MAX) != 0, "0 or 1", "1")
-POLL = integer(0, _UINT32_MAX)
-PRIORITY = named("ggml_sched_priority", "GGML_SCHED_PRIO_", {"0": "NORMAL", "1": "MEDIUM", "2": "HIGH", "3": "REALTIME"})
-PRIORITY_OR_LOW = named("ggml_sched_priority", "GGML_SCHED_PRIO_",
-                        {"-1": "LOW", "0": "NORMAL", "1": "MEDIUM", "2": "HIGH", "3": "REALTIME"})
-CACHE_TYPE = named("ggml_type", "GGML_TYPE_", ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"))
-FLOATS = Kind(lambda text: tuple(float(part) for part in _list(text)), "comma-separated numbers", "3,1")
-MIB = Kind(_mib, "comma-separated sizes in MiB", "1024")
-CSV = Kind(_csv, "a comma-separated list", "a,b")
+SEED = Kind(
+    lambda text: UINT32_MAX if text == "-1" else bounded_int(text, 0, UINT32_MAX),
+    f"an integer from -1 to {UINT32_MAX}",
+    "42",
+)
+CPU_MASK = Kind(cpu_mask, "a hexadecimal CPU mask of at most 128 digits", "0xF")
+CPU_RANGE = Kind(cpu_range, f"a CPU range lo-hi below {CPUS}", "0-3")
+STRICT = Kind(lambda text: bounded_int(text, 0, UINT32_MAX) != 0, "0 or 1", "1")
+POLL = integer(0, UINT32_MAX)
+PRIORITY = named(
+    "ggml_sched_priority",
+    "GGML_SCHED_PRIO_",
+    {"0": "NORMAL", "1": "MEDIUM", "2": "HIGH", "3": "REALTIME"},
+)
+PRIORITY_OR_LOW = named(
+    "ggml_sched_priority",
+    "GGML_SCHED_PRIO_",
+    {"-1": "LOW", "0": "NORMAL", "1": "MEDIUM", "2": "HIGH", "3": "REALTIME"},
+)
+CACHE_TYPE = named(
+    "ggml_type",
+    "GGML_TYPE_",
+    ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"),
+)
+FLOATS = Kind(
+    lambda text: tuple(float(part) for part in split_list(text)), "comma-separated numbers", "3,1"
+)
+MIB = Kind(mib_sizes, "comma-separated sizes in MiB", "1024")
+CSV = Kind(csv_items, "a comma-separated list", "a,b")
 ITEM = Kind(lambda text: (text,), "a value", "text")
-TAGS = Kind(lambda text: tuple(tag.strip() for tag in text.split(",") if tag.strip()), "a comma-separated list", "a,b")
-LORAS = Kind(lambda text: tuple(Lora(path) for path in _csv(text)), "comma-separated file paths", "adapter.gguf")
-SCALED_LORAS = Kind(_scaled_loras, "FNAME:SCALE items, comma-separated", "adapter.gguf:0.5")
-JSON = Kind(_json, "JSON", "{}")
-JSON_OBJECT = Kind(_template_kwargs, "a JSON object", '{"key": "value"}')
-MOE_LAYERS = Kind(_moe_layers, "an integer from 0", "2")
+TAGS = Kind(
+    lambda text: tuple(tag.strip() for tag in text.split(",") if tag.strip()),
+    "a comma-separated list",
+    "a,b",
+)
+LORAS = Kind(
+    lambda text: tuple(Lora(path) for path in csv_items(text)),
+    "comma-separated file paths",
+    "adapter.gguf",
+)
+SCALED_LORAS = Kind(scaled_loras, "FNAME:SCALE items, comma-separated", "adapter.gguf:0.5")
+JSON = Kind(json_text, "JSON", "{}")
+JSON_OBJECT = Kind(template_kwargs, "a JSON object", '{"key": "value"}')
+MOE_LAYERS = Kind(moe_layers, "an integer from 0", "2")
 NGRAM = integer(1, 1024)
-SPEC_TYPE = named("common_speculative_type", "COMMON_SPECULATIVE_TYPE_",
-                  ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark",
-                   "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache"))
-SPEC_TYPES = Kind(lambda text: tuple(SPEC_TYPE.parse(name) for name in text.split(",")),
-                   "a comma-separated list of " + SPEC_TYPE.expects.removeprefix("one of "), "ngram-mod")
+SPEC_TYPE = named(
+    "common_speculative_type",
+    "COMMON_SPECULATIVE_TYPE_",
+    (
+        "none",
+        "draft-simple",
+        "draft-eagle3",
+        "draft-mtp",
+        "draft-dflash",
+        "draft-dspark",
+        "ngram-simple",
+        "ngram-map-k",
+        "ngram-map-k4v",
+        "ngram-mod",
+        "ngram-cache",
+    ),
+)
+SPEC_TYPES = Kind(
+    lambda text: tuple(SPEC_TYPE.parse(name) for name in text.split(",")),
+    "a comma-separated list of " + SPEC_TYPE.expects.removeprefix("one of "),
+    "ngram-mod",
+)
 TEMPERATURE = Kind(lambda text: max(float(text), 0.0), "a number", "0.7")
-RECIPROCAL = Kind(_reciprocal, "a number above 0", "2")
-SLEEP = Kind(_sleep, "-1 or a number of seconds above 0", "300")
-PENALTY_LAST_N = Kind(_penalty_last_n, "an integer from -1", "64")
-DEPRECATED = Kind(_ignored, "a value", "0.1")
-FLASH_ATTN = switch(*(EnumRef("llama_flash_attn_type", f"LLAMA_FLASH_ATTN_TYPE_{m}") for m in ("ENABLED", "DISABLED", "AUTO")))
+RECIPROCAL = Kind(reciprocal, "a number above 0", "2")
+SLEEP = Kind(sleep_seconds, "-1 or a number of seconds above 0", "300")
+PENALTY_LAST_N = Kind(penalty_last_n, "an integer from -1", "64")
+DEPRECATED = Kind(ignored, "a value", "0.1")
+FLASH_ATTN = switch(
+    *(
+        EnumRef("llama_flash_attn_type", f"LLAMA_FLASH_ATTN_TYPE_{m}")
+        for m in ("ENABLED", "DISABLED", "AUTO")
+    )
+)
 REASONING = switch(
-    (Assign("enable_reasoning", 1), Assign("default_template_kwargs", {"enable_thinking": "true"}, Write.MERGE)),
-    (Assign("enable_reasoning", 0), Assign("default_template_kwargs", {"enable_thinking": "false"}, Write.MERGE)),
+    (
+        Assign("enable_reasoning", 1),
+        Assign("default_template_kwargs", {"enable_thinking": "true"}, Write.MERGE),
+    ),
+    (
+        Assign("enable_reasoning", 0),
+        Assign("default_template_kwargs", {"enable_thinking": "false"}, Write.MERGE),
+    ),
     (Assign("enable_reasoning", -1),),
 )
-POOLING = named("llama_pooling_type", "LLAMA_POOLING_TYPE_", ("none", "mean", "cls", "last", "rank"))
-ROPE_SCALING = named("llama_rope_scaling_type", "LLAMA_ROPE_SCALING_TYPE_", ("none", "linear", "yarn"))
+POOLING = named(
+    "llama_pooling_type", "LLAMA_POOLING_TYPE_", ("none", "mean", "cls", "last", "rank")
+)
+ROPE_SCALING = named(
+    "llama_rope_scaling_type", "LLAMA_ROPE_SCALING_TYPE_", ("none", "linear", "yarn")
+)
 SPLIT_MODE = named("llama_split_mode", "LLAMA_SPLIT_MODE_", ("none", "layer", "row", "tensor"))
-LOAD_MODE = named("llama_load_mode", "LLAMA_LOAD_MODE_", {"auto": "AUTO", "none": "NONE", "mmap": "MMAP", "mlock": "MLOCK",
-                                                          "mmap+mlock": "MMAP_MLOCK", "dio": "DIRECT_IO"})
+LOAD_MODE = named(
+    "llama_load_mode",
+    "LLAMA_LOAD_MODE_",
+    {
+        "auto": "AUTO",
+        "none": "NONE",
+        "mmap": "MMAP",
+        "mlock": "MLOCK",
+        "mmap+mlock": "MMAP_MLOCK",
+        "dio": "DIRECT_IO",
+    },
+)
 LAZY_MODE = named("llama_lazy_mode", "LLAMA_LAZY_MODE_", ("on", "auto", "off"))
 NUMA = named("ggml_numa_strategy", "GGML_NUMA_STRATEGY_", ("distribute", "isolate", "numactl"))
-REASONING_FORMAT = named("common_reasoning_format", "COMMON_REASONING_FORMAT_", ("none", "auto", "deepseek", "deepseek-legacy"))
+REASONING_FORMAT = named(
+    "common_reasoning_format",
+    "COMMON_REASONING_FORMAT_",
+    ("none", "auto", "deepseek", "deepseek-legacy"),
+)
 # fmt: on
 
 
@@ -372,7 +198,7 @@ def _cpu(
 
 
 def _sampling(names: str, field: str, kind: Kind, mark: str | None = None) -> Option:
-    return option(names, f"sampling.{field}", kind, extra=_marked(mark) if mark else ())
+    return option(names, f"sampling.{field}", kind, extra=marked(mark) if mark else ())
 
 
 _NO = {"on": False, "off": True}  # for the options that set a "no_..." field
@@ -413,7 +239,7 @@ OPTIONS: tuple[Option, ...] = (
     option("-lzm --lazy-mode", "lazy_mode", LAZY_MODE),
     option("--numa", "numa", NUMA),
     option("-ot --override-tensor", "tensor_buft_overrides", OVERRIDES, write=Write.JOIN),
-    option("-cmoe --cpu-moe", "tensor_buft_overrides", write=Write.JOIN, on=f"{_MOE_EXPERTS}=CPU"),
+    option("-cmoe --cpu-moe", "tensor_buft_overrides", write=Write.JOIN, on=f"{MOE_EXPERTS}=CPU"),
     option("-ncmoe --n-cpu-moe", "tensor_buft_overrides", MOE_LAYERS, write=Write.JOIN),
     option("-ngl --gpu-layers --n-gpu-layers", "n_gpu_layers", GPU_LAYERS),
     option("-sm --split-mode", "split_mode", SPLIT_MODE),
@@ -426,7 +252,7 @@ OPTIONS: tuple[Option, ...] = (
     option("--op-offload", "no_op_offload", negations="--no-op-offload", **_NO),
     option("--lora", "lora_adapters", LORAS, write=Write.EXTEND),
     option("--lora-scaled", "lora_adapters", SCALED_LORAS, write=Write.EXTEND),
-    option("-v --verbose --log-verbose", "verbosity", on=_INT32[1]),
+    option("-v --verbose --log-verbose", "verbosity", on=INT32[1]),
     option("-lv --verbosity --log-verbosity", "verbosity", INT),
     option("--offline", "offline"),
     # -- sampling -------------------------------------------------------------------------------
@@ -440,7 +266,7 @@ OPTIONS: tuple[Option, ...] = (
     _sampling("--xtc-probability", "xtc_probability", FLOAT, "XTC_PROBABILITY"),
     _sampling("--xtc-threshold", "xtc_threshold", FLOAT, "XTC_THRESHOLD"),
     _sampling("--typical --typical-p", "typ_p", FLOAT),
-    option("--repeat-last-n", "", PENALTY_LAST_N, extra=_marked("PENALTY_LAST_N")),
+    option("--repeat-last-n", "", PENALTY_LAST_N, extra=marked("PENALTY_LAST_N")),
     _sampling("--repeat-penalty", "penalty_repeat", FLOAT, "PENALTY_REPEAT"),
     _sampling("--presence-penalty", "penalty_present", FLOAT),
     _sampling("--frequency-penalty", "penalty_freq", FLOAT),
@@ -455,10 +281,10 @@ OPTIONS: tuple[Option, ...] = (
     _sampling("--mirostat", "mirostat", INT, "MIROSTAT"),
     _sampling("--mirostat-lr", "mirostat_eta", FLOAT, "MIROSTAT_ETA"),
     _sampling("--mirostat-ent", "mirostat_tau", FLOAT, "MIROSTAT_TAU"),
-    _sampling("--grammar", "grammar", _grammar("USER")),
-    _sampling("--grammar-file", "grammar", _grammar("USER", file=True)),
-    _sampling("-j --json-schema", "grammar", _grammar("OUTPUT_FORMAT", schema=True)),
-    _sampling("-jf --json-schema-file", "grammar", _grammar("OUTPUT_FORMAT", file=True, schema=True)),
+    _sampling("--grammar", "grammar", grammar_kind("USER")),
+    _sampling("--grammar-file", "grammar", grammar_kind("USER", file=True)),
+    _sampling("-j --json-schema", "grammar", grammar_kind("OUTPUT_FORMAT", schema=True)),
+    _sampling("-jf --json-schema-file", "grammar", grammar_kind("OUTPUT_FORMAT", file=True, schema=True)),
     option("-bs --backend-sampling", "sampling.backend_sampling"),
     # -- server ---------------------------------------------------------------------------------
     option("-lcs --lookup-cache-static", "speculative.ngram_cache.lookup_cache_static", TEXT),
@@ -513,6 +339,7 @@ OPTIONS: tuple[Option, ...] = (
     option("--threads-http", "n_threads_http", INT),
     option("--cache-prompt", "cache_prompt", negations="--no-cache-prompt"),
     option("--cache-reuse", "n_cache_reuse", INT),
+    option("-cram --cache-ram", "cache_ram_mib", integer(-1)),
     option("--props", "endpoint_props"),
     option("--slot-save-path", "slot_save_path", DIRECTORY),
     option("--media-path", "media_path", DIRECTORY),
@@ -544,7 +371,7 @@ OPTIONS: tuple[Option, ...] = (
     option("--spec-draft-override-tensor -otd --override-tensor-draft", f"{_DRAFT}.tensor_buft_overrides", OVERRIDES,
            write=Write.JOIN),
     option("--spec-draft-cpu-moe -cmoed --cpu-moe-draft", f"{_DRAFT}.tensor_buft_overrides", write=Write.JOIN,
-           on=f"{_MOE_EXPERTS}=CPU"),
+           on=f"{MOE_EXPERTS}=CPU"),
     option("--spec-draft-n-cpu-moe --spec-draft-ncmoe -ncmoed --n-cpu-moe-draft", f"{_DRAFT}.tensor_buft_overrides",
            MOE_LAYERS, write=Write.JOIN),
     option("--spec-draft-n-max", f"{_DRAFT}.n_max", INT),
@@ -590,7 +417,6 @@ REFUSED: Mapping[str, str] = {
     **dict.fromkeys(("-t", "--threads"), _paddler("--threads")),
     **dict.fromkeys(("-a", "--alias"), _paddler("--model-alias")),
     **dict.fromkeys(("--api-key", "--api-key-file"), _paddler("--local-llamacpp-api-key")),
-    **dict.fromkeys(("-cram", "--cache-ram"), "is set by paddler (1024 MiB, LlamaCppLaunch.cache_ram_mib)"),
     **dict.fromkeys(("--slots", "--no-slots"), "is set by paddler, which balances by GET /slots "
                                                "(paddler agent --slots sets how many there are)"),
     "--metrics": "is set by paddler, which always enables GET /metrics",

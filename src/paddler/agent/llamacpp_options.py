@@ -30,9 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from paddler.agent.llamacpp_option_table import (
-    OPTIONS,
-    REFUSED,
+from paddler.agent.llamacpp_option_kinds import (
     Assign,
     Directory,
     EnumRef,
@@ -43,6 +41,7 @@ from paddler.agent.llamacpp_option_table import (
     Option,
     Write,
 )
+from paddler.agent.llamacpp_option_table import OPTIONS, REFUSED
 
 
 class LlamaCppOptionError(ValueError):
