@@ -7,10 +7,12 @@ rules against real llama.cpp.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.support.balancer import ScriptedAgent, ok, running_balancer
@@ -92,9 +94,11 @@ async def test_a_501_goes_to_a_server_that_offers_the_route_and_the_lack_is_reme
 
 
 async def test_a_501_from_every_server_reaches_the_client_unchanged(
-    session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Nobody offers the route: the client gets llama.cpp's 501 and its advice, at once."""
+    """Nobody offers the route: the client gets llama.cpp's 501 and its advice, at once, and
+    the request log does not count it as a failure of the fleet."""
+    caplog.set_level(logging.INFO, logger="paddler.requests")
     hits: Counter[str] = Counter()
     async with (
         fake_upstream(counting(hits, "a", 501, NO_EMBEDDINGS)) as port_a,
@@ -110,6 +114,11 @@ async def test_a_501_from_every_server_reaches_the_client_unchanged(
         assert hits["a"] + hits["b"] == 5  # learning costs one retry, then one attempt each
         assert all(agent.usable() for agent in running.pool.agents())
         assert all(agent.consecutive_failures == 0 for agent in running.pool.agents())
+    lines = [record for record in caplog.records if record.name == "paddler.requests"]
+    assert len(lines) == 4
+    assert all(line.levelno == logging.INFO for line in lines)
+    assert all(line.fault == "request" for line in lines)  # type: ignore[attr-defined]
+    assert "(the request's own fault)" in lines[0].getMessage()
 
 
 async def test_a_4xx_is_relayed_unchanged_and_never_sent_to_another_server(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from paddler.balancer.observers import Observer, RequestRecord
+from paddler.balancer.verdict import Fault
 
 log = logging.getLogger("paddler.requests")
 
@@ -26,6 +27,7 @@ class RequestLog(Observer):
             "path": record.path,
             "status": record.status,
             "outcome": record.outcome.value if record.outcome else None,
+            "fault": record.fault.value if record.fault else None,
             "agent": agent,
             "attempts": record.attempts,
             "buffer_wait_ms": _milliseconds(record.buffer_wait),
@@ -33,6 +35,9 @@ class RequestLog(Observer):
             "duration_ms": _milliseconds(record.duration),
         }
         level = logging.WARNING if record.failed else logging.INFO
+        outcome = str(fields["outcome"])
+        if record.fault is Fault.REQUEST and (record.status or 0) >= 400:
+            outcome += " (the request's own fault)"
         log.log(
             level,
             "request %s %s %s -> %s %s via %s: %s ms (buffered %s ms, first chunk %s ms, %d attempt(s))",
@@ -40,7 +45,7 @@ class RequestLog(Observer):
             record.method,
             record.path,
             record.status if record.status is not None else "-",
-            fields["outcome"],
+            outcome,
             agent or "no agent",
             fields["duration_ms"],
             fields["buffer_wait_ms"],
