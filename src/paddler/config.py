@@ -133,6 +133,8 @@ class AgentConfig:
     monitoring_interval: float = 0.25
     llamacpp_timeout: float = 3.0
     reconnect_backoff_max: float = 10.0
+    shutdown_drain_timeout: float = 30.0
+    """On shutdown, how long requests running on our own llama.cpp may take to finish."""
     launch: LlamaCppLaunch | None = None
 
     @property

@@ -10,8 +10,12 @@ Contract of ``Agent(config).run(shutdown)``:
 - The balancer link registers ``config.name`` (default: ``<hostname>:<external port>``) with the
   external address. An external port of 0 means "the port our llama.cpp child listens on"; the
   link then starts once that child is first ready.
-- It returns when ``shutdown`` is set and every part has finished, child stopped and balancer
-  told. If one part fails, the others are stopped too and the failure propagates.
+- On ``shutdown`` it deregisters first, so that the balancer sends nothing more. An agent that
+  runs its own llama.cpp then lets the requests still running there finish (while llama.cpp
+  reports busy slots, up to ``config.shutdown_drain_timeout``) before it stops llama.cpp: an
+  autoscaler or systemd stopping a host does not cut its users' streams.
+- It returns when every part has finished, child stopped and balancer told. If one part fails,
+  the others are stopped too and the failure propagates.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Agent:
             raise ValueError("port 0 is only meaningful when the agent runs llama.cpp (--model)")
         self._config = config
         self.board = StatusBoard()
+        self._monitor: LlamaCppMonitor | None = None
         self.process: LlamaCppProcess | None = None
         if config.launch is not None:
             self.process = LlamaCppProcess(
@@ -54,19 +59,67 @@ class Agent:
         # A small pool: the agent talks to one llama.cpp and one balancer.
         connector = aiohttp.TCPConnector(limit=8)
         async with aiohttp.ClientSession(connector=connector) as session:
+            # llama.cpp (and watching it) stops after the balancer was told and the drain ended.
+            stop_llamacpp = asyncio.Event()
             try:
                 async with asyncio.TaskGroup() as group:
                     if self.process is not None:
-                        group.create_task(self.process.run(shutdown), name="llama.cpp process")
-                    group.create_task(self._watch(session, shutdown), name="llama.cpp monitor")
-                    group.create_task(self._link(session, shutdown), name="balancer link")
+                        group.create_task(self.process.run(stop_llamacpp), name="llama.cpp process")
+                    group.create_task(self._watch(session, stop_llamacpp), name="llama.cpp monitor")
+                    group.create_task(
+                        self._link_then_drain(session, shutdown, stop_llamacpp),
+                        name="balancer link",
+                    )
             finally:
                 shutdown.set()
+                stop_llamacpp.set()
+
+    async def _link_then_drain(
+        self, session: aiohttp.ClientSession, shutdown: asyncio.Event, stop: asyncio.Event
+    ) -> None:
+        try:
+            await self._link(session, shutdown)
+            if self.process is not None:
+                await self._drain()
+        finally:
+            stop.set()
+
+    async def _drain(self) -> None:
+        """Wait, up to the drain timeout, until our llama.cpp has no request running.
+
+        It reads llama.cpp afresh, not the last report: a request that began a moment ago may
+        not be in that report yet.
+        """
+        timeout = self._config.shutdown_drain_timeout
+        monitor = self._monitor
+        if monitor is None:
+            return
+        status = await monitor.observe()
+        if status.state is not LlamaCppState.OK or not status.slots_processing:
+            return
+        logger.info(
+            "waiting for %d request(s) running on llama.cpp to finish (up to %gs)",
+            status.slots_processing,
+            timeout,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                while status.state is LlamaCppState.OK and status.slots_processing:
+                    await asyncio.sleep(self._config.monitoring_interval)
+                    status = await monitor.observe()
+        except TimeoutError:
+            logger.warning(
+                "%d request(s) still running on llama.cpp after %gs; stopping it anyway",
+                status.slots_processing,
+                timeout,
+            )
+        else:
+            logger.info("no request is running on llama.cpp any more")
 
     async def _watch(self, session: aiohttp.ClientSession, shutdown: asyncio.Event) -> None:
         config = self._config
         process = self.process
-        monitor = LlamaCppMonitor(
+        monitor = self._monitor = LlamaCppMonitor(
             session,
             (lambda: process.url) if process is not None else config.local.url,
             config.local_llamacpp_api_key,

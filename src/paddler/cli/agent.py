@@ -84,6 +84,13 @@ from paddler.config import Address, AgentConfig, LlamaCppLaunch
     default="250ms",
     help="How often to read llama.cpp's /slots; changes are reported at once.",
 )
+@option(
+    "--shutdown-drain-timeout",
+    type=DURATION,
+    default="30s",
+    help="With --model, on shutdown: after deregistering, how long requests still running on "
+    "llama.cpp may take to finish before it stops.",
+)
 @launch_options(
     model_help="Run llama.cpp on this GGUF file in a supervised child process instead of "
     "watching an external server; the options below and any after -- are llama.cpp's.",
@@ -160,5 +167,6 @@ def _agent_config(options: dict[str, Any], launch: LlamaCppLaunch | None) -> Age
         name=options["name"],
         reporting_interval=options["reporting_interval"],
         monitoring_interval=options["monitoring_interval"],
+        shutdown_drain_timeout=options["shutdown_drain_timeout"],
         launch=launch,
     )
