@@ -188,7 +188,9 @@ class ReverseProxy:
                 verdict = judge(
                     status,
                     failed_elsewhere=attempts.failed_elsewhere,
-                    can_retry=not is_last
+                    # Asked only of 5xx answers: it walks the fleet.
+                    can_retry=status >= 500
+                    and not is_last
                     and self._pool.has_candidates(
                         attempts.tried,
                         demand.model,

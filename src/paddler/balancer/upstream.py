@@ -283,7 +283,7 @@ async def hold(
     agent_name: str,
     *,
     limit: int = HELD_ANSWER_LIMIT,
-    timeout: float = 5.0,
+    timeout: float = 2.0,
 ) -> tuple[HeldAnswer | None, str]:
     """Read an error answer whole and close it: the answer (None if it was too large, too slow
     or broken) and a description of it for logs and for the client's final error."""
