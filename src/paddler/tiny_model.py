@@ -40,12 +40,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "paddler" / "models"
 
 
+def tiny_model_file(shape: TinyModelShape | None = None, directory: Path | None = None) -> Path:
+    """Where the model with this shape is (or will be) kept; nothing is written."""
+    shape = shape or TinyModelShape()
+    return (directory or default_cache_dir()) / f"paddler-tiny-{shape.digest()}.gguf"
+
+
 def ensure_tiny_model(shape: TinyModelShape | None = None, directory: Path | None = None) -> Path:
     """Return the path of the model with this shape, writing it first if it does not exist."""
     shape = shape or TinyModelShape()
-    directory = directory or default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"paddler-tiny-{shape.digest()}.gguf"
+    path = tiny_model_file(shape, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         # Written under a temporary name and renamed, so that concurrent callers never load a
         # half-written file.

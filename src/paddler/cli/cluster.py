@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,30 @@ def cluster(
     require_llamacpp()
     if options["model"] is None:
         require("gguf", "model", "Writing the tiny default model")
-    from paddler.cluster import Cluster, ClusterConfig
+    from paddler.cluster import Cluster, ClusterConfig, ClusterFailed
 
     model: Path | None = options.pop("model")
     config = ClusterConfig(
         model=model, log_level=log_level, log_format=log_format, extra_args=extra, **options
     )
-    sys.exit(asyncio.run(Cluster(config).run_until_signalled()))
+
+    async def main() -> int:
+        # The first SIGINT or SIGTERM stops the cluster in order (the balancer drains first);
+        # a second one cuts the drain short. The cluster's progress lines say which.
+        shutdown, hurry = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            (hurry if shutdown.is_set() else shutdown).set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal)
+        return await Cluster(config).run(shutdown, hurry)
+
+    try:
+        code = asyncio.run(main())
+    except ClusterFailed as error:
+        raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:  # before the handlers were installed
+        code = 130
+    sys.exit(code)

@@ -65,7 +65,10 @@ def run_until_signalled(
         def on_signal(signum: int) -> None:
             if shutdown.is_set():
                 log.warning("second %s: exiting now", signal.Signals(signum).name)
-                raise SystemExit(130)
+                # At once, without unwinding: unwinding would cancel the handlers that the
+                # drain is waiting for, and aiohttp (3.14) logs a traceback for each of them.
+                logging.shutdown()
+                os._exit(130)
             log.info("%s received: shutting down", signal.Signals(signum).name)
             shutdown.set()
 
