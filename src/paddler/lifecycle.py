@@ -9,6 +9,7 @@ stops the others.
 from __future__ import annotations
 
 import asyncio
+import signal
 
 
 async def wait_or_shutdown(shutdown: asyncio.Event, seconds: float) -> bool:
@@ -19,3 +20,15 @@ async def wait_or_shutdown(shutdown: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def describe_exit(returncode: int | None) -> str:
+    """How a child process ended, in words: "exited with code 1", "was killed by SIGKILL"."""
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"

@@ -24,7 +24,6 @@ import collections
 import contextlib
 import logging
 import os
-import signal
 import sys
 from urllib.parse import urlsplit
 
@@ -33,7 +32,7 @@ from paddler.agent.backoff import Backoff
 from paddler.agent.interruptible import unless_shutdown
 from paddler.agent.llamacpp_child import API_KEY_ENV, READY_PREFIX
 from paddler.config import Address, LlamaCppLaunch
-from paddler.lifecycle import wait_or_shutdown
+from paddler.lifecycle import describe_exit, wait_or_shutdown
 
 logger = logging.getLogger(__name__)
 # llama.cpp's own log lines, at debug level: they are many, and mostly about loading.
@@ -155,7 +154,7 @@ class LlamaCppProcess:
             logger.warning(
                 "llama.cpp (pid %d) %s; last log lines:\n%s",
                 process.pid,
-                _describe_exit(process.returncode),
+                describe_exit(process.returncode),
                 "\n".join(tail),
             )
             return True
@@ -188,7 +187,7 @@ class LlamaCppProcess:
         # Let the last words on stderr arrive: they say why.
         await asyncio.wait((stderr_pump,), timeout=1.0)
         raise LlamaCppStartFailed(
-            f"it {_describe_exit(process.returncode)} before it was ready; last log lines:\n"
+            f"it {describe_exit(process.returncode)} before it was ready; last log lines:\n"
             + "\n".join(tail)
         )
 
@@ -280,14 +279,3 @@ async def _pump(stream: asyncio.StreamReader, tail: collections.deque[str]) -> N
         text = line.decode(errors="replace").rstrip()
         tail.append(text)
         output_logger.debug("%s", text)
-
-
-def _describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "is still running"
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with code {returncode}"

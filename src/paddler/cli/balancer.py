@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from paddler.cli.options import DURATION, PORT, flag, logging_options, option
+from paddler.cli.options import DURATION, PORT, flag, logging_options, option, routing_options
 from paddler.cli.process import configure_logging, notify, resolve_host, run_until_signalled
-from paddler.config import ROUTING_POLICIES, BalancerConfig
+from paddler.config import BalancerConfig
 
 
 @click.command()
@@ -138,23 +138,7 @@ from paddler.config import ROUTING_POLICIES, BalancerConfig
     default=0.8,
     help="Share of slots that the autoscaling advice (GET /api/v1/autoscaling on the management port) aims to keep busy.",
 )
-@option(
-    "--routing",
-    type=click.Choice(ROUTING_POLICIES),
-    default="prefix",
-    help="How to choose among servers with a free slot. prefix: prefer the server whose llama.cpp most likely holds the prompt's prefix in its cache, weighed against load (see docs/routing.md). slots: the server with the most free slots.",
-)
-@option(
-    "--prefix-index-memory",
-    type=click.IntRange(0),
-    default=64 * 1024 * 1024,
-    help="Most bytes the prefix index of --routing prefix may hold; the least recently used prefixes are forgotten first.",
-)
-@flag(
-    "--allow-unknown-models",
-    default=False,
-    help="Send a request that names a model no agent serves to any agent (as a single llama.cpp would accept it) instead of answering 404.",
-)
+@routing_options
 @logging_options
 def balancer(
     log_level: str,

@@ -11,9 +11,8 @@ from typing import Any
 import click
 
 from paddler.cli.launch import checked_llamacpp_args, launch_options, require_llamacpp
-from paddler.cli.options import DURATION, PORT, flag, logging_options, option
+from paddler.cli.options import DURATION, PORT, logging_options, option, routing_options
 from paddler.cli.process import configure_logging, require
-from paddler.config import ROUTING_POLICIES
 
 
 @click.command()
@@ -42,17 +41,7 @@ from paddler.config import ROUTING_POLICIES
     default="60s",
     help="How long a request may wait for a slot.",
 )
-@option(
-    "--routing",
-    type=click.Choice(ROUTING_POLICIES),
-    default="prefix",
-    help="How the balancer chooses among servers with a free slot (see paddler balancer --help).",
-)
-@flag(
-    "--allow-unknown-models",
-    help="Send a request that names a model no server serves to any server instead of "
-    "answering 404 (a cluster of one model serves any name anyway).",
-)
+@routing_options
 @option(
     "--shutdown-drain-timeout",
     type=DURATION,

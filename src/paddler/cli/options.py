@@ -141,3 +141,30 @@ def logging_options(function: Callable[..., Any]) -> Callable[..., Any]:
         default="info",
         help="How much to log.",
     )(function)
+
+
+def routing_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """How the balancer picks servers and treats model names: ``balancer`` and ``cluster``."""
+    from paddler.config import ROUTING_POLICIES
+
+    function = flag(
+        "--allow-unknown-models",
+        help="Send a request that names a model no agent serves to any agent instead of "
+        "answering 404. Only matters in a fleet of several models: one of a single model "
+        "serves any name, as a single llama.cpp does.",
+    )(function)
+    function = option(
+        "--prefix-index-memory",
+        type=click.IntRange(0),
+        default=64 * 1024 * 1024,
+        help="Most bytes the prefix index of --routing prefix may hold; the least recently "
+        "used prefixes are forgotten first.",
+    )(function)
+    return option(
+        "--routing",
+        type=click.Choice(ROUTING_POLICIES),
+        default="prefix",
+        help="How to choose among servers with a free slot. prefix: prefer the server whose "
+        "llama.cpp most likely holds the prompt's prefix in its cache, weighed against load "
+        "(see docs/routing.md). slots: the server with the most free slots.",
+    )(function)

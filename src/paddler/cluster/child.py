@@ -20,6 +20,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from paddler.lifecycle import describe_exit
+
 _LINE_LIMIT = 1 << 20
 # The text format of ``paddler.cli.process.configure_logging``: time, level, logger, message.
 _TEXT_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ [\w.]+: (?P<message>.*)$")
@@ -45,15 +47,6 @@ def log_message(line: str) -> str:
                 return message
     match = _TEXT_LOG_LINE.match(line)
     return match.group("message") if match else line
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with code {returncode}"
 
 
 class Child:
@@ -102,7 +95,7 @@ class Child:
     def why(self, when: str = "") -> str:
         """How it ended (``when``: "during start-up", say) and the message of its last line."""
         returncode = self.process.returncode
-        how = "is still running" if returncode is None else describe_exit(returncode)
+        how = describe_exit(returncode)
         said = " ".join(part for part in (self.role, how, when) if part)
         # After an error exit the last line says why; after a signal it is unrelated.
         message = log_message(self.last_line) if returncode is not None and returncode > 0 else ""

@@ -177,6 +177,7 @@ class Cluster:
             f"--request-buffer-size={config.request_buffer_size}",
             f"--request-buffer-timeout={config.request_buffer_timeout}",
             f"--routing={config.routing}",
+            f"--prefix-index-memory={config.prefix_index_memory}",
             f"--allow-unknown-models={config.allow_unknown_models}",
             f"--shutdown-drain-timeout={config.shutdown_drain_timeout}",
             "--management-dashboard-enable",  # loopback only, and read-only

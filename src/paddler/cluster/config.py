@@ -22,6 +22,7 @@ class ClusterConfig:
     request_buffer_size: int = 20
     request_buffer_timeout: float = 60.0
     routing: str = "prefix"
+    prefix_index_memory: int = 64 * 1024 * 1024
     allow_unknown_models: bool = False
     shutdown_drain_timeout: float = 30.0
     """On stop, how long the balancer lets running requests finish before the servers stop."""
