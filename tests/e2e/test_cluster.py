@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
+import openai
 import pytest
 
 from tests.support.balancer import wait_until
@@ -445,3 +446,20 @@ async def test_a_child_that_dies_after_start_up_stops_the_cluster_and_says_which
     assert last == "Error: the agent of server-2 was killed by SIGKILL; the cluster stopped"
     assert "Paddler cluster stopped." in "".join(running.output)
     await wait_until(lambda: not alive(children), timeout=15)
+
+
+async def test_llamacpp_options_after_a_double_dash_reach_every_server() -> None:
+    """paddler cluster -- --embeddings --pooling mean: the OpenAI SDK's embeddings work."""
+    async with running_cluster(
+        "--servers=1",
+        "--slots=1",
+        "--model-alias=embedder",
+        "--",
+        "--embeddings",
+        "--pooling",
+        "mean",
+    ) as running:
+        client = openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+        result = await client.embeddings.create(model="embedder", input="hello")
+        await client.close()
+    assert len(result.data[0].embedding) == 64
