@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 
 from paddler.agent.llamacpp_options import LlamaCppOptionError
-from paddler.agent.llamacpp_process import LlamaCppProcess
+from paddler.agent.llamacpp_process import LlamaCppGaveUp, LlamaCppProcess
 from paddler.config import LlamaCppLaunch
-from tests.support.llamacpp import process_exists
+from tests.support.llamacpp import process_exists, truncated_model
 from tests.support.logs import watching
 
 pytestmark = pytest.mark.llamacpp
@@ -138,3 +138,21 @@ def test_process_refuses_extra_options_that_no_child_could_take(tiny_model: Path
     bad = dataclasses.replace(launch(tiny_model), extra_args=("--ctx-size", "8192"))
     with pytest.raises(LlamaCppOptionError, match="use paddler agent --context-size instead"):
         LlamaCppProcess(bad, "127.0.0.1", 0, None)
+
+
+async def test_process_gives_up_on_a_model_that_never_loads(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A truncated model fails the same way every time: after three attempts the process
+    stops trying and says llama.cpp's reason in one line, instead of restarting forever."""
+    truncated = truncated_model(tmp_path)
+    process = LlamaCppProcess(launch(truncated), "127.0.0.1", 0, None, max_failed_starts=3)
+    with watching("paddler.agent.llamacpp_process") as log:
+        with pytest.raises(LlamaCppGaveUp) as gave_up:
+            await asyncio.wait_for(process.run(asyncio.Event()), 60)
+        failures = await log.wait_for(logging.ERROR, count=3, containing="did not start")
+    assert len(failures) == 3
+    message = str(gave_up.value)
+    assert "\n" not in message
+    assert "3 attempts" in message and str(truncated) in message
+    assert "corrupted or incomplete" in message

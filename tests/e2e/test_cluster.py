@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from tests.support.balancer import wait_until
-from tests.support.llamacpp import stop_process
+from tests.support.llamacpp import stop_process, truncated_model
 
 BANNER_END = "Press Ctrl-C"
 
@@ -463,3 +463,23 @@ async def test_llamacpp_options_after_a_double_dash_reach_every_server() -> None
         result = await client.embeddings.create(model="embedder", input="hello")
         await client.close()
     assert len(result.data[0].embedding) == 64
+
+
+async def test_a_model_that_never_loads_ends_the_start_up_with_llamacpps_reason(
+    tmp_path: Path,
+) -> None:
+    """A truncated GGUF file passes the quick check but cannot load: the cluster stops after
+    its agents gave up, with one line that says what llama.cpp found wrong."""
+    truncated = truncated_model(tmp_path)
+    code, stdout, stderr = await run_cluster_command(
+        f"--reverseproxy-port={free_port()}",
+        f"--management-port={free_port()}",
+        "--servers=1",
+        f"--model={truncated}",
+    )
+    assert code == 1
+    assert "is ready" not in stdout
+    last = stderr.splitlines()[-1]
+    assert last.startswith("Error: the agent of server-1 exited with code 1 during start-up: ")
+    assert "corrupted or incomplete" in last
+    assert "Traceback" not in stderr

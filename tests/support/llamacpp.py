@@ -131,3 +131,11 @@ def process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def truncated_model(directory: Path) -> Path:
+    """The tiny model cut short: a GGUF header that llama.cpp accepts, then too few bytes, as a
+    download that broke off leaves it. llama.cpp refuses to load it, every time."""
+    truncated = directory / "truncated.gguf"
+    truncated.write_bytes(tiny_model_path().read_bytes()[:200_000])
+    return truncated

@@ -12,6 +12,10 @@ Contract:
 - ``launch.extra_args`` (llama-server's own options) go to every child after ``--``; they are
   checked at construction, which raises ``LlamaCppOptionError`` for one that no child could take,
   rather than starting children that fail forever.
+- A llama.cpp that has never served and fails to start ``max_failed_starts`` times in a row (a
+  corrupt or truncated model, too little memory for it) is given up on: ``run`` raises
+  ``LlamaCppGaveUp`` naming llama.cpp's reason, instead of restarting forever. Once a child has
+  served, later failures are always restarted.
 - No child outlives ``run``: on shutdown, failure or cancellation it gets SIGTERM, then SIGKILL
   after ``stop_timeout``. Should this process die without cleaning up, the child still exits: its
   stdin (a pipe nobody writes) reaches end of file, and on Linux the kernel sends it SIGTERM.
@@ -49,6 +53,15 @@ _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 class LlamaCppStartFailed(Exception):
     """A child exited, or stayed silent, before it said it was ready."""
 
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message.splitlines()[0]
+        """llama.cpp's own explanation, in one line."""
+
+
+class LlamaCppGaveUp(Exception):
+    """llama.cpp never started, after several attempts; the message says why, in one line."""
+
 
 class LlamaCppProcess:
     """Keeps one llama.cpp child running on ``host``:``port`` until shutdown."""
@@ -62,6 +75,7 @@ class LlamaCppProcess:
         *,
         startup_timeout: float = 600.0,
         stop_timeout: float = 5.0,
+        max_failed_starts: int = 3,
     ) -> None:
         llamacpp_options.parse(launch.extra_args)
         self._launch = launch
@@ -70,6 +84,7 @@ class LlamaCppProcess:
         self._api_key = api_key
         self._startup_timeout = startup_timeout
         self._stop_timeout = stop_timeout
+        self._max_failed_starts = max_failed_starts
         self._url: str | None = None
         self._pid: int | None = None
         self._starting = False
@@ -109,13 +124,21 @@ class LlamaCppProcess:
     async def run(self, shutdown: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         backoff = Backoff(_INITIAL_BACKOFF, max(self._launch.restart_backoff_max, _INITIAL_BACKOFF))
+        failed_starts = 0
         while not shutdown.is_set():
             started = loop.time()
             try:
                 exited = await self._run_child(shutdown)
             except LlamaCppStartFailed as failure:
                 logger.error("llama.cpp did not start: %s", failure)
+                failed_starts += 1
+                if self._generation == 0 and failed_starts >= self._max_failed_starts:
+                    raise LlamaCppGaveUp(
+                        f"llama.cpp did not start ({failed_starts} attempts) on "
+                        f"{self._launch.model}: {failure.reason}"
+                    ) from None
             else:
+                failed_starts = 0
                 if not exited:
                     return
             if loop.time() - started >= _STABLE_AFTER:
@@ -188,7 +211,8 @@ class LlamaCppProcess:
         await asyncio.wait((stderr_pump,), timeout=1.0)
         raise LlamaCppStartFailed(
             f"it {describe_exit(process.returncode)} before it was ready; last log lines:\n"
-            + "\n".join(tail)
+            + "\n".join(tail),
+            reason=_reason(tail) or f"it {describe_exit(process.returncode)}",
         )
 
     def _connectable(self, url: str) -> str:
@@ -279,3 +303,13 @@ async def _pump(stream: asyncio.StreamReader, tail: collections.deque[str]) -> N
         text = line.decode(errors="replace").rstrip()
         tail.append(text)
         output_logger.debug("%s", text)
+
+
+def _reason(tail: collections.deque[str]) -> str | None:
+    """The line of llama.cpp's log that says why it stopped, if there is one."""
+    lines = [line for line in tail if line.strip()]
+    for line in lines:
+        if "error loading model" in line:
+            return line.split("error loading model:", 1)[-1].strip() or line
+    errors = [line for line in lines if " E " in line]
+    return (errors[-1] if errors else lines[-1] if lines else None) or None

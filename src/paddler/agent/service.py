@@ -30,7 +30,7 @@ import aiohttp
 from paddler.agent.balancer_link import BalancerLink
 from paddler.agent.interruptible import unless_shutdown
 from paddler.agent.llamacpp_monitor import LlamaCppMonitor
-from paddler.agent.llamacpp_process import LlamaCppProcess
+from paddler.agent.llamacpp_process import LlamaCppGaveUp, LlamaCppProcess
 from paddler.agent.status_board import StatusBoard
 from paddler.config import AgentConfig
 from paddler.lifecycle import wait_or_shutdown
@@ -62,17 +62,23 @@ class Agent:
             # llama.cpp (and watching it) stops after the balancer was told and the drain ended.
             stop_llamacpp = asyncio.Event()
             try:
-                async with asyncio.TaskGroup() as group:
-                    if self.process is not None:
-                        group.create_task(self.process.run(stop_llamacpp), name="llama.cpp process")
-                    group.create_task(self._watch(session, stop_llamacpp), name="llama.cpp monitor")
-                    group.create_task(
-                        self._link_then_drain(session, shutdown, stop_llamacpp),
-                        name="balancer link",
-                    )
+                await self._run_parts(session, shutdown, stop_llamacpp)
+            except* LlamaCppGaveUp as gave_up:
+                raise gave_up.exceptions[0] from None  # one clear reason, not a group
             finally:
                 shutdown.set()
                 stop_llamacpp.set()
+
+    async def _run_parts(
+        self, session: aiohttp.ClientSession, shutdown: asyncio.Event, stop_llamacpp: asyncio.Event
+    ) -> None:
+        async with asyncio.TaskGroup() as group:
+            if self.process is not None:
+                group.create_task(self.process.run(stop_llamacpp), name="llama.cpp process")
+            group.create_task(self._watch(session, stop_llamacpp), name="llama.cpp monitor")
+            group.create_task(
+                self._link_then_drain(session, shutdown, stop_llamacpp), name="balancer link"
+            )
 
     async def _link_then_drain(
         self, session: aiohttp.ClientSession, shutdown: asyncio.Event, stop: asyncio.Event

@@ -137,12 +137,13 @@ def agent(
         else None
     )
     config = _agent_config(options, launch)
+    from paddler.agent.llamacpp_process import LlamaCppGaveUp
     from paddler.agent.service import Agent
 
     async def main(shutdown: asyncio.Event) -> None:
         await Agent(config).run(shutdown)
 
-    run_until_signalled(main)
+    run_until_signalled(main, fatal=(LlamaCppGaveUp,))
 
 
 def _agent_config(options: dict[str, Any], launch: LlamaCppLaunch | None) -> AgentConfig:
