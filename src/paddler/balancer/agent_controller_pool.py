@@ -76,6 +76,8 @@ class AgentControllerPool:
         self.policy: RoutingPolicy = policy or SlotsPolicy()
         self._agents: dict[str, AgentController] = {}
         self._allow_unknown_models = allow_unknown_models
+        self._lacking_until = 0.0
+        """Until when some agent may lack some route: before, ``pick`` needs not ask each."""
         self._model_names: Counter[str] = Counter()
         self._model_ids: Counter[str] = Counter()
         self._cache_keys = itertools.count(1)
@@ -220,13 +222,13 @@ class AgentControllerPool:
             and agent.id not in demand.exclude
             and (model_filter is None or agent.serves(model_filter))
         ]
-        if demand.route is not None and candidates:
-            now = self.clock()
+        now = self.clock()
+        if demand.route is not None and candidates and now < self._lacking_until:
             capable = [agent for agent in candidates if not agent.lacks(demand.route, now)]
             candidates = capable or candidates
         if not candidates:
             return None
-        return self.policy.choose(candidates, demand, self.clock(), spill=spill)
+        return self.policy.choose(candidates, demand, now, spill=spill)
 
     def _model_filter(self, model: str | None) -> str | None:
         """The name candidates must answer to: ``model`` if some agent does, else none."""
@@ -287,7 +289,9 @@ class AgentControllerPool:
                 detail[:300],
                 LACKING_ROUTE_SECONDS,
             )
-        agent.lacking_routes[route] = self.clock() + LACKING_ROUTE_SECONDS
+        until = self.clock() + LACKING_ROUTE_SECONDS
+        agent.lacking_routes[route] = until
+        self._lacking_until = max(self._lacking_until, until)
 
     def offers_route(self, agent: AgentController, route: str) -> None:
         """``agent`` just served ``route``."""
