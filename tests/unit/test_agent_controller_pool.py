@@ -244,7 +244,7 @@ def test_a_route_a_server_lacks_goes_to_servers_that_may_have_it(
     while only; chat requests are not affected."""
     lacking, _ = pool.register("lacking", address(1), status(idle=4))
     other, _ = pool.register("other", address(2), status(idle=1))
-    pool.lacks_route(lacking, "/v1/embeddings", "answered 501")
+    pool.lacks_route(lacking, "/v1/embeddings")
     assert pool.pick(Demand(True, route="/v1/embeddings")) is other
     assert pool.pick(Demand(True, route="/v1/chat/completions")) is lacking
     assert not pool.has_candidates({other.id}, route="/v1/embeddings")
@@ -258,7 +258,7 @@ def test_when_every_server_lacks_a_route_the_request_still_reaches_one(
 ) -> None:
     """The client then gets llama.cpp's own 501 and its reason, not a wait or a 502."""
     agent, _ = pool.register("only", address(1), status(idle=1))
-    pool.lacks_route(agent, "/v1/embeddings", "answered 501")
+    pool.lacks_route(agent, "/v1/embeddings")
     assert pool.pick(Demand(True, route="/v1/embeddings")) is agent
 
 
@@ -268,11 +268,11 @@ def test_a_restarted_server_is_asked_again_for_routes_it_lacked(
     """It may have come back with --embeddings; and one that serves the route is believed."""
     lacking, session = pool.register("lacking", address(1), status(idle=4))
     other, _ = pool.register("other", address(2), status(idle=1))
-    pool.lacks_route(lacking, "/v1/embeddings", "answered 501")
+    pool.lacks_route(lacking, "/v1/embeddings")
     pool.report(lacking, session, Status(state=LlamaCppState.LOADING))
     pool.report(lacking, session, status(idle=4))
     assert pool.pick(Demand(True, route="/v1/embeddings")) is lacking
-    pool.lacks_route(lacking, "/v1/embeddings", "answered 501")
+    pool.lacks_route(lacking, "/v1/embeddings")
     pool.offers_route(lacking, "/v1/embeddings")
     assert pool.pick(Demand(True, route="/v1/embeddings")) is lacking
     assert other.lacking_routes == {}

@@ -205,6 +205,7 @@ def test_llamacpp_options_need_a_model() -> None:
 def test_the_cluster_takes_the_balancers_routing_and_model_flags() -> None:
     """--routing, --prefix-index-memory and --allow-unknown-models mean the same in both."""
     shared = {"--routing", "--prefix-index-memory", "--allow-unknown-models"}
+    shared |= {"--request-buffer-size", "--request-buffer-timeout"}
     for name in ("balancer", "cluster"):
         command = cli.commands[name]  # type: ignore[attr-defined]
         assert shared <= {opt for parameter in command.params for opt in parameter.opts}

@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from paddler.llamacpp_error import error_message
 from paddler.protocol import LlamaCppState, Status
 
 _MAX_ERROR_CHARS = 2048
@@ -208,13 +209,8 @@ def _loads_or_none(body: bytes) -> Any:
 
 
 def _error_message(body: bytes) -> str | None:
-    """The message of llama.cpp's ``{"error": {"message": ...}}`` body, if it is one."""
-    parsed = _loads_or_none(body)
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        message = parsed["error"].get("message")
-        if isinstance(message, str):
-            return _clip(message, 300)
-    return None
+    message = error_message(body)
+    return None if message is None else _clip(message, 300)
 
 
 def _model_names(candidates: list[Any]) -> tuple[str, ...]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -78,8 +77,8 @@ class AgentControllerPool:
         self._allow_unknown_models = allow_unknown_models
         self._lacking_until = 0.0
         """Until when some agent may lack some route: before, ``pick`` needs not ask each."""
-        self._model_names: Counter[str] = Counter()
-        self._model_ids: Counter[str] = Counter()
+        self._model_names: frozenset[str] = frozenset()
+        self._model_ids: frozenset[str] = frozenset()
         self._cache_keys = itertools.count(1)
         self._settle_timeout = settle_timeout
         self._circuit_cooldown = circuit_cooldown
@@ -232,7 +231,7 @@ class AgentControllerPool:
 
     def _model_filter(self, model: str | None) -> str | None:
         """The name candidates must answer to: ``model`` if some agent does, else none."""
-        return model if model is not None and model in self._model_names else None
+        return model if model is not None and self.knows(model) else None
 
     def knows(self, model: str) -> bool:
         """Whether some agent answers to ``model``."""
@@ -256,12 +255,9 @@ class AgentControllerPool:
 
     def _index_models(self) -> None:
         # Rebuilt whole, on membership and model changes only (not on every report).
-        self._model_names = Counter(
-            name for agent in self._agents.values() for name in agent.model_names
-        )
-        self._model_ids = Counter(
-            model for agent in self._agents.values() for model in agent.models
-        )
+        agents = self._agents.values()
+        self._model_names = frozenset().union(*(agent.model_names for agent in agents))
+        self._model_ids = frozenset().union(*(agent.models for agent in agents))
 
     def has_candidates(
         self, exclude: Iterable[str], model: str | None = None, route: str | None = None
@@ -278,15 +274,14 @@ class AgentControllerPool:
             for agent in self._agents.values()
         )
 
-    def lacks_route(self, agent: AgentController, route: str, detail: str) -> None:
+    def lacks_route(self, agent: AgentController, route: str) -> None:
         """llama.cpp answered 501 for ``route`` on ``agent``: avoid it there for a while."""
         if not agent.lacks(route, self.clock()):
             log.info(
-                "agent %s does not offer %s (llama.cpp: %s); such requests go to other servers "
-                "for the next %gs",
+                "agent %s does not offer %s (llama.cpp answered 501); such requests go to other "
+                "servers for the next %gs",
                 agent.name,
                 route,
-                detail[:300],
                 LACKING_ROUTE_SECONDS,
             )
         until = self.clock() + LACKING_ROUTE_SECONDS

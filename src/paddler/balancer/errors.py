@@ -10,7 +10,6 @@ from paddler.balancer.request_buffer import (
     BufferFull,
     BufferRejection,
     BufferTimeout,
-    NoCandidates,
     ShuttingDown,
     UnknownModel,
 )
@@ -29,10 +28,6 @@ def from_buffer(rejection: BufferRejection) -> ApiError:
         return ApiError(503, str(rejection), "unavailable_error", retry_after=1)
     if isinstance(rejection, UnknownModel):
         return unknown_model(rejection.model, rejection.served)
-    if isinstance(rejection, NoCandidates):
-        return ApiError(
-            502, f"every llama.cpp server failed this request ({rejection})", "server_error"
-        )
     return ApiError(503, str(rejection), "unavailable_error", retry_after=1)
 
 

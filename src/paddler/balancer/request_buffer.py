@@ -72,10 +72,11 @@ class _Waiter:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
-    @property
-    def model(self) -> str | None:
-        """The buffer's key: the id of the model the request names, whatever name it used."""
-        return None if self.demand.model is None else model_id(self.demand.model)
+    model: str | None = field(init=False)
+    """The buffer's key: the id of the model the request names, whatever name it used."""
+
+    def __post_init__(self) -> None:
+        self.model = None if self.demand.model is None else model_id(self.demand.model)
 
 
 class RequestBuffer:

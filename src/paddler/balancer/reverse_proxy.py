@@ -61,7 +61,6 @@ _REJECTION_OUTCOMES: dict[type[BufferRejection], Outcome] = {
     BufferFull: Outcome.BUFFER_FULL,
     BufferTimeout: Outcome.BUFFER_TIMEOUT,
     ShuttingDown: Outcome.SHUTTING_DOWN,
-    NoCandidates: Outcome.UPSTREAM_FAILED,
     UnknownModel: Outcome.REFUSED,
 }
 
@@ -158,8 +157,8 @@ class ReverseProxy:
             try:
                 guard = await self._reserve(record, demand, attempts, deadline)
             except BufferRejection as rejection:
-                if isinstance(rejection, NoCandidates) and attempts.failures:
-                    break
+                if isinstance(rejection, NoCandidates):
+                    break  # every server was tried: the client hears what each one did
                 record.outcome = _REJECTION_OUTCOMES.get(type(rejection), Outcome.UPSTREAM_FAILED)
                 return self._refuse(record, errors.from_buffer(rejection))
             with guard:
@@ -184,7 +183,7 @@ class ReverseProxy:
                     continue
                 status = upstream.status
                 if status == NOT_IMPLEMENTED and demand.route is not None:
-                    self._pool.lacks_route(agent, demand.route, "answered 501")
+                    self._pool.lacks_route(agent, demand.route)
                 verdict = judge(
                     status,
                     failed_elsewhere=attempts.failed_elsewhere,

@@ -18,7 +18,6 @@ A failure to *open* a connection is the server's fault, not the pool's: it surfa
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from yarl import URL
 
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.api_error import stream_interrupted
+from paddler.llamacpp_error import error_message
 
 log = logging.getLogger(__name__)
 
@@ -256,15 +256,8 @@ class HeldAnswer:
     @property
     def message(self) -> str:
         """llama.cpp's ``error.message``, or else the start of the body."""
-        try:
-            document = json.loads(self.body)
-        except ValueError:
-            document = None
-        if isinstance(document, dict) and isinstance(document.get("error"), dict):
-            message = document["error"].get("message")
-            if isinstance(message, str):
-                return message
-        return self.body[:300].decode("utf-8", "replace")
+        message = error_message(self.body)
+        return message if message is not None else self.body[:300].decode("utf-8", "replace")
 
     def response(self, extra_headers: Mapping[str, str] | None = None) -> web.Response:
         response = web.Response(status=self.status, reason=self.reason, body=self.body)

@@ -8,7 +8,15 @@ from typing import Any
 
 import click
 
-from paddler.cli.options import DURATION, PORT, flag, logging_options, option, routing_options
+from paddler.cli.options import (
+    DURATION,
+    PORT,
+    buffer_options,
+    flag,
+    logging_options,
+    option,
+    routing_options,
+)
 from paddler.cli.process import configure_logging, notify, resolve_host, run_until_signalled
 from paddler.config import BalancerConfig
 
@@ -47,18 +55,7 @@ from paddler.config import BalancerConfig
     default=8086,
     help="Port where clients connect (0: any free port).",
 )
-@option(
-    "--request-buffer-size",
-    type=click.IntRange(0),
-    default=20,
-    help="How many requests may wait for a free slot; beyond that they get 503 with Retry-After.",
-)
-@option(
-    "--request-buffer-timeout",
-    type=DURATION,
-    default="60s",
-    help="How long a request may wait for a free slot before it gets 504.",
-)
+@buffer_options
 @flag(
     "--rewrite-host-header",
     default=False,

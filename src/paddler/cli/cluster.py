@@ -11,7 +11,14 @@ from typing import Any
 import click
 
 from paddler.cli.launch import checked_llamacpp_args, launch_options, require_llamacpp
-from paddler.cli.options import DURATION, PORT, logging_options, option, routing_options
+from paddler.cli.options import (
+    DURATION,
+    PORT,
+    buffer_options,
+    logging_options,
+    option,
+    routing_options,
+)
 from paddler.cli.process import configure_logging, require
 
 
@@ -29,18 +36,7 @@ from paddler.cli.process import configure_logging, require
 )
 @option("--reverseproxy-port", type=PORT, default=8086, help="Port where clients connect.")
 @option("--management-port", type=PORT, default=8085, help="The balancer's management port.")
-@option(
-    "--request-buffer-size",
-    type=click.IntRange(0),
-    default=20,
-    help="Requests that may wait for a slot.",
-)
-@option(
-    "--request-buffer-timeout",
-    type=DURATION,
-    default="60s",
-    help="How long a request may wait for a slot.",
-)
+@buffer_options
 @routing_options
 @option(
     "--shutdown-drain-timeout",

@@ -143,6 +143,23 @@ def logging_options(function: Callable[..., Any]) -> Callable[..., Any]:
     )(function)
 
 
+def buffer_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """How many requests may wait for a slot, and how long: ``balancer`` and ``cluster``."""
+    function = option(
+        "--request-buffer-timeout",
+        type=DURATION,
+        default="60s",
+        help="How long a request may wait for a free slot before it gets 504.",
+    )(function)
+    return option(
+        "--request-buffer-size",
+        type=click.IntRange(0),
+        default=20,
+        help="How many requests may wait for a free slot; beyond that they get 503 with "
+        "Retry-After.",
+    )(function)
+
+
 def routing_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """How the balancer picks servers and treats model names: ``balancer`` and ``cluster``."""
     from paddler.config import ROUTING_POLICIES
