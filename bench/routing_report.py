@@ -258,15 +258,15 @@ def existing_section(document: str) -> str:
     return document[start : end + len(END)]
 
 
-def replace_section(document: str, body: str) -> str:
+def replace_section(document: str, body: str, begin: str = BEGIN, end_marker: str = END) -> str:
     """``document`` with what lies between the markers replaced by ``body``."""
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    start, end = document.find(BEGIN), document.find(END)
+    block = f"{begin}\n{body.rstrip()}\n{end_marker}"
+    start, end = document.find(begin), document.find(end_marker)
     if start == -1 or end == -1 or end < start:
         if not document:
             return f"{block}\n"
         return document + ("\n" if document.endswith("\n") else "\n\n") + f"{block}\n"
-    return document[:start] + block + document[end + len(END) :]
+    return document[:start] + block + document[end + len(end_marker) :]
 
 
 def write_json(report: RoutingReport, path: Path) -> None:
