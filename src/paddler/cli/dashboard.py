@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import click
-
 from pathlib import Path
+
+import click
 
 from paddler.cli.options import DURATION, READABLE_FILE, option
 from paddler.cli.process import require, resolve_host

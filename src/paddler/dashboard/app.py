@@ -17,8 +17,8 @@ from textual.widgets import Footer, Header
 from paddler.dashboard.client import BalancerUnreachable, FetchError, ManagementClient
 from paddler.dashboard.config import DashboardConfig
 from paddler.dashboard.snapshot import DashboardSnapshot
-from paddler.tls import client_context
 from paddler.dashboard.widgets import AgentTable, FleetTotals, StatusLine, TrafficCharts
+from paddler.tls import client_context
 
 
 class DashboardApp(App[None]):
