@@ -12,6 +12,10 @@ from paddler.cli import cli
 from paddler.cli.options import DURATION
 
 
+# A repeatable option whose variable holds several values, as its plural name says.
+_PLURAL_VARIABLES = {"--api-key": "PADDLER_API_KEYS"}
+
+
 @pytest.mark.parametrize("command", ["agent", "balancer", "cluster"])
 def test_every_flag_has_help_and_an_environment_variable(command: str) -> None:
     """Each option explains itself and names its PADDLER_ variable."""
@@ -24,7 +28,10 @@ def test_every_flag_has_help_and_an_environment_variable(command: str) -> None:
             continue
         assert parameter.help, parameter.name
         long_name = parameter.opts[0].split("/")[0]
-        assert parameter.envvar == "PADDLER_" + long_name[2:].upper().replace("-", "_")
+        expected = _PLURAL_VARIABLES.get(
+            long_name, "PADDLER_" + long_name[2:].upper().replace("-", "_")
+        )
+        assert parameter.envvar == expected
         assert parameter.show_envvar
 
 
