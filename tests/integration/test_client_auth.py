@@ -120,7 +120,11 @@ async def test_a_refused_request_takes_no_slot_no_buffer_place_and_never_logs_th
                 assert response.headers["X-Request-Id"] == "req-1"
                 body = await response.json()
             (agent,) = running.pool.agents()
-            assert (agent.free_slots(), agent.reserved, running.balancer.buffer.waiting) == (1, 0, 0)
+            assert (agent.free_slots(), agent.reserved, running.balancer.buffer.waiting) == (
+                1,
+                0,
+                0,
+            )
     assert body["error"]["type"] == "authentication_error"
     assert seen == []
     (entry,) = log.records

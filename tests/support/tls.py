@@ -11,7 +11,7 @@ import trustme
 
 @dataclass(frozen=True)
 class Pki:
-    """A CA and a server certificate for 127.0.0.1 and localhost, written to files."""
+    """A CA's certificate, and a server certificate and key it issued, as PEM files."""
 
     ca_file: Path
     cert_file: Path
@@ -21,9 +21,12 @@ class Pki:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
 
-def make_pki(directory: Path, name: str = "pki") -> Pki:
+def make_pki(
+    directory: Path, name: str = "pki", hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> Pki:
+    """A new CA, and a certificate it signed for ``hosts``, in ``directory/name``."""
     ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
+    server = ca.issue_cert(*hosts)
     folder = directory / name
     folder.mkdir()
     paths = Pki(folder / "ca.pem", folder / "server.pem", folder / "server.key")

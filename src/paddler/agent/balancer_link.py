@@ -166,11 +166,16 @@ class BalancerLink:
         except aiohttp.ClientConnectorCertificateError as error:
             certificate_error = error.certificate_error
             reason = getattr(certificate_error, "verify_message", None) or str(certificate_error)
-            trusted = self._config.management_ca_file or "the system's trust store"
+            ca_file = self._config.management_ca_file
+            trusted = (
+                f"--management-ca-file {ca_file}"
+                if ca_file is not None
+                else "the system's trust store (or give --management-ca-file)"
+            )
             raise BalancerUntrusted(
                 f"refusing the balancer at {self._url}: its TLS certificate is not trusted "
-                f"({reason}); it must be signed by a CA in {trusted} (--management-ca-file) "
-                "and name the host we connect to"
+                f"({reason}); it must be signed by a CA of {trusted} and name the host "
+                f"{self._config.management_host}"
             ) from None
         except aiohttp.ClientConnectorSSLError as error:
             raise LinkLost(
