@@ -3,19 +3,20 @@ refuses, in one clear line, any other, before its token leaves."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 from paddler.config import AgentConfig
 from tests.agent.test_balancer_link import IDLE, LINK_LOGGER, agent_config, board_with, linked
-from tests.support.balancer import running_balancer, wait_until
+from tests.support.balancer import RunningBalancer, running_balancer, wait_until
 from tests.support.logs import watching
 from tests.support.tls import Pki, make_pki
 
 TOKEN = "tls-token-77"
 
 
-def tls_balancer(pki: Pki):  # type: ignore[no-untyped-def]
+def tls_balancer(pki: Pki) -> contextlib.AbstractAsyncContextManager[RunningBalancer]:
     return running_balancer(
         management_token=TOKEN,
         management_tls_cert=pki.cert_file,
@@ -39,7 +40,7 @@ async def test_the_agent_registers_over_wss_with_the_balancers_ca(tmp_path: Path
     async with tls_balancer(pki) as running:
         assert running.management_url.startswith("https://")
         async with linked(
-            over_wss(running.balancer.management_port, pki.ca_file), board_with(IDLE)
+            over_wss(running.balancer.management_port or 0, pki.ca_file), board_with(IDLE)
         ):
             await wait_until(lambda: len(running.pool.agents()) == 1)
 
@@ -49,7 +50,7 @@ async def test_the_agent_refuses_a_certificate_its_ca_did_not_sign(tmp_path: Pat
     balancer never hears from the agent."""
     balancers, other = make_pki(tmp_path, "balancer"), make_pki(tmp_path, "other")
     async with tls_balancer(balancers) as running:
-        config = over_wss(running.balancer.management_port, other.ca_file)
+        config = over_wss(running.balancer.management_port or 0, other.ca_file)
         with watching(LINK_LOGGER) as log:
             async with linked(config, board_with(IDLE)):
                 (line,) = await log.wait_for(logging.ERROR)
@@ -65,7 +66,7 @@ async def test_the_agent_refuses_a_certificate_for_another_host(tmp_path: Path) 
     """Signed by the right CA, but not for the address the agent dials."""
     pki = make_pki(tmp_path, hosts=("balancer.example",))
     async with tls_balancer(pki) as running:
-        config = over_wss(running.balancer.management_port, pki.ca_file)
+        config = over_wss(running.balancer.management_port or 0, pki.ca_file)
         with watching(LINK_LOGGER) as log:
             async with linked(config, board_with(IDLE)):
                 (line,) = await log.wait_for(logging.ERROR)

@@ -34,9 +34,9 @@ async def test_the_dashboard_reads_an_https_management_port_with_its_ca(tmp_path
             )
             async with DashboardApp(config).run_test(size=(160, 40)) as pilot:
                 if shown:
-                    await wait_until(lambda: "alpha" in rows(pilot))  # noqa: B023
+                    await wait_until(lambda: "alpha" in rows(pilot))
                 else:
-                    await wait_until(lambda: "unreachable" in status(pilot))  # noqa: B023
+                    await wait_until(lambda: "unreachable" in status(pilot))
                     assert "certificate verify failed" in status(pilot)
                     assert rows(pilot) == {}
         await agent.close()

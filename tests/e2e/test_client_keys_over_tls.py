@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import httpx2
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -28,7 +28,8 @@ from tests.support.tls import Pki, make_pki
 CLIENT_KEY = "client-key-0123456789abcdef"
 LLAMACPP_KEY = "llamacpp-own-key-fedcba9876543210"
 TOKEN = "management-token-5555"
-CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+CHAT = {"messages": MESSAGES, "max_tokens": 4}
 
 
 @dataclass
@@ -44,7 +45,7 @@ class SecuredFleet:
             base_url=f"{self.running.proxy_url}/v1",
             api_key=api_key,
             max_retries=0,
-            http_client=httpx2.AsyncClient(verify=self.pki.client_context()),
+            http_client=openai.DefaultAsyncHttpxClient(verify=self.pki.client_context()),
         )
 
 
@@ -103,17 +104,28 @@ async def secured(
 
 
 async def test_a_client_with_a_key_gets_completions_streamed_or_not_over_tls(
-    secured: SecuredFleet,
+    secured: SecuredFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The openai SDK with the key and the test CA gets a chat completion and a stream of one,
-    although llama.cpp wants a key the client does not know: the balancer sends its own."""
+    although llama.cpp wants a key the client does not know: the balancer sends its own.
+    The CA works given to the HTTP client, or through SSL_CERT_FILE as docs/security.md says."""
     client = secured.openai(CLIENT_KEY)
-    completion = await client.chat.completions.create(model="tiny", **CHAT)  # type: ignore[call-overload]
+    completion = await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
     assert completion.choices[0].message.content is not None
-    stream = await client.chat.completions.create(model="tiny", stream=True, **CHAT)  # type: ignore[call-overload]
+    stream = await client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=4, stream=True
+    )
     chunks = [chunk async for chunk in stream]
     assert chunks and chunks[-1].choices[0].finish_reason is not None
     await client.close()
+    monkeypatch.setenv("SSL_CERT_FILE", str(secured.pki.ca_file))
+    plain = openai.AsyncOpenAI(
+        base_url=f"{secured.running.proxy_url}/v1", api_key=CLIENT_KEY, max_retries=0
+    )
+    assert (
+        await plain.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
+    ).choices
+    await plain.close()
 
 
 async def test_a_wrong_key_and_no_key_get_llamacpps_own_401(secured: SecuredFleet) -> None:
@@ -121,7 +133,7 @@ async def test_a_wrong_key_and_no_key_get_llamacpps_own_401(secured: SecuredFlee
     and neither the log nor the refusal repeats the wrong key."""
     wrong = secured.openai("not-the-key")
     with pytest.raises(openai.AuthenticationError) as refused:
-        await wrong.chat.completions.create(model="tiny", **CHAT)  # type: ignore[call-overload]
+        await wrong.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
     await wrong.close()
     assert refused.value.status_code == 401
     tls = secured.pki.client_context()
@@ -164,7 +176,7 @@ async def test_each_request_logs_and_traces_its_key_id_and_never_the_key(
 ) -> None:
     """The request line and its span carry the key's id; no log line carries the key."""
     client = secured.openai(CLIENT_KEY)
-    await client.chat.completions.create(model="tiny", **CHAT)  # type: ignore[call-overload]
+    await client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
     await client.close()
     (record,) = [
         record

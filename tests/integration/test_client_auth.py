@@ -16,7 +16,7 @@ from aiohttp import web
 
 from tests.support.balancer import ScriptedAgent, ok, running_balancer
 from tests.support.logs import watching
-from tests.support.upstream import fake_upstream
+from tests.support.upstream import Handler, fake_upstream
 
 CLIENT_KEY = "sk-client-key-42"
 _agents: list[ScriptedAgent] = []
@@ -36,7 +36,7 @@ async def registered(session: aiohttp.ClientSession, management_url: str, port: 
     await agent.register("echo", port, ok(idle=1))
 
 
-def recording(seen: list[web.Request]):  # type: ignore[no-untyped-def]
+def recording(seen: list[web.Request]) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         seen.append(request)
         return web.json_response({"ok": True})

@@ -104,7 +104,7 @@ def test_the_check_compares_every_key_in_fixed_length_digests(
 
 def test_api_keys_come_from_a_repeatable_flag_or_a_comma_separated_variable() -> None:
     """--api-key may be given twice; PADDLER_API_KEYS takes several between commas."""
-    command = cli.commands["balancer"]  # type: ignore[attr-defined]
+    command = cli.commands["balancer"]
     flags = command.make_context("balancer", ["--api-key", "sk-a", "--api-key", "sk-b"])
     assert flags.params["api_keys"] == ("sk-a", "sk-b")
     runner = CliRunner(env={"PADDLER_API_KEYS": " sk-a, sk-b,,sk-c "})

@@ -11,7 +11,6 @@ from click.testing import CliRunner
 from paddler.cli import cli
 from paddler.cli.options import DURATION
 
-
 # A repeatable option whose variable holds several values, as its plural name says.
 _PLURAL_VARIABLES = {"--api-key": "PADDLER_API_KEYS"}
 
