@@ -51,6 +51,12 @@ def test_a_malformed_line_is_named_without_repeating_the_key() -> None:
     assert "bad key" not in str(refused.value)
 
 
+def test_a_colon_without_a_space_is_refused_as_ambiguous() -> None:
+    """ "alice:sk-1" might be a name and a key, or one key: the file says which, or is refused."""
+    with pytest.raises(ApiKeyError, match="line 1: name a key as 'NAME: KEY'"):
+        parse_keys_file("alice:sk-1\n", "keys.txt")
+
+
 def test_the_same_key_twice_is_refused() -> None:
     """Two lines with one key would give one key two ids."""
     with pytest.raises(ApiKeyError, match="given twice"):

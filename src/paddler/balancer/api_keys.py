@@ -2,7 +2,8 @@
 
 Keys come from ``--api-key`` (or ``PADDLER_API_KEYS``, comma-separated) and from
 ``--api-keys-file``. The file holds one key per line; blank lines and ``#`` comments are
-ignored, and a line ``NAME: KEY`` names its key. ``reload()`` re-reads the file (the CLI calls it
+ignored, and a line ``NAME: KEY`` (a space after the colon) names its key; an unnamed key there
+may not contain ``:``, so that no line is ambiguous. ``reload()`` re-reads the file (the CLI calls it
 on SIGHUP); a file that cannot be read or parsed then keeps the keys already loaded.
 
 Each key has an id that may be logged and traced, never the key itself: its name, or else the
@@ -68,6 +69,12 @@ def parse_keys_file(text: str, source: str) -> list[ApiKey]:
         if named is not None:
             key = named["key"]
             keys.append(ApiKey(named["name"], _digest(key)))
+        elif ":" in line:
+            # "alice:sk-1" could be a named key or a key with a colon: refuse to guess.
+            raise ApiKeyError(
+                f"{where}: name a key as 'NAME: KEY' (a space after the colon); a key in "
+                "this file may not contain ':' otherwise"
+            )
         else:
             key = checked_key(line, where)
             keys.append(ApiKey(key_id(key), _digest(key)))

@@ -57,7 +57,9 @@ class Balancer:
         unusable key, certificate or key files."""
         config.validate()
         self.config = config
-        self.api_keys = api_keys or ApiKeys(config.api_keys, config.api_keys_file)
+        self.api_keys = (
+            api_keys if api_keys is not None else ApiKeys(config.api_keys, config.api_keys_file)
+        )
         self._proxy_tls, self._management_tls = server_tls(config)
         self.pool = AgentControllerPool(
             settle_timeout=config.slot_settle_timeout,
