@@ -7,7 +7,7 @@ constructor.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROUTING_POLICIES = ("prefix", "slots")
@@ -72,9 +72,34 @@ class BalancerConfig:
     routing: str = "prefix"
     prefix_index_memory: int = 64 * 1024 * 1024
     allow_unknown_models: bool = False
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Client keys of the proxy port (``--api-key``); see ``paddler.balancer.api_keys``."""
+    api_keys_file: Path | None = None
+    llamacpp_api_key: str | None = None
+    reverseproxy_tls_cert: Path | None = None
+    reverseproxy_tls_key: Path | None = None
+    management_tls_cert: Path | None = None
+    management_tls_key: Path | None = None
+
+    @property
+    def reverseproxy_scheme(self) -> str:
+        return "https" if self.reverseproxy_tls_cert is not None else "http"
+
+    @property
+    def management_scheme(self) -> str:
+        return "https" if self.management_tls_cert is not None else "http"
 
     def validate(self) -> None:
         """Refuse configurations that would be unsafe or meaningless."""
+        for port in ("reverseproxy", "management"):
+            cert = getattr(self, f"{port}_tls_cert")
+            key = getattr(self, f"{port}_tls_key")
+            if (cert is None) != (key is None):
+                raise ValueError(
+                    f"--{port}-tls-cert and --{port}-tls-key go together: give both or neither"
+                )
+        if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
+            raise ValueError("--api-key: an API key must be non-empty and contain no whitespace")
         if (
             not self.management_token
             and not self.management_insecure
@@ -127,6 +152,8 @@ class AgentConfig:
     management_scheme: str = "http"
     """``https``: the agent speaks TLS to the balancer's management port (wss://)."""
     management_token: str | None = None
+    management_ca_file: Path | None = None
+    """With ``https``: the CA that signed the balancer's certificate (None: the system's store)."""
     local_llamacpp_api_key: str | None = None
     name: str = ""
     reporting_interval: float = 1.0

@@ -24,7 +24,12 @@ def test_every_dashboard_flag_has_help_and_an_environment_variable() -> None:
         assert parameter.envvar == "PADDLER_" + long_name[2:].upper().replace("-", "_")
         assert parameter.show_envvar
         names.append(long_name)
-    assert names == ["--management-addr", "--refresh-interval"]
+    assert names == [
+        "--management-addr",
+        "--refresh-interval",
+        "--management-scheme",
+        "--management-ca-file",
+    ]
 
 
 @pytest.fixture

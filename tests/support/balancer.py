@@ -48,8 +48,8 @@ async def running_balancer(
     try:
         yield RunningBalancer(
             balancer,
-            f"http://127.0.0.1:{balancer.reverseproxy_port}",
-            f"http://127.0.0.1:{balancer.management_port}",
+            f"{config.reverseproxy_scheme}://127.0.0.1:{balancer.reverseproxy_port}",
+            f"{config.management_scheme}://127.0.0.1:{balancer.management_port}",
         )
     finally:
         shutdown.set()

@@ -11,6 +11,9 @@ from click.testing import CliRunner
 from paddler.cli import cli
 from paddler.cli.options import DURATION
 
+# A repeatable option whose variable holds several values, as its plural name says.
+_PLURAL_VARIABLES = {"--api-key": "PADDLER_API_KEYS"}
+
 
 @pytest.mark.parametrize("command", ["agent", "balancer", "cluster"])
 def test_every_flag_has_help_and_an_environment_variable(command: str) -> None:
@@ -24,7 +27,10 @@ def test_every_flag_has_help_and_an_environment_variable(command: str) -> None:
             continue
         assert parameter.help, parameter.name
         long_name = parameter.opts[0].split("/")[0]
-        assert parameter.envvar == "PADDLER_" + long_name[2:].upper().replace("-", "_")
+        expected = _PLURAL_VARIABLES.get(
+            long_name, "PADDLER_" + long_name[2:].upper().replace("-", "_")
+        )
+        assert parameter.envvar == expected
         assert parameter.show_envvar
 
 

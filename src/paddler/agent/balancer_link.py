@@ -6,6 +6,11 @@ Contract (see ``paddler.protocol`` for the messages):
   with ``--management-scheme https``), with
   ``Authorization: Bearer <management_token>`` when a token is set, once the status board has a
   first observation.
+- Over ``wss://`` it verifies the balancer's certificate and host name against
+  ``management_ca_file`` (the system's store without one). A certificate it does not trust is
+  logged as an error naming the reason, and the token is never sent; it retries, since the
+  operator may be fixing either side. Sending a token over plain ``ws://`` to an address that is
+  not loopback is allowed (a private network may be trusted) but warned about once.
 - It sends ``register`` first and waits for ``registered``. An ``error`` answer, or HTTP 401/403
   on the handshake, is logged as a refusal and retried like any other failure: the operator may
   be fixing the balancer's side.
@@ -30,8 +35,9 @@ from paddler import protocol
 from paddler.agent.backoff import Backoff
 from paddler.agent.interruptible import unless_shutdown
 from paddler.agent.status_board import StatusBoard
-from paddler.config import Address, AgentConfig
+from paddler.config import Address, AgentConfig, is_loopback
 from paddler.lifecycle import wait_or_shutdown
+from paddler.tls import client_context
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,10 @@ class BalancerRefused(Exception):
 
 class LinkLost(Exception):
     """The socket could not be opened, or closed while we were using it."""
+
+
+class BalancerUntrusted(Exception):
+    """The balancer's TLS certificate failed verification: we refuse it, not it us."""
 
 
 class BalancerLink:
@@ -72,6 +82,7 @@ class BalancerLink:
             Address(websocket_scheme, config.management_host, config.management_port).url
             + protocol.AGENT_SOCKET_PATH
         )
+        self._ssl = client_context(config.management_ca_file) if websocket_scheme == "wss" else True
         token = config.management_token
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._outage: str | None = None
@@ -80,6 +91,17 @@ class BalancerLink:
 
     async def run(self, shutdown: asyncio.Event) -> None:
         backoff = Backoff(_INITIAL_BACKOFF, max(self._config.reconnect_backoff_max, 0.2))
+        config = self._config
+        if (
+            config.management_token
+            and config.management_scheme != "https"
+            and not is_loopback(config.management_host)
+        ):
+            logger.warning(
+                "sending the management token to %s in clear text (ws://); use "
+                "--management-scheme https with a balancer that has --management-tls-cert",
+                config.management_host,
+            )
         if await unless_shutdown(self._board.newer_than(0), shutdown) is None:
             return
         while not shutdown.is_set():
@@ -87,6 +109,8 @@ class BalancerLink:
                 await self._connect_and_report(shutdown, backoff)
             except BalancerRefused as refusal:
                 self._report_outage(f"the balancer at {self._url} refused us: {refusal}", True)
+            except BalancerUntrusted as untrusted:
+                self._report_outage(str(untrusted), True)
             except LinkLost as loss:
                 self._report_outage(str(loss), False)
             except (aiohttp.ClientError, OSError, TimeoutError, protocol.ProtocolError) as error:
@@ -120,6 +144,7 @@ class BalancerLink:
                 return await self._session.ws_connect(
                     self._url,
                     headers=self._headers,
+                    ssl=self._ssl,
                     heartbeat=max(2 * self._config.reporting_interval, 1.0),
                     max_msg_size=protocol.MAX_MESSAGE_BYTES,
                     timeout=aiohttp.ClientWSTimeout(ws_close=self._goodbye_timeout),
@@ -137,6 +162,26 @@ class BalancerLink:
             raise LinkLost(
                 f"the balancer at {self._url} refused the WebSocket handshake: "
                 f"HTTP {error.status} {error.message}"
+            ) from None
+        except aiohttp.ClientConnectorCertificateError as error:
+            certificate_error = error.certificate_error
+            reason = getattr(certificate_error, "verify_message", None) or str(certificate_error)
+            ca_file = self._config.management_ca_file
+            trusted = (
+                f"--management-ca-file {ca_file}"
+                if ca_file is not None
+                else "the system's trust store (or give --management-ca-file)"
+            )
+            raise BalancerUntrusted(
+                f"refusing the balancer at {self._url}: its TLS certificate is not trusted "
+                f"({reason}); it must be signed by a CA of {trusted} and name the host "
+                f"{self._config.management_host}"
+            ) from None
+        except aiohttp.ClientConnectorSSLError as error:
+            raise LinkLost(
+                f"TLS with the balancer at {self._url} failed: "
+                f"{getattr(error.os_error, 'reason', None) or error.os_error}; "
+                "does its management port have --management-tls-cert?"
             ) from None
         except aiohttp.ClientConnectorError as error:
             reason = _os_reason(error.os_error)

@@ -69,3 +69,8 @@ def unknown_model(model: str, served: list[str]) -> ApiError:
 
 def bad_request(message: str) -> ApiError:
     return ApiError(400, message, "invalid_request_error")
+
+
+def invalid_api_key() -> ApiError:
+    """A client without a valid key: llama.cpp's own answer, word for word."""
+    return ApiError(401, "Invalid API Key", "authentication_error")

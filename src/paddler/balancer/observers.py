@@ -48,6 +48,8 @@ class RequestRecord:
     route: str
     needs_slot: bool
     model: str | None = None
+    key_id: str | None = None
+    """The id of the client's API key (``api_keys``; never the key), None without client keys."""
     client_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     started: float = field(default_factory=time.perf_counter)
     buffer_wait: float = 0.0

@@ -29,6 +29,7 @@ class RequestLog(Observer):
             "outcome": record.outcome.value if record.outcome else None,
             "fault": record.fault.value if record.fault else None,
             "agent": agent,
+            "key_id": record.key_id,
             "attempts": record.attempts,
             "buffer_wait_ms": _milliseconds(record.buffer_wait),
             "time_to_first_chunk_ms": _milliseconds(record.time_to_first_chunk),
@@ -38,9 +39,10 @@ class RequestLog(Observer):
         outcome = str(fields["outcome"])
         if record.fault is Fault.REQUEST and (record.status or 0) >= 400:
             outcome += " (the request's own fault)"
+        key = f", key {record.key_id}" if record.key_id is not None else ""
         log.log(
             level,
-            "request %s %s %s -> %s %s via %s: %s ms (buffered %s ms, first chunk %s ms, %d attempt(s))",
+            "request %s %s %s -> %s %s via %s: %s ms (buffered %s ms, first chunk %s ms, %d attempt(s)%s)",
             record.id,
             record.method,
             record.path,
@@ -51,5 +53,6 @@ class RequestLog(Observer):
             fields["buffer_wait_ms"],
             fields["time_to_first_chunk_ms"] if record.first_chunk_at is not None else "-",
             record.attempts,
+            key,
             extra=fields,
         )

@@ -26,9 +26,11 @@ from aiohttp import web
 from paddler.balancer import errors
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.attempts import Attempts, Failure
 from paddler.balancer.body_budget import BodyBudget
 from paddler.balancer.cache_report import ResponseTail
+from paddler.balancer.client_auth import KEY_ID, client_auth
 from paddler.balancer.model_listing import ModelListing
 from paddler.balancer.observers import Observers, Outcome, RequestRecord
 from paddler.balancer.request_buffer import (
@@ -73,8 +75,10 @@ class ReverseProxy:
         buffer: RequestBuffer,
         upstream: Upstream,
         observers: Observers,
+        api_keys: ApiKeys | None = None,
     ) -> None:
         self._config = config
+        self._api_keys = api_keys
         self._observers = observers
         self._pool = pool
         self._buffer = buffer
@@ -83,7 +87,11 @@ class ReverseProxy:
         self._index_prompts = config.routing == "prefix"
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._config.max_request_body_size)
+        keys = self._api_keys
+        app = web.Application(
+            client_max_size=self._config.max_request_body_size,
+            middlewares=[client_auth(keys)] if keys is not None and keys.enabled else [],
+        )
         app.router.add_get("/health", self.health)
         listing = ModelListing(self._pool)
         for path in ("/v1/models", "/models"):
@@ -113,6 +121,7 @@ class ReverseProxy:
             route=route_label(request.path),
             needs_slot=needs_slot(request.method, request.path),
             client_headers=request.headers,
+            key_id=request.get(KEY_ID),
         )
         self._observers.request_started(record)
         try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 from opentelemetry.trace import TracerProvider
@@ -18,6 +20,7 @@ from opentelemetry.trace import TracerProvider
 from paddler import __version__
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
+from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.autoscaling import AutoscalingRoute
 from paddler.balancer.management_app import ManagementApp
 from paddler.balancer.observers import Observers
@@ -30,8 +33,9 @@ from paddler.balancer.stats_history import StatsHistory
 from paddler.balancer.statsd_reporter import StatsdReporter
 from paddler.balancer.tracing import TracingObserver
 from paddler.balancer.upstream import Upstream
-from paddler.config import BalancerConfig
+from paddler.config import BalancerConfig, is_loopback
 from paddler.lifecycle import wait_or_shutdown
+from paddler.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,17 @@ class Balancer:
         config: BalancerConfig,
         on_listening: Callable[[str, int], None] | None = None,
         tracer_provider: TracerProvider | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
+        """``api_keys``: the client keys, when the caller keeps them to reload them (SIGHUP);
+        by default they are read from ``config``. Raises ``ApiKeyError`` or ``TlsError`` for
+        unusable key, certificate or key files."""
         config.validate()
         self.config = config
+        self.api_keys = (
+            api_keys if api_keys is not None else ApiKeys(config.api_keys, config.api_keys_file)
+        )
+        self._proxy_tls, self._management_tls = server_tls(config)
         self.pool = AgentControllerPool(
             settle_timeout=config.slot_settle_timeout,
             circuit_cooldown=config.circuit_breaker_cooldown,
@@ -79,8 +91,12 @@ class Balancer:
             connect_timeout=config.upstream_connect_timeout,
             keepalive_timeout=config.upstream_keepalive_timeout,
             rewrite_host_header=config.rewrite_host_header,
+            llamacpp_api_key=config.llamacpp_api_key,
+            drop_client_keys=self.api_keys.enabled,
         ) as upstream:
-            proxy_app = ReverseProxy(config, self.pool, self.buffer, upstream, self.observers).app()
+            proxy_app = ReverseProxy(
+                config, self.pool, self.buffer, upstream, self.observers, self.api_keys
+            ).app()
             proxy_app.on_shutdown.append(self._close_buffer)
             management_app = ManagementApp(
                 self.pool,
@@ -109,13 +125,17 @@ class Balancer:
                 await proxy.setup()
                 try:
                     self.management_port = await _listen(
-                        management, config.management_host, config.management_port
+                        management,
+                        config.management_host,
+                        config.management_port,
+                        self._management_tls,
                     )
                     self.reverseproxy_port = await _listen(
-                        proxy, config.reverseproxy_host, config.reverseproxy_port
+                        proxy, config.reverseproxy_host, config.reverseproxy_port, self._proxy_tls
                     )
                     self._announce("management", config.management_host, self.management_port)
                     self._announce("reverseproxy", config.reverseproxy_host, self.reverseproxy_port)
+                    self._warn_of_clear_text()
                     self.ready.set()
                     async with asyncio.TaskGroup() as services:
                         services.create_task(self._sweep_until(shutdown))
@@ -152,13 +172,53 @@ class Balancer:
             self.pool.sweep(self.config.agent_stale_after)
 
     def _announce(self, role: str, host: str, port: int) -> None:
-        log.info("%s listening on http://%s:%d", role, host, port)
+        scheme = getattr(self.config, f"{role}_scheme")
+        log.info("%s listening on %s://%s:%d", role, scheme, host, port)
         if self._on_listening is not None:
             self._on_listening(role, port)
 
+    def _warn_of_clear_text(self) -> None:
+        """Secrets that would cross the network unencrypted: allowed, but said out loud."""
+        config = self.config
+        if (
+            config.management_token
+            and self._management_tls is None
+            and not is_loopback(config.management_host)
+        ):
+            log.warning(
+                "agents send the management token to %s in clear text: give the management "
+                "port a certificate (--management-tls-cert, --management-tls-key)",
+                config.management_host,
+            )
+        if (
+            self.api_keys.enabled
+            and self._proxy_tls is None
+            and not is_loopback(config.reverseproxy_host)
+        ):
+            log.warning(
+                "clients send their API keys to %s in clear text: give the proxy port a "
+                "certificate (--reverseproxy-tls-cert, --reverseproxy-tls-key)",
+                config.reverseproxy_host,
+            )
 
-async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
-    site = web.TCPSite(runner, host, port)
+
+def server_tls(config: BalancerConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """The proxy port's and the management port's TLS contexts (None: plain HTTP); raises
+    ``TlsError`` for files that cannot be used."""
+
+    def context(cert: Path | None, key: Path | None, flags: str) -> ssl.SSLContext | None:
+        return None if cert is None or key is None else server_context(cert, key, flags=flags)
+
+    return (
+        context(config.reverseproxy_tls_cert, config.reverseproxy_tls_key, "--reverseproxy-tls"),
+        context(config.management_tls_cert, config.management_tls_key, "--management-tls"),
+    )
+
+
+async def _listen(
+    runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> int:
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as error:

@@ -48,6 +48,8 @@ class TracingObserver(Observer):
                 "paddler.needs_slot": record.needs_slot,
             },
         )
+        if record.key_id is not None:
+            span.set_attribute("paddler.api_key.id", record.key_id)
         self._spans[record] = _Spans(server=span)
 
     def buffer_wait_started(self, record: RequestRecord) -> None:

@@ -13,6 +13,10 @@ reaching a client:
 
 A failure to *open* a connection is the server's fault, not the pool's: it surfaces as
 ``ConnectFailed`` and the caller tries another agent.
+
+Keys: when the balancer checks client keys, or has a key of the llama.cpp servers' own
+(``--llamacpp-api-key``), the client's ``Authorization`` and ``X-Api-Key`` never reach llama.cpp;
+the balancer's key, if any, goes instead as ``Authorization: Bearer``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ HOP_BY_HOP = frozenset(
 )
 
 
+CLIENT_KEY_HEADERS = ("Authorization", "X-Api-Key")
+
+
 class ConnectFailed(Exception):
     """No connection to the llama.cpp server could be opened."""
 
@@ -81,8 +88,12 @@ class Upstream:
         connect_timeout: float,
         keepalive_timeout: float,
         rewrite_host_header: bool,
+        llamacpp_api_key: str | None = None,
+        drop_client_keys: bool = False,
     ) -> None:
         self._connect_timeout = connect_timeout
+        self._llamacpp_api_key = llamacpp_api_key
+        self._drop_client_keys = drop_client_keys or llamacpp_api_key is not None
         self._keepalive_timeout = keepalive_timeout
         self._rewrite_host_header = rewrite_host_header
         self._pooled: aiohttp.ClientSession | None = None
@@ -128,6 +139,11 @@ class Upstream:
         headers = _forwardable(request.headers)
         if self._rewrite_host_header:
             headers["Host"] = agent.address.authority
+        if self._drop_client_keys:
+            for name in CLIENT_KEY_HEADERS:
+                headers.popall(name, None)
+        if self._llamacpp_api_key is not None:
+            headers["Authorization"] = f"Bearer {self._llamacpp_api_key}"
         if extra_headers:
             headers.update(extra_headers)
         try:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from paddler.cli.launch import checked_llamacpp_args, launch_options, require_llamacpp
-from paddler.cli.options import DURATION, PORT, logging_options, option
+from paddler.cli.options import DURATION, PORT, READABLE_FILE, logging_options, option
 from paddler.cli.process import configure_logging, resolve_host, run_until_signalled
 from paddler.config import Address, AgentConfig, LlamaCppLaunch
 
@@ -58,7 +58,15 @@ from paddler.config import Address, AgentConfig, LlamaCppLaunch
     "--management-scheme",
     type=click.Choice(["http", "https"]),
     default="http",
-    help="https: reach the management port over TLS (wss://), through a TLS proxy in front of it.",
+    help="https: reach the management port over TLS (wss://), verifying its certificate "
+    "against --management-ca-file.",
+)
+@option(
+    "--management-ca-file",
+    type=READABLE_FILE,
+    default=None,
+    help="PEM file of the CA(s) that signed the balancer's management certificate, for "
+    "--management-scheme https [default: the system's trust store].",
 )
 @option(
     "--management-token",
@@ -155,6 +163,15 @@ def _agent_config(options: dict[str, Any], launch: LlamaCppLaunch | None) -> Age
         external_port = local_port
     if launch is None and local_port == 0:
         raise click.UsageError("--local-llamacpp-port 0 only makes sense with --model")
+    if options["management_ca_file"] is not None:
+        if options["management_scheme"] != "https":
+            raise click.UsageError("--management-ca-file needs --management-scheme https")
+        from paddler.tls import TlsError, client_context
+
+        try:
+            client_context(options["management_ca_file"])
+        except TlsError as error:
+            raise click.ClickException(str(error)) from None
     return AgentConfig(
         local=Address(options["local_llamacpp_scheme"], options["local_llamacpp_host"], local_port),
         external=Address(
@@ -164,6 +181,7 @@ def _agent_config(options: dict[str, Any], launch: LlamaCppLaunch | None) -> Age
         management_port=options["management_port"],
         management_scheme=options["management_scheme"],
         management_token=options["management_token"],
+        management_ca_file=options["management_ca_file"],
         local_llamacpp_api_key=options["local_llamacpp_api_key"],
         name=options["name"],
         reporting_interval=options["reporting_interval"],

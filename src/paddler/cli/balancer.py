@@ -9,8 +9,10 @@ from typing import Any
 import click
 
 from paddler.cli.options import (
+    COMMA_SEPARATED,
     DURATION,
     PORT,
+    READABLE_FILE,
     buffer_options,
     flag,
     logging_options,
@@ -119,15 +121,67 @@ from paddler.config import BalancerConfig
 )
 @option(
     "--management-scheme",
-    type=click.Choice(["http"]),
+    type=click.Choice(["http", "https"]),
     default="http",
-    help="Scheme of the management port (the original Paddler's flag); plain HTTP for now.",
+    help="Scheme of the management port (the original Paddler's flag); https needs "
+    "--management-tls-cert, which turns TLS on by itself.",
 )
 @option(
     "--reverseproxy-scheme",
-    type=click.Choice(["http"]),
+    type=click.Choice(["http", "https"]),
     default="http",
-    help="Scheme of the proxy port (the original Paddler's flag); plain HTTP for now.",
+    help="Scheme of the proxy port (the original Paddler's flag); https needs "
+    "--reverseproxy-tls-cert, which turns TLS on by itself.",
+)
+@option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    metavar="KEY",
+    type=COMMA_SEPARATED,
+    envvar="PADDLER_API_KEYS",
+    help="A client API key: every request on the proxy port but /health (and CORS preflights) must then present "
+    "one, as 'Authorization: Bearer KEY' or 'X-Api-Key: KEY', or get 401 (repeatable; the "
+    "variable takes several, between commas). Prefer the variable or --api-keys-file: a "
+    "command line is visible to every user of the machine.",
+)
+@option(
+    "--api-keys-file",
+    type=READABLE_FILE,
+    default=None,
+    help="A file of client API keys, one per line ('NAME: KEY' names one; blank lines and # "
+    "comments are ignored), re-read on SIGHUP. Turns client keys on, as --api-key does.",
+)
+@option(
+    "--llamacpp-api-key",
+    default=None,
+    help="API key of the llama.cpp servers; the balancer sends it to them (replacing the client's)",
+)
+@option(
+    "--reverseproxy-tls-cert",
+    type=READABLE_FILE,
+    default=None,
+    help="PEM certificate (with its chain) of the proxy port, which then speaks only HTTPS; "
+    "needs --reverseproxy-tls-key.",
+)
+@option(
+    "--reverseproxy-tls-key",
+    type=READABLE_FILE,
+    default=None,
+    help="PEM private key of --reverseproxy-tls-cert.",
+)
+@option(
+    "--management-tls-cert",
+    type=READABLE_FILE,
+    default=None,
+    help="PEM certificate (with its chain) of the management port, which then speaks only "
+    "HTTPS and WSS; needs --management-tls-key.",
+)
+@option(
+    "--management-tls-key",
+    type=READABLE_FILE,
+    default=None,
+    help="PEM private key of --management-tls-cert.",
 )
 @option(
     "--autoscaling-target-utilization",
@@ -147,15 +201,28 @@ def balancer(
 ) -> None:
     """Proxy clients to llama.cpp servers with a free slot, buffering when none is free."""
     configure_logging(log_level, log_format)
-    from paddler.balancer.service import Balancer, ListenFailed
+    from paddler.balancer.api_keys import ApiKeyError, ApiKeys
+    from paddler.balancer.service import Balancer, ListenFailed, server_tls
+    from paddler.tls import TlsError
 
     for key in ("management_host", "reverseproxy_host", "statsd_host"):
         options[key] = resolve_host(options[key])
+    options["api_keys"] = tuple(options["api_keys"])
     config = BalancerConfig(**options)
     try:
         config.validate()
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    for port, scheme in (("management", management_scheme), ("reverseproxy", reverseproxy_scheme)):
+        if scheme == "https" and getattr(config, f"{port}_tls_cert") is None:
+            raise click.UsageError(
+                f"--{port}-scheme https needs --{port}-tls-cert and --{port}-tls-key"
+            )
+    try:
+        api_keys = ApiKeys(config.api_keys, config.api_keys_file)
+        server_tls(config)  # fails here, in one line, if a certificate or key is unusable
+    except (ApiKeyError, TlsError) as error:
+        raise click.ClickException(str(error)) from None
 
     from paddler.telemetry import provider_from_environment
 
@@ -165,7 +232,7 @@ def balancer(
         raise click.UsageError(str(error)) from None
 
     async def main(shutdown: asyncio.Event) -> None:
-        service = Balancer(config, tracer_provider=tracer_provider)
+        service = Balancer(config, tracer_provider=tracer_provider, api_keys=api_keys)
         running = asyncio.create_task(service.run(shutdown))
         ready = asyncio.create_task(service.ready.wait())
         await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -182,7 +249,11 @@ def balancer(
             notify("STOPPING=1")
 
     try:
-        run_until_signalled(main, fatal=(ListenFailed,))
+        run_until_signalled(
+            main,
+            fatal=(ListenFailed,),
+            on_hangup=api_keys.reload if config.api_keys_file is not None else None,
+        )
     finally:
         if tracer_provider is not None:
             tracer_provider.shutdown()  # flushes the spans still batched

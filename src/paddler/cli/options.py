@@ -59,6 +59,20 @@ DURATION = Duration()
 PORT = click.IntRange(0, 65535)
 
 
+class CommaSeparated(click.ParamType):  # type: ignore[type-arg]
+    """A repeatable option's value whose environment variable lists values between commas
+    (``PADDLER_API_KEYS=a,b``); blanks around and between them are ignored."""
+
+    name = "text"
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        return [part.strip() for part in (rv or "").split(",") if part.strip()]
+
+
+COMMA_SEPARATED = CommaSeparated()
+READABLE_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
+
+
 class GgufFile(click.Path):
     """An existing GGUF model file: refused at once if it is anything else."""
 
@@ -86,10 +100,11 @@ def envvar_for(long_name: str) -> str:
 
 
 def option(*names: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A click option that can also be set from ``PADDLER_<NAME>``."""
+    """A click option that can also be set from ``PADDLER_<NAME>`` (or the ``envvar`` given)."""
     long_name = next(name for name in names if name.startswith("--")).split("/")[0]
     kwargs.setdefault("show_default", True)
-    return click.option(*names, envvar=envvar_for(long_name), show_envvar=True, **kwargs)
+    kwargs.setdefault("envvar", envvar_for(long_name))
+    return click.option(*names, show_envvar=True, **kwargs)
 
 
 def flag(

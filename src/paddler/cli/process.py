@@ -51,8 +51,11 @@ def resolve_host(host: str) -> str:
 def run_until_signalled(
     main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
     fatal: tuple[type[Exception], ...] = (),
+    on_hangup: Callable[[], object] | None = None,
 ) -> None:
     """Run ``main(shutdown)``; SIGINT or SIGTERM sets ``shutdown``, a second one exits at once.
+
+    With ``on_hangup``, SIGHUP calls it (to re-read a file) instead of ending the process.
 
     An exception of a ``fatal`` kind (a port that cannot be opened, say) ends the process with
     its message on one line and exit code 1, not with a traceback.
@@ -74,6 +77,13 @@ def run_until_signalled(
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
+        if on_hangup is not None:
+
+            def on_sighup() -> None:
+                log.info("SIGHUP received")
+                on_hangup()
+
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await main(shutdown)
 
     try:

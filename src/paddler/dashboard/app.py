@@ -18,6 +18,7 @@ from paddler.dashboard.client import BalancerUnreachable, FetchError, Management
 from paddler.dashboard.config import DashboardConfig
 from paddler.dashboard.snapshot import DashboardSnapshot
 from paddler.dashboard.widgets import AgentTable, FleetTotals, StatusLine, TrafficCharts
+from paddler.tls import client_context
 
 
 class DashboardApp(App[None]):
@@ -60,9 +61,13 @@ class DashboardApp(App[None]):
         self._wake.set()
 
     async def _poll(self) -> None:
-        async with ManagementClient(
-            self.config.management_url, self.config.request_timeout
-        ) as client:
+        config = self.config
+        tls = (
+            client_context(config.management_ca_file)
+            if config.management_scheme == "https"
+            else None
+        )
+        async with ManagementClient(config.management_url, config.request_timeout, tls) as client:
             while True:
                 self._wake.clear()
                 try:

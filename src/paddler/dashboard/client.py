@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from types import TracebackType
 from typing import Any
 
@@ -32,9 +33,13 @@ class ManagementClient:
     ``FetchError``.
     """
 
-    def __init__(self, base_url: str, timeout: float) -> None:
+    def __init__(
+        self, base_url: str, timeout: float, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        """``ssl_context`` verifies an ``https`` balancer (None: the system's trust store)."""
         self._base_url = base_url.rstrip("/")
         self._timeout = timeout
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ManagementClient:
@@ -42,7 +47,7 @@ class ManagementClient:
         # freeze the dashboard, and its answers are small.
         timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=self._timeout)
         self._session = aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(limit=2)
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=2, ssl=self._ssl)
         )
         return self
 

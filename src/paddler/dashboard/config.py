@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -10,6 +11,9 @@ class DashboardConfig:
     management_host: str = "127.0.0.1"
     management_port: int = 8085
     refresh_interval: float = 1.0
+    management_scheme: str = "http"
+    management_ca_file: Path | None = None
+    """With ``https``: the CA of the balancer's certificate (None: the system's store)."""
 
     @property
     def management_addr(self) -> str:
@@ -20,7 +24,7 @@ class DashboardConfig:
 
     @property
     def management_url(self) -> str:
-        return f"http://{self.management_addr}"
+        return f"{self.management_scheme}://{self.management_addr}"
 
     @property
     def request_timeout(self) -> float:
