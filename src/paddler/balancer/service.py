@@ -78,6 +78,7 @@ class Balancer:
         async with Upstream(
             connect_timeout=config.upstream_connect_timeout,
             keepalive_timeout=config.upstream_keepalive_timeout,
+            read_timeout=config.upstream_read_timeout,
             rewrite_host_header=config.rewrite_host_header,
         ) as upstream:
             proxy_app = ReverseProxy(config, self.pool, self.buffer, upstream, self.observers).app()
