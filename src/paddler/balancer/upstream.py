@@ -24,10 +24,11 @@ A server that stops making progress (frozen, swapping, deadlocked) is caught two
   exception set on the response's stream;
 - as a backstop, ``read_timeout`` (``--upstream-read-timeout``): aiohttp's ``sock_read``, an idle
   timeout on each read of the socket, from the end of the request body to the response headers
-  and then between chunks (it stops while the client's own slowness pauses reading), plus the
-  same bound on sending the request and waiting for the headers. A timeout is the server's
-  fault, never the pooled connection's: it is not resent on a fresh connection, where it would
-  wait as long again.
+  and then between chunks (aiohttp 3.14 restarts it on every packet, and stops it while the
+  client's own slowness pauses reading). A timeout is the server's fault, never the pooled
+  connection's: it is not resent on a fresh connection, where it would wait as long again.
+  Sending the body is not bounded by it: a frozen server whose socket buffer is full blocks that
+  write until its agent reports it.
 """
 
 from __future__ import annotations
@@ -163,11 +164,9 @@ class Upstream:
             headers["Host"] = agent.address.authority
         if extra_headers:
             headers.update(extra_headers)
-        waiting = asyncio.timeout(
-            None
-            if self.read_timeout is None
-            else asyncio.get_running_loop().time() + self.read_timeout
-        )
+        # No deadline of its own: it exists to be moved to now by an abort. The read timeout
+        # is sock_read's.
+        waiting = asyncio.timeout(None)
         try:
             async with waiting:
                 if guard is not None:
@@ -177,10 +176,12 @@ class Upstream:
                 finally:
                     if guard is not None:
                         guard.on_abort(None)  # the deadline ends with this block
-        except TimeoutError as error:
+        except aiohttp.ServerTimeoutError as error:
+            raise UpstreamBroken(self._silent(agent)) from error
+        except TimeoutError as error:  # the abort's, above
             if guard is not None and guard.aborted is not None:
                 raise UpstreamBroken(guard.aborted) from error
-            raise UpstreamBroken(self._silent(agent)) from error
+            raise UpstreamBroken(f"{agent.name} timed out: {error!r}") from error
 
     async def _send(
         self, agent: AgentController, method: str, url: URL, headers: CIMultiDict[str], body: bytes
