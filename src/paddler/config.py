@@ -57,6 +57,7 @@ class BalancerConfig:
     agent_stale_after: float = 5.0
     upstream_connect_timeout: float = 5.0
     upstream_keepalive_timeout: float = 2.0
+    upstream_read_timeout: float = 600.0
     max_retries: int = 2
     circuit_breaker_cooldown: float = 5.0
     circuit_breaker_failure_threshold: int = 3
@@ -114,6 +115,8 @@ class BalancerConfig:
             raise ValueError("--request-buffer-size must be 0 or more")
         if self.request_buffer_timeout <= 0:
             raise ValueError("--request-buffer-timeout must be positive")
+        if self.upstream_read_timeout <= 0:
+            raise ValueError("--upstream-read-timeout must be positive")
         if not 0 < self.autoscaling_target_utilization <= 1:
             raise ValueError("--autoscaling-target-utilization must be above 0 and at most 1")
         if self.routing not in ROUTING_POLICIES:

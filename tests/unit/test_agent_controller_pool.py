@@ -276,3 +276,107 @@ def test_a_restarted_server_is_asked_again_for_routes_it_lacked(
     pool.offers_route(lacking, "/v1/embeddings")
     assert pool.pick(Demand(True, route="/v1/embeddings")) is lacking
     assert other.lacking_routes == {}
+
+
+def unreachable(error: str = "llama.cpp did not answer GET /health within 3s") -> Status:
+    return Status(state=LlamaCppState.UNREACHABLE, error=error)
+
+
+def test_an_unreachable_report_aborts_exactly_the_requests_running_on_that_agent(
+    pool: AgentControllerPool,
+) -> None:
+    """Each guard of the agent whose llama.cpp became unreachable is aborted once, with the
+    cause; other agents' guards are not, and releasing stays each block's job."""
+    frozen, session = pool.register("frozen", address(1), status(idle=3))
+    healthy, _ = pool.register("healthy", address(2), status(idle=1))
+    aborted: list[tuple[int, str]] = []
+    guards = [pool.reserve(frozen, Demand(True)), pool.reserve(frozen, Demand(False))]
+    guards.append(pool.reserve(healthy, Demand(True)))
+    for number, guard in enumerate(guards):
+        guard.on_abort(lambda reason, number=number: aborted.append((number, reason)))
+    done = pool.reserve(frozen, Demand(True))
+    done.on_abort(lambda reason: aborted.append((99, reason)))
+    done.release()
+
+    pool.report(frozen, session, unreachable())
+    pool.report(frozen, session, unreachable("still down"))  # no transition: nothing more
+
+    assert sorted(number for number, _ in aborted) == [0, 1]
+    assert all(
+        reason == "frozen reported its llama.cpp unreachable "
+        "(llama.cpp did not answer GET /health within 3s)"
+        for _, reason in aborted
+    )
+    assert frozen.in_flight == 2  # aborted, not released
+    for guard in guards:
+        guard.release()
+        guard.release()
+    assert (frozen.in_flight, frozen.reserved) == (0, 0)
+    assert (healthy.in_flight, healthy.reserved) == (0, 0)
+    assert frozen.guards == set()
+    assert healthy.guards == set()
+
+
+def test_a_guard_aborted_before_its_action_is_attached_runs_it_when_attached(
+    pool: AgentControllerPool,
+) -> None:
+    """A request granted a slot just before the report still learns of it when it sends."""
+    agent, session = pool.register("a", address(1), status(idle=1))
+    guard = pool.reserve(agent, Demand(True))
+    pool.report(agent, session, unreachable())
+    reasons: list[str] = []
+    guard.on_abort(reasons.append)
+    assert reasons == [guard.aborted]
+    assert guard.aborted is not None and guard.aborted.startswith("a reported")
+    guard.release()
+    guard.on_abort(reasons.append)  # released: nothing to end any more
+    assert len(reasons) == 1
+
+
+def test_agents_that_stop_reporting_or_load_leave_their_requests_running(
+    pool: AgentControllerPool, clock: Clock
+) -> None:
+    """Only an unreachable report aborts: a stale agent's removal, a takeover by a new session
+    or a loading report say nothing of the requests llama.cpp is serving."""
+    quiet, _ = pool.register("quiet", address(1), status(idle=1))
+    loading, session = pool.register("loading", address(2), status(idle=1))
+    guards = [pool.reserve(quiet, Demand(True)), pool.reserve(loading, Demand(True))]
+    reasons: list[str] = []
+    for guard in guards:
+        guard.on_abort(reasons.append)
+    pool.report(loading, session, status(idle=1, state=LlamaCppState.LOADING))
+    pool.register("loading", address(2), status(idle=1))
+    clock.now += 10
+    pool.sweep(stale_after=5)
+    assert reasons == []
+    assert all(guard.aborted is None for guard in guards)
+
+
+def test_a_reconnecting_agent_that_reports_unreachable_aborts_its_requests(
+    pool: AgentControllerPool,
+) -> None:
+    """The takeover's first report counts like any other: unreachable ends what runs there."""
+    agent, _ = pool.register("a", address(1), status(idle=1))
+    guard = pool.reserve(agent, Demand(True))
+    pool.register("a", address(1), unreachable())
+    assert guard.aborted is not None
+
+
+def test_a_server_back_from_unreachable_is_used_again_after_the_cooldown(
+    pool: AgentControllerPool, clock: Clock
+) -> None:
+    """Aborted requests open its circuit; its first healthy report after the cooldown puts
+    it back in rotation, with its reservations all given back."""
+    agent, session = pool.register("a", address(1), status(idle=2))
+    guard = pool.reserve(agent, Demand(True))
+    pool.report(agent, session, unreachable())
+    pool.trip(agent, str(guard.aborted))  # what the proxy does with an aborted request
+    guard.release()
+    assert pool.pick(Demand(True)) is None
+    clock.now += 1
+    pool.report(agent, session, status(idle=2))
+    assert pool.pick(Demand(True)) is None  # healthy, but the cooldown has not passed
+    clock.now += 5
+    pool.report(agent, session, status(idle=2))
+    assert pool.pick(Demand(True)) is agent
+    assert agent.free_slots() == 2

@@ -62,6 +62,17 @@ def test_a_bad_duration_is_a_usage_error() -> None:
     assert "'soon' is not a duration" in result.output
 
 
+def test_the_upstream_read_timeout_must_be_positive_and_defaults_to_ten_minutes() -> None:
+    """0 would make every request time out at once; --help says the default and why."""
+    result = CliRunner().invoke(cli, ["balancer", "--upstream-read-timeout", "0s"])
+    assert result.exit_code == 2
+    assert "--upstream-read-timeout must be positive" in result.output
+    help_text = " ".join(CliRunner().invoke(cli, ["balancer", "--help"]).output.split())
+    assert "PADDLER_UPSTREAM_READ_TIMEOUT" in help_text
+    assert "default: 10m" in help_text
+    assert "non-streamed" in help_text
+
+
 def test_a_public_management_address_needs_a_token() -> None:
     """The balancer refuses to expose an unauthenticated management port beyond loopback."""
     result = CliRunner().invoke(cli, ["balancer", "--management-host", "0.0.0.0"])

@@ -30,6 +30,7 @@ from paddler.protocol import LlamaCppState, Status
 
 if TYPE_CHECKING:
     from paddler.balancer.cache_report import CacheReport
+    from paddler.balancer.slot_guard import SlotGuard
 
 _SMOOTHING = 0.2
 """Weight of the newest measurement in the running averages below."""
@@ -89,6 +90,8 @@ class AgentController:
     """Every name of every model served here."""
     lacking_routes: dict[str, float] = field(default_factory=dict)
     """Routes llama.cpp answered 501 for here, until when (pool clock) to believe it."""
+    guards: set[SlotGuard] = field(default_factory=set)
+    """The reservations of the requests running here now (``in_flight`` of them)."""
 
     def __post_init__(self) -> None:
         self._name_models(self.status.models)

@@ -9,6 +9,10 @@ Membership policy (documented in docs/membership.md):
   ``stale_after`` seconds.
 - Removal only stops new requests: requests already running on that server hold a reference to
   its controller and finish normally; their release is then a no-op for the fleet.
+- A report that llama.cpp became ``unreachable`` is the one signal that the server itself is gone
+  (a silent or disconnected agent may leave it serving): the requests running there are ended at
+  once, by aborting their guards (see ``slot_guard``). Those still waiting for response headers go
+  to another server; streams end with the SSE error event.
 
 Model policy (documented in docs/routing.md, "Models"): a request that names a model goes to
 servers that answer to that name (see ``model_names``). A name no server answers to is served
@@ -119,7 +123,9 @@ class AgentControllerPool:
             agent.lacking_routes.clear()
         agent.cache_key = next(self._cache_keys)
         agent.session_id = self._next_session
+        previous = agent.status
         agent.accept_report(status, now, self._circuit_cooldown)
+        self._abort_if_gone(agent, previous, status)
         self._index_models()
         self._capacity_changed()
         return agent, agent.session_id
@@ -131,6 +137,7 @@ class AgentControllerPool:
         previous = agent.status
         was = (agent.usable(), agent.free_slots())
         agent.accept_report(status, self.clock(), self._circuit_cooldown)
+        self._abort_if_gone(agent, previous, status)
         if (previous.state, previous.error) != (status.state, status.error):
             log.info("agent %s is now %s", agent.name, _describe(status))
             if previous.state is LlamaCppState.OK:
@@ -151,6 +158,28 @@ class AgentControllerPool:
         ):
             self._capacity_changed()
         return True
+
+    def _abort_if_gone(self, agent: AgentController, previous: Status, status: Status) -> None:
+        """llama.cpp just became unreachable: what runs there now will never get an answer.
+
+        Only this report says so. An agent that stops reporting, or whose socket closes, may
+        still leave its llama.cpp serving: its requests run on (see ``remove``).
+        """
+        if status.state is not LlamaCppState.UNREACHABLE or previous.state is status.state:
+            return
+        if not agent.guards:
+            return
+        reason = f"{agent.name} reported its llama.cpp unreachable"
+        if status.error:
+            reason += f" ({status.error})"
+        log.warning(
+            "agent %s: ending %d request(s) running there: %s",
+            agent.name,
+            len(agent.guards),
+            reason,
+        )
+        for guard in list(agent.guards):
+            guard.abort(reason)
 
     def remove(self, agent: AgentController, session: int | None, reason: str) -> bool:
         """Remove an agent, unless a newer session took it over; return whether it was removed."""
@@ -297,11 +326,14 @@ class AgentControllerPool:
         if demand.needs_slot:
             agent.reserved += 1
         self.policy.dispatched(agent, demand)
-        return SlotGuard(self, agent, demand.needs_slot, self.clock())
+        guard = SlotGuard(agent, demand.needs_slot, self.clock(), self._release)
+        agent.guards.add(guard)
+        return guard
 
-    def release(self, guard: SlotGuard, *, abandoned: bool) -> None:
+    def _release(self, guard: SlotGuard, abandoned: bool) -> None:
         """Called by ``SlotGuard.release`` only, exactly once per guard."""
         agent = guard.agent
+        agent.guards.discard(guard)
         agent.in_flight -= 1
         if guard.holds_slot:
             agent.reserved -= 1
@@ -309,7 +341,7 @@ class AgentControllerPool:
             if abandoned:
                 if not agent.removed:
                     agent.settling.append(now + self._settle_timeout)
-            else:
+            elif guard.aborted is None:  # a request cut short says nothing of the hold time
                 agent.observe_hold(now - guard.reserved_at)
         self._capacity_changed()
 

@@ -17,6 +17,7 @@ can learn what llama.cpp found in its prompt cache (see ``cache_report``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -52,6 +53,7 @@ from paddler.balancer.upstream import (
     Upstream,
     UpstreamBroken,
     hold,
+    interrupt,
     relay,
 )
 from paddler.balancer.verdict import NOT_IMPLEMENTED, Action, Fault, judge
@@ -181,7 +183,7 @@ class ReverseProxy:
                 headers: dict[str, str] = {}
                 self._observers.upstream_headers(record, headers)
                 try:
-                    upstream = await self._upstream.send(agent, request, body, headers)
+                    upstream = await self._upstream.send(agent, request, body, headers, guard)
                 except ConnectFailed as failure:
                     self._server_failed(record, attempts, agent, f"cannot connect: {failure}")
                     self._observers.upstream_failed(record, agent, "connect_failed")
@@ -190,6 +192,8 @@ class ReverseProxy:
                     self._server_failed(record, attempts, agent, str(failure))
                     self._observers.upstream_failed(record, agent, "disconnected")
                     continue
+                # From now on an abort (the agent reports llama.cpp gone) fails the next read.
+                guard.on_abort(functools.partial(interrupt, upstream))
                 status = upstream.status
                 if status == NOT_IMPLEMENTED and demand.route is not None:
                     self._pool.lacks_route(agent, demand.route)
@@ -275,6 +279,7 @@ class ReverseProxy:
             extra_headers=self._response_headers(record, agent.name),
             on_first_chunk=lambda: self._first_chunk(record),
             on_chunk=tail.feed if tail is not None else None,
+            read_timeout=self._upstream.read_timeout,
         )
         if relayed.client_gone:
             guard.release(abandoned=True)

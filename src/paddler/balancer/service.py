@@ -90,6 +90,7 @@ class Balancer:
         async with Upstream(
             connect_timeout=config.upstream_connect_timeout,
             keepalive_timeout=config.upstream_keepalive_timeout,
+            read_timeout=config.upstream_read_timeout,
             rewrite_host_header=config.rewrite_host_header,
             llamacpp_api_key=config.llamacpp_api_key,
             drop_client_keys=self.api_keys.enabled,

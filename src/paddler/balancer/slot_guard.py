@@ -9,34 +9,50 @@ Leaving the block releases the reservation and wakes buffered requests: on succe
 on cancellation alike. A cancellation means the client went away mid-request; llama.cpp frees the
 slot only once it notices the closed connection, so the slot is released as *settling* (see
 ``agent_controller``).
+
+A guard can also be *aborted*: its server is known to be gone (its agent reported llama.cpp
+unreachable), so whatever the request waits for will never come. The proxy attaches the action
+that ends that wait (``on_abort``); aborting runs it, once, and releases nothing: the block that
+holds the guard still ends the request and releases it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from paddler.balancer.agent_controller import AgentController
-    from paddler.balancer.agent_controller_pool import AgentControllerPool
 
 
 class SlotGuard:
-    __slots__ = ("_pool", "_released", "agent", "holds_slot", "reserved_at")
+    __slots__ = (
+        "_abort_action",
+        "_on_release",
+        "_released",
+        "aborted",
+        "agent",
+        "holds_slot",
+        "reserved_at",
+    )
 
     def __init__(
         self,
-        pool: AgentControllerPool,
         agent: AgentController,
         holds_slot: bool,
         reserved_at: float,
+        on_release: Callable[[SlotGuard, bool], None],
     ) -> None:
-        self._pool = pool
         self.agent = agent
         self.holds_slot = holds_slot
         self.reserved_at = reserved_at
+        self._on_release = on_release
         self._released = False
+        self._abort_action: Callable[[str], None] | None = None
+        self.aborted: str | None = None
+        """Why the guard was aborted, once it was."""
 
     @property
     def released(self) -> bool:
@@ -47,7 +63,23 @@ class SlotGuard:
         if self._released:
             return
         self._released = True
-        self._pool.release(self, abandoned=abandoned)
+        self._abort_action = None
+        self._on_release(self, abandoned)
+
+    def on_abort(self, action: Callable[[str], None] | None) -> None:
+        """Make ``action(reason)`` what an abort does from now on (None: nothing). If the guard
+        was aborted already, ``action`` runs at once."""
+        self._abort_action = action
+        if action is not None and self.aborted is not None and not self._released:
+            action(self.aborted)
+
+    def abort(self, reason: str) -> None:
+        """The server is gone: end the request's wait on it. Only the first call counts."""
+        if self._released or self.aborted is not None:
+            return
+        self.aborted = reason
+        if self._abort_action is not None:
+            self._abort_action(reason)
 
     def __enter__(self) -> SlotGuard:
         return self

@@ -14,6 +14,22 @@ reaching a client:
 A failure to *open* a connection is the server's fault, not the pool's: it surfaces as
 ``ConnectFailed`` and the caller tries another agent.
 
+A server that stops making progress (frozen, swapping, deadlocked) is caught two ways:
+
+- its agent reports llama.cpp ``unreachable`` and the pool aborts the request's guard (see
+  ``slot_guard``): a request still waiting for the response headers fails at once with
+  ``UpstreamBroken`` (nothing reached the client, so the caller tries another agent), and a
+  response being relayed fails its next read with ``Interrupted``, which ends a stream with the
+  SSE error event. Both cost nothing per chunk: a deadline that the abort moves to now, and an
+  exception set on the response's stream;
+- as a backstop, ``read_timeout`` (``--upstream-read-timeout``): aiohttp's ``sock_read``, an idle
+  timeout on each read of the socket, from the end of the request body to the response headers
+  and then between chunks (aiohttp 3.14 restarts it on every packet, and stops it while the
+  client's own slowness pauses reading). A timeout is the server's fault, never the pooled
+  connection's: it is not resent on a fresh connection, where it would wait as long again.
+  Sending the body is not bounded by it: a frozen server whose socket buffer is full blocks that
+  write until its agent reports it.
+
 Keys: when the balancer checks client keys, or has a key of the llama.cpp servers' own
 (``--llamacpp-api-key``), the client's ``Authorization`` and ``X-Api-Key`` never reach llama.cpp;
 the balancer's key, if any, goes instead as ``Authorization: Bearer``.
@@ -33,6 +49,7 @@ from yarl import URL
 
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.api_error import stream_interrupted
+from paddler.balancer.slot_guard import SlotGuard
 from paddler.llamacpp_error import error_message
 
 log = logging.getLogger(__name__)
@@ -65,6 +82,17 @@ class UpstreamBroken(Exception):
     """The server accepted the request but failed before or while answering."""
 
 
+class Interrupted(aiohttp.ClientConnectionError):
+    """A response ended from outside: its server is known to be gone (see ``interrupt``)."""
+
+
+def interrupt(response: aiohttp.ClientResponse, reason: str) -> None:
+    """Make the pending and every later read of ``response`` fail with ``Interrupted(reason)``,
+    and drop its connection."""
+    response.content.set_exception(Interrupted(reason))
+    response.close()
+
+
 def _forwardable(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The end-to-end headers: hop-by-hop ones, and any the Connection header names, dropped."""
     named = {
@@ -88,10 +116,12 @@ class Upstream:
         connect_timeout: float,
         keepalive_timeout: float,
         rewrite_host_header: bool,
+        read_timeout: float | None = None,
         llamacpp_api_key: str | None = None,
         drop_client_keys: bool = False,
     ) -> None:
         self._connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._llamacpp_api_key = llamacpp_api_key
         self._drop_client_keys = drop_client_keys or llamacpp_api_key is not None
         self._keepalive_timeout = keepalive_timeout
@@ -115,7 +145,9 @@ class Upstream:
         return aiohttp.ClientSession(
             connector=connector,
             # Per phase, never in total: a stream may rightly run for many minutes.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self._connect_timeout, sock_read=self.read_timeout
+            ),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
@@ -128,10 +160,12 @@ class Upstream:
         request: web.Request,
         body: bytes,
         extra_headers: Mapping[str, str] | None = None,
+        guard: SlotGuard | None = None,
     ) -> aiohttp.ClientResponse:
         """Send the client's request to ``agent``; return once the response headers arrived.
 
         ``extra_headers`` (trace context) replace the client's headers of the same name.
+        Aborting ``guard`` meanwhile ends the wait with ``UpstreamBroken`` and its reason.
         """
         assert self._pooled is not None and self._fresh is not None, "use as a context manager"
         # encoded=True: the path and query go out byte for byte as the client sent them.
@@ -146,18 +180,48 @@ class Upstream:
             headers["Authorization"] = f"Bearer {self._llamacpp_api_key}"
         if extra_headers:
             headers.update(extra_headers)
+        # No deadline of its own: it exists to be moved to now by an abort. The read timeout
+        # is sock_read's.
+        waiting = asyncio.timeout(None)
         try:
-            return await self._request(self._pooled, request.method, url, headers, body)
-        except ConnectFailed:
+            async with waiting:
+                if guard is not None:
+                    guard.on_abort(lambda _reason: waiting.reschedule(0))
+                try:
+                    return await self._send(agent, request.method, url, headers, body)
+                finally:
+                    if guard is not None:
+                        guard.on_abort(None)  # the deadline ends with this block
+        except aiohttp.ServerTimeoutError as error:
+            raise UpstreamBroken(self._silent(agent)) from error
+        except TimeoutError as error:  # the abort's, above
+            if guard is not None and guard.aborted is not None:
+                raise UpstreamBroken(guard.aborted) from error
+            raise UpstreamBroken(f"{agent.name} timed out: {error!r}") from error
+
+    async def _send(
+        self, agent: AgentController, method: str, url: URL, headers: CIMultiDict[str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        assert self._pooled is not None and self._fresh is not None
+        try:
+            return await self._request(self._pooled, method, url, headers, body)
+        except (ConnectFailed, aiohttp.ServerTimeoutError):
             raise
         except (aiohttp.ClientConnectionError, ConnectionResetError) as first:
             log.debug(
                 "pooled connection to %s failed (%r); resending on a fresh one", agent.name, first
             )
         try:
-            return await self._request(self._fresh, request.method, url, headers, body)
+            return await self._request(self._fresh, method, url, headers, body)
+        except aiohttp.ServerTimeoutError:
+            raise
         except (aiohttp.ClientConnectionError, ConnectionResetError) as second:
             raise UpstreamBroken(f"{agent.name} closed the connection: {second!r}") from second
+
+    def _silent(self, agent: AgentController) -> str:
+        return (
+            f"{agent.name} sent no response within {self.read_timeout:g}s (--upstream-read-timeout)"
+        )
 
     async def _request(
         self,
@@ -195,11 +259,13 @@ async def relay(
     extra_headers: Mapping[str, str] | None = None,
     on_first_chunk: Callable[[], None] | None = None,
     on_chunk: Callable[[bytes], None] | None = None,
+    read_timeout: float | None = None,
 ) -> Relayed:
     """Copy the upstream response to the client as it arrives, never buffering it whole.
 
-    If the server fails mid-answer, an event stream gets a clean end with an error event and
-    any other body is cut off, so that the client sees it incomplete.
+    If the server fails mid-answer (``read_timeout``: the upstream's, to name it when it
+    passes), an event stream gets a clean end with an error event and any other body is cut
+    off, so that the client sees it incomplete.
     """
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.update(_forwardable(upstream.headers))
@@ -215,8 +281,9 @@ async def relay(
             try:
                 chunk = await upstream.content.readany()
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as error:
-                outcome.failure = f"the server failed mid-response: {error!r}"
-                await _end_broken_stream(request, response, is_event_stream(upstream), error)
+                cause = _mid_response_cause(error, read_timeout)
+                outcome.failure = f"the server failed mid-response: {cause}"
+                await _end_broken_stream(request, response, is_event_stream(upstream), cause)
                 return outcome
             if not chunk:
                 break
@@ -242,14 +309,22 @@ async def relay(
     return outcome
 
 
+def _mid_response_cause(error: BaseException, read_timeout: float | None) -> str:
+    if isinstance(error, Interrupted):
+        return str(error)
+    if isinstance(error, aiohttp.ServerTimeoutError) and read_timeout is not None:
+        return f"no byte for {read_timeout:g}s (--upstream-read-timeout)"
+    return repr(error)
+
+
 async def _end_broken_stream(
-    request: web.Request, response: web.StreamResponse, streaming: bool, error: BaseException
+    request: web.Request, response: web.StreamResponse, streaming: bool, cause: str
 ) -> None:
     if streaming:
         # The client gets a well-formed end: an error event, as llama.cpp itself sends after the
         # first chunk, then the end of the chunked body.
         try:
-            await response.write(stream_interrupted(repr(error)).sse_event())
+            await response.write(stream_interrupted(cause).sse_event())
             await response.write_eof()
         except ConnectionResetError:
             pass

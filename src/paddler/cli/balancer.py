@@ -100,6 +100,17 @@ from paddler.config import BalancerConfig
     help="Least time a failing agent stays out of rotation; it returns with its next healthy report after that.",
 )
 @option(
+    "--upstream-read-timeout",
+    type=DURATION,
+    default="10m",
+    help="Longest a llama.cpp server may send nothing: before the response headers, and then "
+    "between chunks. A server silent for longer is taken out of rotation; a request that got "
+    "no headers goes to another server, a stream ends with an error event. Keep it generous: "
+    "llama.cpp sends the headers of a stream only after the prompt is processed (a long prompt "
+    "on a CPU can take minutes), and those of a non-streamed answer only once it is complete. "
+    "A frozen server is usually caught sooner, by its agent's report.",
+)
+@option(
     "--shutdown-drain-timeout",
     type=DURATION,
     default="30s",
