@@ -29,6 +29,7 @@ from paddler.balancer.routing import make_policy
 from paddler.balancer.stats_history import StatsHistory
 from paddler.balancer.statsd_reporter import StatsdReporter
 from paddler.balancer.tracing import TracingObserver
+from paddler.balancer.traits_reader import TraitsReader
 from paddler.balancer.upstream import Upstream
 from paddler.config import BalancerConfig
 from paddler.lifecycle import wait_or_shutdown
@@ -75,12 +76,17 @@ class Balancer:
     async def run(self, shutdown: asyncio.Event) -> None:
         config = self.config
         socket = AgentSocket(self.pool, config.management_token, heartbeat=config.agent_stale_after)
-        async with Upstream(
-            connect_timeout=config.upstream_connect_timeout,
-            keepalive_timeout=config.upstream_keepalive_timeout,
-            rewrite_host_header=config.rewrite_host_header,
-        ) as upstream:
-            proxy_app = ReverseProxy(config, self.pool, self.buffer, upstream, self.observers).app()
+        async with (
+            Upstream(
+                connect_timeout=config.upstream_connect_timeout,
+                keepalive_timeout=config.upstream_keepalive_timeout,
+                rewrite_host_header=config.rewrite_host_header,
+            ) as upstream,
+            TraitsReader() as traits,
+        ):
+            proxy_app = ReverseProxy(
+                config, self.pool, self.buffer, upstream, self.observers, traits
+            ).app()
             proxy_app.on_shutdown.append(self._close_buffer)
             management_app = ManagementApp(
                 self.pool,

@@ -18,6 +18,7 @@ A failure to *open* a connection is the server's fault, not the pool's: it surfa
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+
+
+_WHOLE_BODY_BYTES = 1024 * 1024
+"""Bodies up to this size are handed to the transport in one piece (aiohttp's own limit)."""
 
 
 class ConnectFailed(Exception):
@@ -153,10 +158,18 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         try:
             return await session.request(
-                method, url, headers=headers, data=body or None, allow_redirects=False
+                method, url, headers=headers, data=_payload(body), allow_redirects=False
             )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
             raise ConnectFailed(str(error) or repr(error)) from error
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO | None:
+    """A large body is written in 64 KiB pieces, between which other requests' chunks flow
+    (aiohttp would copy raw bytes into the transport at once, and warns that it may block)."""
+    if len(body) > _WHOLE_BODY_BYTES:
+        return io.BytesIO(body)  # shares the bytes until written; a new one for each attempt
+    return body or None
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
