@@ -28,7 +28,12 @@ the parser holds the GIL. The choices, measured:
 - Inline, under ``INLINE_BYTES``: at the worst rate above, 64 KiB parse in under 3 ms, cheaper
   than the round trip to the worker, and nearly every request is that small.
 
-Chosen: inline under ``INLINE_BYTES``, the worker above. The worker is started (forkserver,
+Chosen: inline under ``INLINE_BYTES``, the worker above. Through a real balancer
+(``./scripts/bench large-bodies``, load 3 on 2 cores), a concurrent stream's longest stall was
+35 ms with one 30 MB body (1.3-1.5 s before) and 150-180 ms with four at once (4-5 s before).
+What remains is whole-body copies: the pickle in the executor's feeder thread, which holds the
+GIL for 15-20 ms per 30 MB, and the join of the body's chunks. Writing the body to a worker's
+pipe in pieces (a plain subprocess instead of ``ProcessPoolExecutor``) would remove the first. The worker is started (forkserver,
 or spawn where there is none: never fork, the balancer has threads) when the reader is entered,
 and stopped when it is left. If it dies (killed, out of memory), the requests it had get no
 traits, exactly as a body that is not JSON, and go on to llama.cpp unchanged; a new worker is
