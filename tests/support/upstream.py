@@ -12,9 +12,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @contextlib.asynccontextmanager
-async def fake_upstream(handler: Handler) -> AsyncIterator[int]:
+async def fake_upstream(handler: Handler, client_max_size: int = 1024**2) -> AsyncIterator[int]:
     """Serve ``handler`` for every route on a free port; yield the port."""
-    app = web.Application()
+    app = web.Application(client_max_size=client_max_size)
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -40,6 +40,9 @@ BLOCK_CHARS = 128
 MAX_BLOCKS = 2048
 """Longest chain kept: the first 256 KiB characters of a prompt are plenty to tell prefixes apart."""
 
+PROMPT_CHARS = MAX_BLOCKS * BLOCK_CHARS
+"""The most of a prompt the index ever reads: text past it changes no hash."""
+
 MAX_OWNERS = 8
 
 ENTRY_BYTES = 320

@@ -7,7 +7,12 @@ request goes on to llama.cpp, which answers with its own error. The balancer sta
 The *prompt text* is a stand-in for the tokens llama.cpp will cache, in the order the chat
 template lays them out: tools first, then each message's role and content. Two requests whose
 prompt texts share a prefix share (up to the template's own tokens) a token prefix, which is all
-the prefix index needs; it never has to reproduce the template or the tokenizer.
+the prefix index needs; it never has to reproduce the template or the tokenizer. Only its first
+``prefix_index.PROMPT_CHARS`` characters are kept (the index reads no further), with the whole
+text's length beside them, so that a huge prompt costs routing no more than a long one.
+
+``inspect`` is plain, synchronous work, proportional to the body: ``traits_reader`` decides
+whether it runs on the event loop or in a worker process.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from paddler.balancer.prefix_index import PROMPT_CHARS
 
 # Separators that cannot be confused with text: a prompt that ends where another's role begins
 # must not look like a shared prefix.
@@ -32,6 +39,9 @@ _MESSAGES_PATHS = frozenset({"/v1/messages"})
 class RequestTraits:
     model: str | None = None
     prompt: str | None = None
+    """The start of the prompt text: at most ``PROMPT_CHARS`` characters."""
+    prompt_chars: int = 0
+    """The length of the whole prompt text."""
 
 
 NO_TRAITS = RequestTraits()
@@ -49,10 +59,13 @@ def inspect(method: str, path: str, query: Mapping[str, str], body: bytes) -> Re
         model = document.get("model")
         if not isinstance(model, str) or not model:
             model = query.get("model") or None
-        return RequestTraits(model=model, prompt=_prompt_text(path.rstrip("/"), document))
+        prompt = _prompt_text(path.rstrip("/"), document)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        # RecursionError: a body nested deeper than the parser goes (a few thousand levels).
+        # RecursionError: a body nested deeper than the parser goes (about a thousand levels).
         return NO_TRAITS
+    if prompt is None:
+        return RequestTraits(model=model)
+    return RequestTraits(model=model, prompt=prompt[:PROMPT_CHARS], prompt_chars=len(prompt))
 
 
 def _prompt_text(path: str, document: dict[str, Any]) -> str | None:

@@ -44,10 +44,10 @@ from paddler.balancer.request_buffer import (
     UnknownModel,
 )
 from paddler.balancer.request_id import request_id
-from paddler.balancer.request_traits import inspect
 from paddler.balancer.routes import needs_slot, route_label
 from paddler.balancer.routing import Demand
 from paddler.balancer.slot_guard import SlotGuard
+from paddler.balancer.traits_reader import TraitsReader
 from paddler.balancer.upstream import (
     ConnectFailed,
     Upstream,
@@ -77,9 +77,11 @@ class ReverseProxy:
         buffer: RequestBuffer,
         upstream: Upstream,
         observers: Observers,
+        traits: TraitsReader,
         api_keys: ApiKeys | None = None,
     ) -> None:
         self._config = config
+        self._traits = traits
         self._api_keys = api_keys
         self._observers = observers
         self._pool = pool
@@ -133,7 +135,7 @@ class ReverseProxy:
                 record.outcome = Outcome.REFUSED
                 return self._refuse(record, error)
             try:
-                traits = inspect(request.method, request.path, request.query, body)
+                traits = await self._traits.read(request.method, request.path, request.query, body)
                 model = traits.model
                 if model is not None and not self._pool.accepts(model):
                     record.outcome = Outcome.REFUSED
@@ -147,6 +149,7 @@ class ReverseProxy:
                     model,
                     traits.prompt if self._index_prompts else None,
                     record.route,
+                    traits.prompt_chars,
                 )
                 return await self._dispatch(request, body, record, demand)
             finally:

@@ -79,11 +79,18 @@ class Demand:
 
     @classmethod
     def of(
-        cls, needs_slot: bool, model: str | None, prompt: str | None, route: str | None = None
+        cls,
+        needs_slot: bool,
+        model: str | None,
+        prompt: str | None,
+        route: str | None = None,
+        prompt_chars: int | None = None,
     ) -> Demand:
+        """``prompt_chars``: the whole prompt's length, when ``prompt`` is only its start."""
         if not prompt or not needs_slot:
             return cls(needs_slot, model, route)
-        return cls(needs_slot, model, route, len(prompt), prefix_chain(prompt))
+        chars = len(prompt) if prompt_chars is None else max(prompt_chars, len(prompt))
+        return cls(needs_slot, model, route, chars, prefix_chain(prompt))
 
 
 class RoutingPolicy(Protocol):

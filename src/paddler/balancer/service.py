@@ -32,6 +32,7 @@ from paddler.balancer.routing import make_policy
 from paddler.balancer.stats_history import StatsHistory
 from paddler.balancer.statsd_reporter import StatsdReporter
 from paddler.balancer.tracing import TracingObserver
+from paddler.balancer.traits_reader import TraitsReader
 from paddler.balancer.upstream import Upstream
 from paddler.config import BalancerConfig, is_loopback
 from paddler.lifecycle import wait_or_shutdown
@@ -87,16 +88,19 @@ class Balancer:
     async def run(self, shutdown: asyncio.Event) -> None:
         config = self.config
         socket = AgentSocket(self.pool, config.management_token, heartbeat=config.agent_stale_after)
-        async with Upstream(
-            connect_timeout=config.upstream_connect_timeout,
-            keepalive_timeout=config.upstream_keepalive_timeout,
-            read_timeout=config.upstream_read_timeout,
-            rewrite_host_header=config.rewrite_host_header,
-            llamacpp_api_key=config.llamacpp_api_key,
-            drop_client_keys=self.api_keys.enabled,
-        ) as upstream:
+        async with (
+            Upstream(
+                connect_timeout=config.upstream_connect_timeout,
+                keepalive_timeout=config.upstream_keepalive_timeout,
+                read_timeout=config.upstream_read_timeout,
+                rewrite_host_header=config.rewrite_host_header,
+                llamacpp_api_key=config.llamacpp_api_key,
+                drop_client_keys=self.api_keys.enabled,
+            ) as upstream,
+            TraitsReader() as traits,
+        ):
             proxy_app = ReverseProxy(
-                config, self.pool, self.buffer, upstream, self.observers, self.api_keys
+                config, self.pool, self.buffer, upstream, self.observers, traits, self.api_keys
             ).app()
             proxy_app.on_shutdown.append(self._close_buffer)
             management_app = ManagementApp(

@@ -43,7 +43,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+import aiohttp.payload
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -72,6 +74,11 @@ HOP_BY_HOP = frozenset(
 
 
 CLIENT_KEY_HEADERS = ("Authorization", "X-Api-Key")
+
+_WHOLE_BODY_BYTES = 1024 * 1024
+"""Bodies up to this size are handed to the transport in one piece (aiohttp's own limit)."""
+
+_PIECE_BYTES = 256 * 1024
 
 
 class ConnectFailed(Exception):
@@ -233,10 +240,37 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         try:
             return await session.request(
-                method, url, headers=headers, data=body or None, allow_redirects=False
+                method, url, headers=headers, data=_payload(body), allow_redirects=False
             )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
             raise ConnectFailed(str(error) or repr(error)) from error
+
+
+def _payload(body: bytes) -> bytes | _Pieces | None:
+    if len(body) > _WHOLE_BODY_BYTES:
+        return _Pieces(body)
+    return body or None
+
+
+class _Pieces(aiohttp.payload.Payload):
+    """A large body written in pieces, between which other requests' chunks flow.
+
+    aiohttp would hand raw bytes to the transport at once (and warns that it may block), and its
+    ``BytesIO`` payload copies the whole body first: a 30 MB copy holds the loop 15-20 ms here.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(body)
+        self._size = len(body)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._value).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        view = memoryview(self._value)
+        for start in range(0, len(view), _PIECE_BYTES):
+            await writer.write(view[start : start + _PIECE_BYTES])
+            await asyncio.sleep(0)
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
