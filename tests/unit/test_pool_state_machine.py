@@ -13,6 +13,9 @@ The invariants: every reservation is counted exactly once (an agent's ``reserved
 the snapshot's idle plus processing slots equal the usable slots; ``waiting`` equals the queued
 waiters; no waiter is left queued while the pool would hand it a slot; nothing raises but the
 buffer's own refusals. After the last step everything is released and every count is back to 0.
+
+The settings keep the file under 30 s in CI; to hunt longer, raise ``max_examples`` locally (a
+run of 3,000 examples found the removal that did not wake the buffer, see test_request_buffer).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class Ledger:
 
     created: list[SlotGuard] = field(default_factory=list)
     """Every guard the pool handed out, to a caller or to a waiter's future."""
+    reserved_for: list[tuple[SlotGuard, Demand]] = field(default_factory=list)
+    """Each guard with the request it was reserved for."""
     guards: list[SlotGuard] = field(default_factory=list)
     """The guards that reached a caller: direct reservations and served acquires."""
     released: list[SlotGuard] = field(default_factory=list)
@@ -117,9 +122,10 @@ class PoolAndBuffer(RuleBasedStateMachine):
         def recording_reserve(agent: AgentController, demand: Demand) -> SlotGuard:
             guard = reserve(agent, demand)
             self.ledger.created.append(guard)
+            self.ledger.reserved_for.append((guard, demand))
             return guard
 
-        self.pool.reserve = recording_reserve  # type: ignore[method-assign]
+        self.pool.reserve = recording_reserve
 
     # -- running things on the loop ------------------------------------------------------------
 
@@ -127,7 +133,7 @@ class PoolAndBuffer(RuleBasedStateMachine):
         """Run a synchronous pool operation inside the loop (the buffer may schedule timers)."""
 
         async def inside() -> object:
-            return function(*args, **kwargs)  # type: ignore[operator]
+            return function(*args, **kwargs)
 
         try:
             return self.loop.run_until_complete(inside())
@@ -181,7 +187,7 @@ class PoolAndBuffer(RuleBasedStateMachine):
         try:
             agent, session = self.call(
                 self.pool.register, name, Address("http", "127.0.0.1", port), status
-            )  # type: ignore[misc]
+            )
         except FleetFull:
             assert len(self.pool) == 3
             return
@@ -325,7 +331,8 @@ class PoolAndBuffer(RuleBasedStateMachine):
     def release_then_cancel_the_next_waiter(self, data: st.DataObject) -> None:
         """The slot goes to a waiter whose client leaves before its task resumes."""
         guard = data.draw(st.sampled_from(self.live_guards()))
-        acquire = data.draw(st.sampled_from(self.pending()))
+        # The oldest waiter is the one a freed slot goes to (FIFO): cancel it, or another.
+        acquire = data.draw(st.sampled_from(self.pending()[:1]) | st.sampled_from(self.pending()))
 
         def both() -> None:
             guard.release()
@@ -357,6 +364,11 @@ class PoolAndBuffer(RuleBasedStateMachine):
             assert agent.reserved >= 0
             assert agent.in_flight >= 0
         assert all(guard.released for guard in self.ledger.released)
+        held = {id(guard) for guard in self.ledger.guards}
+        waiting = {id(acquire.demand) for acquire in self.acquires if not acquire.task.done()}
+        for guard, demand in self.ledger.reserved_for:
+            if not guard.released and id(guard) not in held:
+                assert id(demand) in waiting, "a reservation reached nobody and is never released"
 
     @invariant()
     def the_snapshot_adds_up(self) -> None:
@@ -399,7 +411,7 @@ class PoolAndBuffer(RuleBasedStateMachine):
                 continue
             assert self.pool.pick(waiter.demand) is None, (
                 f"a waiter for {waiter.demand.model!r} is queued while "
-                f"{self.pool.pick(waiter.demand).id!r} has room for it"  # type: ignore[union-attr]
+                f"{self.pool.pick(waiter.demand).id!r} has room for it"
             )
 
     def teardown(self) -> None:
@@ -432,8 +444,8 @@ class PoolAndBufferWithPrefixRouting(PoolAndBuffer):
 
 
 RUNS = settings(
-    max_examples=int(__import__("os").environ.get("HUNT", "120")),
-    stateful_step_count=40,
+    max_examples=250,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
