@@ -285,7 +285,27 @@ every {options.storm_every:g} s a storm of {options.storm_size} streams cancelle
 | balancer RSS over time (MiB) | {rss_over_time} |
 | balancer CPU | {found.cpu_seconds:.0f} s over {options.duration:g} s ({found.cpu_seconds / options.duration * 100:.0f} % of one CPU); {found.cpu_seconds / max(1, served) * 1000:.1f} ms per request served |
 | balancer alive at the end | {"yes" if found.balancer_alive else "no"} |
+
+{findings(found, is_bounded)}
 """
+
+
+def findings(found: Findings, is_bounded: bool) -> str:
+    """What the run shows, in sentences, so that a rerun after a fix says what changed."""
+    tally = found.tally
+    lines = []
+    if tally.slowloris_opened and found.slowloris_open_at_end == tally.slowloris_opened:
+        lines.append(
+            "every slowloris connection was still open when the load stopped: the proxy port "
+            "has no timeout for reading a request head"
+        )
+    elif tally.slowloris_closed:
+        lines.append("the balancer closed the slowloris connections")
+    leaked = found.leaked_in_flight + found.leaked_processing + found.llamacpp_busy_slots
+    lines.append("no reservation leaked" if not leaked else f"{leaked} reservation(s) leaked")
+    lines.append("no client hung" if not tally.hung else f"{tally.hung} client(s) hung")
+    lines.append("the balancer's RSS stayed bounded" if is_bounded else "RSS kept growing")
+    return "Findings: " + "; ".join(lines) + "."
 
 
 def main(argv: Sequence[str] | None = None) -> None:
