@@ -210,3 +210,41 @@ async def test_monitor_reports_unreachable_while_there_is_no_url() -> None:
     async with aiohttp.ClientSession() as session:
         status = await LlamaCppMonitor(session, lambda: None, None, 3.0).observe()
     assert status.state is LlamaCppState.UNREACHABLE
+
+
+async def test_concurrent_observations_survive_one_of_them_forgetting_the_props(
+    session: aiohttp.ClientSession,
+) -> None:
+    """An observation still reading /slots when another one fails (and forgets /props) ends ok.
+
+    A stopping agent observes once more to drain while its monitoring loop observes too; the
+    loop's failure used to leave the other observation without props, an AttributeError.
+    """
+    first_in_slots, release_first = asyncio.Event(), asyncio.Event()
+    slots_calls = 0
+
+    async def llamacpp(request: web.Request) -> web.Response:
+        nonlocal slots_calls
+        if request.path == "/props":
+            return web.json_response({"total_slots": 1, "model_alias": "m"})
+        if request.path == "/slots":
+            slots_calls += 1
+            if slots_calls == 1:
+                first_in_slots.set()
+                await release_first.wait()
+                return web.json_response([{"id": 0, "is_processing": False}])
+            error = {"message": "stopping", "type": "server_error", "code": 500}
+            return web.json_response({"error": error}, status=500)
+        if request.path == "/v1/models":
+            return web.json_response({"data": [{"id": "m"}]})
+        return web.json_response({"status": "ok"})
+
+    async with fake_upstream(llamacpp) as port:
+        monitor = LlamaCppMonitor(session, f"http://127.0.0.1:{port}", None, 3.0)
+        draining = asyncio.create_task(monitor.observe())
+        await first_in_slots.wait()
+        failed = await monitor.observe()
+        release_first.set()
+        drained = await draining
+    assert failed.state is LlamaCppState.ERROR
+    assert drained == Status(state=LlamaCppState.OK, slots_idle=1, models=("m",))

@@ -218,3 +218,28 @@ async def test_many_concurrent_requests_never_oversubscribe(pool: AgentControlle
     await asyncio.gather(*(request() for _ in range(60)))
     assert peak == 6
     assert all(agent.reserved == 0 and agent.in_flight == 0 for agent in agents)
+
+
+async def test_a_waiter_is_served_at_once_when_the_removal_of_a_server_lets_it_through(
+    pool: AgentControllerPool,
+) -> None:
+    """A request waiting for its model's only server goes to the one left when that one leaves.
+
+    With two models, a request for ``alpha`` may only wait for the ``alpha`` server; once that
+    server is gone the fleet serves one model, which takes any name, so the idle ``beta`` server
+    must get the request then, not at the next report that happens to free a slot.
+    """
+    alpha, alpha_session = pool.register(
+        "a", address(1), Status(state=LlamaCppState.OK, slots_processing=1, models=("alpha",))
+    )
+    pool.register("b", address(2), Status(state=LlamaCppState.OK, slots_idle=1, models=("beta",)))
+    buffer = RequestBuffer(pool, size=5, timeout=5)
+    waiter = asyncio.create_task(buffer.acquire(Demand(True, model="alpha")))
+    await settle()
+    assert buffer.waiting == 1
+    pool.remove(alpha, alpha_session, "socket closed")
+    await settle()
+    assert waiter.done(), "the request still waits although the idle server may take it"
+    guard = waiter.result()
+    assert guard.agent.name == "b"
+    guard.release()

@@ -100,9 +100,12 @@ class LlamaCppMonitor:
             self._props, self._props_url = None, url
         try:
             await self._check_health(url)
-            if self._props is None:
-                self._props = await self._read_props(url)
-                self._last_models = self._props.models
+            # A local: another observation (the drain beside the monitoring loop) may forget
+            # ``self._props`` while this one awaits /slots.
+            props = self._props
+            if props is None:
+                props = self._props = await self._read_props(url)
+                self._last_models = props.models
             idle, processing = await self._read_slots(url)
         except _Failure as failure:
             if failure.state is not LlamaCppState.SLOTS_DISABLED:
@@ -110,8 +113,8 @@ class LlamaCppMonitor:
             return Status(
                 state=failure.state, models=self._last_models, error=_clip(failure.message)
             )
-        models = self._props.models
-        if idle + processing != self._props.total_slots:
+        models = props.models
+        if idle + processing != props.total_slots:
             self._props = None  # a different slot count means a different server: re-read props
         return Status(
             state=LlamaCppState.OK,

@@ -189,6 +189,9 @@ class AgentControllerPool:
         del self._agents[agent.address.url]
         self.policy.forget(agent.cache_key)
         self._index_models()
+        # A removal can let a waiter through: a model only this server named is, in a fleet
+        # left with one model, served by any server (see the module docstring).
+        self._capacity_changed()
         log.info(
             "agent %s removed (%s); %d request(s) still running there will finish",
             agent.name,
