@@ -72,6 +72,8 @@ class BalancerConfig:
     routing: str = "prefix"
     prefix_index_memory: int = 64 * 1024 * 1024
     allow_unknown_models: bool = False
+    max_slots_per_agent: int = 256
+    llamacpp_api_key: str | None = None
 
     def validate(self) -> None:
         """Refuse configurations that would be unsafe or meaningless."""
@@ -95,6 +97,8 @@ class BalancerConfig:
             raise ValueError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}")
         if self.prefix_index_memory < 0:
             raise ValueError("--prefix-index-memory must be 0 or more")
+        if self.max_slots_per_agent < 1:
+            raise ValueError("--max-slots-per-agent must be 1 or more")
         if any(character in self.statsd_prefix for character in ":|@# \t\n"):
             raise ValueError("--statsd-prefix may not contain ':', '|', '@', '#' or whitespace")
 

@@ -7,6 +7,10 @@ Membership policy (documented in docs/membership.md):
   no longer owns the agent and its closing removes nothing.
 - An agent is removed when it deregisters, when its socket closes, or when no report arrived for
   ``stale_after`` seconds.
+- A registered agent counts for nothing until the balancer has reached its address itself
+  (``verified``, called by ``agent_verifier``): until then it is listed, but it is not usable, its
+  slots are not counted, and no request is sent there. A re-registration at a known address keeps
+  what was verified.
 - Removal only stops new requests: requests already running on that server hold a reference to
   its controller and finish normally; their release is then a no-op for the fleet.
 
@@ -108,7 +112,12 @@ class AgentControllerPool:
                 registered_at=time.time(),
             )
             self._agents[address.url] = agent
-            log.info("agent %s registered at %s: %s", name, address.url, _describe(status))
+            log.info(
+                "agent %s registered at %s: %s; counted once the balancer reaches it",
+                name,
+                address.url,
+                _describe(status),
+            )
         else:
             log.info(
                 "agent %s re-registered at %s, replacing its previous session", name, address.url
@@ -150,6 +159,53 @@ class AgentControllerPool:
             or previous.models != status.models
         ):
             self._capacity_changed()
+        return True
+
+    def owns(self, agent: AgentController, session: int) -> bool:
+        """Whether ``session`` is still the agent's current session."""
+        return not agent.removed and agent.session_id == session
+
+    def verified(
+        self,
+        agent: AgentController,
+        slot_bound: int,
+        how: str | None = None,
+        *,
+        session: int | None = None,
+    ) -> bool:
+        """The balancer reached ``agent``'s address: count at most ``slot_bound`` slots there.
+
+        ``how`` says where the bound comes from, for the API. Returns False (and changes nothing)
+        if the agent was removed or ``session`` no longer owns it.
+        """
+        if agent.removed or (session is not None and agent.session_id != session):
+            return False
+        was_usable, was_free = agent.usable(), agent.free_slots()
+        if not agent.verified:
+            log.info(
+                "agent %s verified at %s: counting at most %d slot(s)%s",
+                agent.name,
+                agent.url,
+                slot_bound,
+                f" ({how})" if how else "",
+            )
+        agent.verified = True
+        agent.slot_bound = slot_bound
+        agent.verification = how
+        if agent.usable() != was_usable or agent.free_slots() > was_free:
+            self._capacity_changed()
+        return True
+
+    def unverified(self, agent: AgentController, reason: str, *, session: int | None = None) -> bool:
+        """An attempt to reach ``agent`` failed: keep it uncounted, and say why in the API.
+
+        An agent verified before (at the same address, by an earlier session) stays verified.
+        Returns False if the agent was removed or ``session`` no longer owns it.
+        """
+        if agent.removed or (session is not None and agent.session_id != session):
+            return False
+        if not agent.verified:
+            agent.verification = reason
         return True
 
     def remove(self, agent: AgentController, session: int | None, reason: str) -> bool:

@@ -18,6 +18,7 @@ from opentelemetry.trace import TracerProvider
 from paddler import __version__
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
+from paddler.balancer.agent_verifier import AgentVerifier
 from paddler.balancer.autoscaling import AutoscalingRoute
 from paddler.balancer.management_app import ManagementApp
 from paddler.balancer.observers import Observers
@@ -74,12 +75,20 @@ class Balancer:
 
     async def run(self, shutdown: asyncio.Event) -> None:
         config = self.config
-        socket = AgentSocket(self.pool, config.management_token, heartbeat=config.agent_stale_after)
         async with Upstream(
             connect_timeout=config.upstream_connect_timeout,
             keepalive_timeout=config.upstream_keepalive_timeout,
             rewrite_host_header=config.rewrite_host_header,
         ) as upstream:
+            verifier = AgentVerifier(
+                self.pool,
+                upstream,
+                max_slots=config.max_slots_per_agent,
+                api_key=config.llamacpp_api_key,
+            )
+            socket = AgentSocket(
+                self.pool, verifier, config.management_token, heartbeat=config.agent_stale_after
+            )
             proxy_app = ReverseProxy(config, self.pool, self.buffer, upstream, self.observers).app()
             proxy_app.on_shutdown.append(self._close_buffer)
             management_app = ManagementApp(
