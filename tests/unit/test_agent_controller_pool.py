@@ -10,6 +10,7 @@ from paddler.balancer.agent_controller_pool import AgentControllerPool, FleetFul
 from paddler.balancer.routing import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
+from tests.support.pool import join
 
 
 class Clock:
@@ -42,9 +43,9 @@ def pool(clock: Clock) -> AgentControllerPool:
 
 def test_pick_prefers_the_agent_with_most_free_slots(pool: AgentControllerPool) -> None:
     """The free agent with the most idle slots wins."""
-    pool.register("a", address(1), status(idle=1, processing=3))
-    pool.register("b", address(2), status(idle=3, processing=1))
-    pool.register("c", address(3), status(idle=2, processing=2))
+    join(pool, "a", address(1), status(idle=1, processing=3))
+    join(pool, "b", address(2), status(idle=3, processing=1))
+    join(pool, "c", address(3), status(idle=2, processing=2))
     picked = pool.pick(Demand(True))
     assert picked is not None
     assert picked.name == "b"
@@ -52,9 +53,9 @@ def test_pick_prefers_the_agent_with_most_free_slots(pool: AgentControllerPool) 
 
 def test_pick_breaks_ties_by_fewest_busy_then_name(pool: AgentControllerPool) -> None:
     """Equal free slots go to the least busy agent, then to the first name, deterministically."""
-    pool.register("zeta", address(1), status(idle=2, processing=0))
-    pool.register("alpha", address(2), status(idle=2, processing=2))
-    pool.register("beta", address(3), status(idle=2, processing=0))
+    join(pool, "zeta", address(1), status(idle=2, processing=0))
+    join(pool, "alpha", address(2), status(idle=2, processing=2))
+    join(pool, "beta", address(3), status(idle=2, processing=0))
     picked = pool.pick(Demand(True))
     assert picked is not None
     assert picked.name == "beta"
@@ -62,8 +63,8 @@ def test_pick_breaks_ties_by_fewest_busy_then_name(pool: AgentControllerPool) ->
 
 def test_pick_skips_agents_without_a_free_slot_or_not_ok(pool: AgentControllerPool) -> None:
     """Only usable agents with a free slot qualify for generating requests."""
-    pool.register("full", address(1), status(idle=0, processing=2))
-    pool.register("loading", address(2), status(idle=4, state=LlamaCppState.LOADING))
+    join(pool, "full", address(1), status(idle=0, processing=2))
+    join(pool, "loading", address(2), status(idle=4, state=LlamaCppState.LOADING))
     assert pool.pick(Demand(True)) is None
     full = pool.pick(Demand(False))
     assert full is not None
@@ -72,7 +73,7 @@ def test_pick_skips_agents_without_a_free_slot_or_not_ok(pool: AgentControllerPo
 
 def test_reservations_count_against_free_slots(pool: AgentControllerPool) -> None:
     """Dispatching reserves a slot at once, before any report shows it busy."""
-    agent, _ = pool.register("a", address(1), status(idle=2))
+    agent, _ = join(pool, "a", address(1), status(idle=2))
     first = pool.reserve(agent, Demand(True))
     pool.reserve(agent, Demand(True))
     assert pool.pick(Demand(True)) is None
@@ -82,7 +83,7 @@ def test_reservations_count_against_free_slots(pool: AgentControllerPool) -> Non
 
 def test_a_report_never_frees_or_double_counts_a_reserved_slot(pool: AgentControllerPool) -> None:
     """A slot both reserved and reported counts once; only traffic beyond ours adds to it."""
-    agent, session = pool.register("a", address(1), status(idle=4))
+    agent, session = join(pool, "a", address(1), status(idle=4))
     guards = [pool.reserve(agent, Demand(True)) for _ in range(2)]
     pool.report(agent, session, status(idle=4, processing=0))  # stale sample: shows nothing busy
     assert agent.free_slots() == 2
@@ -99,7 +100,7 @@ def test_a_finished_request_frees_its_slot_before_the_next_report(
     pool: AgentControllerPool,
 ) -> None:
     """A stale report that still shows our finished request busy does not hold its slot."""
-    agent, session = pool.register("a", address(1), status(idle=1))
+    agent, session = join(pool, "a", address(1), status(idle=1))
     guard = pool.reserve(agent, Demand(True))
     pool.report(agent, session, status(idle=0, processing=1))  # sees our request running
     guard.release()
@@ -108,7 +109,7 @@ def test_a_finished_request_frees_its_slot_before_the_next_report(
 
 def test_release_is_exactly_once(pool: AgentControllerPool) -> None:
     """Releasing a guard twice gives the slot back once."""
-    agent, _ = pool.register("a", address(1), status(idle=2))
+    agent, _ = join(pool, "a", address(1), status(idle=2))
     guard = pool.reserve(agent, Demand(True))
     guard.release()
     guard.release()
@@ -118,7 +119,7 @@ def test_release_is_exactly_once(pool: AgentControllerPool) -> None:
 
 def test_guard_releases_on_exception(pool: AgentControllerPool) -> None:
     """Leaving the guard's block by an error releases the slot."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     with pytest.raises(RuntimeError), pool.reserve(agent, Demand(True)):
         raise RuntimeError("upstream exploded")
     assert agent.free_slots() == 1
@@ -128,7 +129,7 @@ async def test_guard_released_by_cancellation_settles_until_next_report(
     pool: AgentControllerPool, clock: Clock
 ) -> None:
     """A cancelled request's slot stays counted until a report shows llama.cpp let it go."""
-    agent, session = pool.register("a", address(1), status(idle=1))
+    agent, session = join(pool, "a", address(1), status(idle=1))
 
     async def request() -> None:
         with pool.reserve(agent, Demand(True)):
@@ -147,7 +148,7 @@ async def test_guard_released_by_cancellation_settles_until_next_report(
 
 def test_settling_slots_expire_without_a_report(pool: AgentControllerPool, clock: Clock) -> None:
     """A settling slot is freed by the sweep once the settle timeout passes."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     pool.reserve(agent, Demand(True)).release(abandoned=True)
     assert agent.free_slots() == 0
     clock.now += 2.5
@@ -157,8 +158,8 @@ def test_settling_slots_expire_without_a_report(pool: AgentControllerPool, clock
 
 def test_stale_agents_are_removed_by_the_sweep(pool: AgentControllerPool, clock: Clock) -> None:
     """An agent that misses reports for the staleness window is removed."""
-    quiet, _ = pool.register("quiet", address(1), status(idle=1))
-    chatty, session = pool.register("chatty", address(2), status(idle=1))
+    quiet, _ = join(pool, "quiet", address(1), status(idle=1))
+    chatty, session = join(pool, "chatty", address(2), status(idle=1))
     clock.now += 4
     pool.report(chatty, session, status(idle=1))
     clock.now += 2
@@ -169,7 +170,7 @@ def test_stale_agents_are_removed_by_the_sweep(pool: AgentControllerPool, clock:
 
 def test_removing_an_agent_keeps_its_running_requests_valid(pool: AgentControllerPool) -> None:
     """Requests running on a removed agent finish and release without error."""
-    agent, session = pool.register("a", address(1), status(idle=2))
+    agent, session = join(pool, "a", address(1), status(idle=2))
     guard = pool.reserve(agent, Demand(True))
     assert pool.remove(agent, session, "test")
     assert pool.pick(Demand(False)) is None
@@ -179,9 +180,9 @@ def test_removing_an_agent_keeps_its_running_requests_valid(pool: AgentControlle
 
 def test_reregistration_takes_over_and_old_session_cannot_remove(pool: AgentControllerPool) -> None:
     """A reconnecting agent keeps its reservations; its old socket's close removes nothing."""
-    agent, old_session = pool.register("a", address(1), status(idle=2))
+    agent, old_session = join(pool, "a", address(1), status(idle=2))
     pool.reserve(agent, Demand(True))
-    again, new_session = pool.register("a", address(1), status(idle=2))
+    again, new_session = join(pool, "a", address(1), status(idle=2))
     assert again is agent
     assert agent.reserved == 1
     assert not pool.remove(agent, old_session, "old socket closed")
@@ -192,17 +193,17 @@ def test_reregistration_takes_over_and_old_session_cannot_remove(pool: AgentCont
 def test_fleet_size_is_bounded(clock: Clock) -> None:
     """Registrations beyond max_agents are refused."""
     pool = AgentControllerPool(max_agents=2, clock=clock)
-    pool.register("a", address(1), status(idle=1))
-    pool.register("b", address(2), status(idle=1))
+    join(pool, "a", address(1), status(idle=1))
+    join(pool, "b", address(2), status(idle=1))
     with pytest.raises(FleetFull):
-        pool.register("c", address(3), status(idle=1))
+        join(pool, "c", address(3), status(idle=1))
 
 
 def test_tripped_agent_returns_after_cooldown_and_a_healthy_report(
     pool: AgentControllerPool, clock: Clock
 ) -> None:
     """An open circuit closes with the first healthy report after the cooldown."""
-    agent, session = pool.register("a", address(1), status(idle=1))
+    agent, session = join(pool, "a", address(1), status(idle=1))
     pool.trip(agent, "connection refused")
     assert pool.pick(Demand(True)) is None
     clock.now += 1
@@ -215,7 +216,7 @@ def test_tripped_agent_returns_after_cooldown_and_a_healthy_report(
 
 def test_repeated_request_failures_open_the_circuit(pool: AgentControllerPool) -> None:
     """Failures that may be the request's fault trip only after the threshold, and reset."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     pool.record_failure(agent, "500")
     pool.record_failure(agent, "500")
     pool.record_success(agent)
@@ -228,8 +229,8 @@ def test_repeated_request_failures_open_the_circuit(pool: AgentControllerPool) -
 
 def test_snapshot_aggregates_usable_agents(pool: AgentControllerPool) -> None:
     """The fleet snapshot sums slots of usable agents only."""
-    agent, _ = pool.register("a", address(1), status(idle=3, processing=1))
-    pool.register("b", address(2), status(idle=2, state=LlamaCppState.UNREACHABLE))
+    agent, _ = join(pool, "a", address(1), status(idle=3, processing=1))
+    join(pool, "b", address(2), status(idle=2, state=LlamaCppState.UNREACHABLE))
     pool.reserve(agent, Demand(True))
     fleet = pool.snapshot()
     # one slot busy before we dispatched (foreign), plus ours
@@ -242,8 +243,8 @@ def test_a_route_a_server_lacks_goes_to_servers_that_may_have_it(
 ) -> None:
     """After a 501 for /v1/embeddings, embeddings avoid that server while others exist, for a
     while only; chat requests are not affected."""
-    lacking, _ = pool.register("lacking", address(1), status(idle=4))
-    other, _ = pool.register("other", address(2), status(idle=1))
+    lacking, _ = join(pool, "lacking", address(1), status(idle=4))
+    other, _ = join(pool, "other", address(2), status(idle=1))
     pool.lacks_route(lacking, "/v1/embeddings")
     assert pool.pick(Demand(True, route="/v1/embeddings")) is other
     assert pool.pick(Demand(True, route="/v1/chat/completions")) is lacking
@@ -257,7 +258,7 @@ def test_when_every_server_lacks_a_route_the_request_still_reaches_one(
     pool: AgentControllerPool,
 ) -> None:
     """The client then gets llama.cpp's own 501 and its reason, not a wait or a 502."""
-    agent, _ = pool.register("only", address(1), status(idle=1))
+    agent, _ = join(pool, "only", address(1), status(idle=1))
     pool.lacks_route(agent, "/v1/embeddings")
     assert pool.pick(Demand(True, route="/v1/embeddings")) is agent
 
@@ -266,8 +267,8 @@ def test_a_restarted_server_is_asked_again_for_routes_it_lacked(
     pool: AgentControllerPool,
 ) -> None:
     """It may have come back with --embeddings; and one that serves the route is believed."""
-    lacking, session = pool.register("lacking", address(1), status(idle=4))
-    other, _ = pool.register("other", address(2), status(idle=1))
+    lacking, session = join(pool, "lacking", address(1), status(idle=4))
+    other, _ = join(pool, "other", address(2), status(idle=1))
     pool.lacks_route(lacking, "/v1/embeddings")
     pool.report(lacking, session, Status(state=LlamaCppState.LOADING))
     pool.report(lacking, session, status(idle=4))
