@@ -100,6 +100,7 @@ class AgentSocket:
                             request,
                             f"more than {protocol.STATUS_FRAMES_PER_SECOND:g} frames per second "
                             f"for {protocol.STATUS_FLOOD_SECONDS:g}s",
+                            hang_up=True,
                         )
                         break
                 if frame.type is not WSMsgType.TEXT:
@@ -169,11 +170,26 @@ class AgentSocket:
         return agent, session
 
     async def _refuse(
-        self, socket: web.WebSocketResponse, request: web.Request, message: str
+        self,
+        socket: web.WebSocketResponse,
+        request: web.Request,
+        message: str,
+        *,
+        hang_up: bool = False,
     ) -> None:
+        """Send ``error`` and close with 1008. With ``hang_up``, read nothing more first.
+
+        A close waits for the agent's own close frame, reading what comes before it; behind a
+        flood that is megabytes of frames, parsed on the loop. So for a flooder the connection
+        is closed as soon as our close frame is written.
+        """
         log.warning("refused agent message from %s: %s", request.remote, message)
         if not socket.closed:
             await socket.send_str(protocol.encode(protocol.Error(message=message)))
+            if hang_up and request.transport is not None:
+                # Runs once close() has written its frame and waits to read: transport.close()
+                # still flushes what was written, and stops reading.
+                asyncio.get_running_loop().call_soon(request.transport.close)
             await socket.close(code=_POLICY_VIOLATION, message=message[:120].encode())
 
     async def close_all(self) -> None:

@@ -58,7 +58,9 @@
 
   function renderTotals(fleet, stats) {
     const agents = fleet.agents;
-    const usable = agents.filter((agent) => agent.state === "ok" && !agent.circuit_open);
+    const usable = agents.filter(
+      (agent) => agent.verified !== false && agent.state === "ok" && !agent.circuit_open,
+    );
     const total = fleet.slots_idle + fleet.slots_processing;
     setText("agents-usable", usable.length);
     setText("agents-total", agents.length);
