@@ -277,3 +277,57 @@ def test_a_restarted_server_is_asked_again_for_routes_it_lacked(
     pool.offers_route(lacking, "/v1/embeddings")
     assert pool.pick(Demand(True, route="/v1/embeddings")) is lacking
     assert other.lacking_routes == {}
+
+
+def test_an_unverified_agent_is_listed_but_counts_for_nothing(pool: AgentControllerPool) -> None:
+    """Before the balancer reached it, an agent has no slots, is not usable and is never picked."""
+    agent, _ = pool.register("rogue", address(1), status(idle=60000))
+    fleet = pool.snapshot()
+    assert (fleet.slots_idle, fleet.slots_processing, fleet.usable_agents) == (0, 0, 0)
+    [listed] = fleet.agents
+    assert (listed.verified, listed.slots_total, listed.slots_idle) == (False, 0, 0)
+    assert listed.verification is not None
+    assert pool.pick(Demand(True)) is None
+    assert pool.has_candidates(())  # it may yet be verified: requests wait for it
+    assert pool.unverified(agent, "the balancer cannot reach it: refused")
+    assert pool.snapshot().agents[0].verification == "the balancer cannot reach it: refused"
+
+
+def test_a_verified_agent_counts_at_most_its_bound(pool: AgentControllerPool) -> None:
+    """Once verified, the agent's reports count, within the slot bound it was verified with."""
+    woken: list[None] = []
+    pool.on_capacity(lambda: woken.append(None))
+    agent, session = pool.register("boaster", address(1), status(idle=60000))
+    woken.clear()
+    assert pool.verified(agent, 4, "/props total_slots=4", session=session)
+    assert woken  # waiting requests may now be served
+    fleet = pool.snapshot()
+    assert (fleet.slots_idle, fleet.usable_agents) == (4, 1)
+    assert pool.pick(Demand(True)) is agent
+    assert pool.report(agent, session, status(idle=1, processing=1))
+    assert pool.snapshot().slots_idle == 1
+    assert pool.snapshot().agents[0].verification == "/props total_slots=4"
+
+
+def test_a_verification_for_an_ended_session_changes_nothing(pool: AgentControllerPool) -> None:
+    """A verifier of an older socket cannot verify the agent its newer socket took over, nor a
+    removed one."""
+    agent, old = pool.register("a", address(1), status(idle=2))
+    pool.register("a", address(1), status(idle=2))
+    assert not pool.verified(agent, 2, session=old)
+    assert not agent.verified
+    assert pool.remove(agent, None, "test")
+    assert not pool.verified(agent, 2)
+    assert not pool.unverified(agent, "gone")
+
+
+def test_a_re_registration_at_the_same_address_keeps_its_verification(
+    pool: AgentControllerPool,
+) -> None:
+    """An agent reconnecting for the address the balancer already reached stays counted."""
+    agent, _ = join(pool, "a", address(1), status(idle=2), slot_bound=2)
+    again, session = pool.register("a", address(1), status(idle=2))
+    assert again is agent
+    assert pool.snapshot().slots_idle == 2
+    assert pool.unverified(again, "a later check failed", session=session)
+    assert pool.snapshot().slots_idle == 2

@@ -48,7 +48,8 @@ class FrameBudget:
         self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
         self._updated = now
         self._tokens -= 1
-        if self._tokens >= 0:
+        if self._tokens > -1e-9:  # float error must not make an agent at the rate wait
+            self._tokens = max(self._tokens, 0.0)
             self._over_since = None
             return 0.0
         if self._over_since is None:
