@@ -259,3 +259,36 @@ async def test_pressing_r_refreshes_at_once() -> None:
         api.agents["agents"] = [agent_json("alpha", 9001, idle=2)]
         await pilot.press("r")
         await wait_until(lambda: "alpha" in rows(pilot), timeout=5)
+
+
+async def test_agent_text_is_shown_as_text_and_an_unverified_agent_says_why() -> None:
+    """Markup in a name or model is shown as typed, escapes are escaped, and an agent the
+    balancer has not reached shows as unverified with the reason."""
+    from textual.widgets._data_table import default_cell_formatter
+
+    name = "[bold red]evil[/] [/]"
+    async with fake_management_api() as api:
+        api.agents["agents"] = [
+            agent_json(name, 9001, idle=2, models=["[link=x]m[/link]\x1b[2J"]),
+            agent_json(
+                "rogue",
+                9002,
+                idle=0,
+                slots_total=0,
+                verified=False,
+                verification="the balancer cannot reach it: refused",
+            ),
+        ]
+        async with dashboard(*api.addr) as pilot:
+            await wait_until(lambda: len(rows(pilot)) == 2)
+            table = pilot.app.query_one(AgentTable)
+            rendered = {
+                key.value: [default_cell_formatter(cell).plain for cell in table.get_row(key)]
+                for key in table.rows
+            }
+            assert rendered[f"{name}@127.0.0.1:9001"][0] == name
+            assert rendered[f"{name}@127.0.0.1:9001"][2] == "[link=x]m[/link]\\x1b[2J"
+            assert rendered["rogue@127.0.0.1:9002"][6] == (
+                "unverified: the balancer cannot reach it: refused"
+            )
+            assert "Agents 2 (1 usable)" in totals(pilot)

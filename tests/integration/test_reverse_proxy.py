@@ -25,8 +25,6 @@ def keep(agent: ScriptedAgent) -> ScriptedAgent:
     return agent
 
 
-
-
 async def echo(request: web.Request) -> web.Response:
     return web.json_response(
         {

@@ -54,5 +54,5 @@ def test_a_socket_over_budget_without_a_pause_is_flooding_after_the_limit() -> N
 )
 def test_a_budget_needs_positive_numbers(rate: float, burst: int, flood_seconds: float) -> None:
     """A rate, burst or flood limit of zero or less is refused."""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a frame budget needs"):
         FrameBudget(rate=rate, burst=burst, flood_seconds=flood_seconds)

@@ -196,7 +196,9 @@ class AgentControllerPool:
             self._capacity_changed()
         return True
 
-    def unverified(self, agent: AgentController, reason: str, *, session: int | None = None) -> bool:
+    def unverified(
+        self, agent: AgentController, reason: str, *, session: int | None = None
+    ) -> bool:
         """An attempt to reach ``agent`` failed: keep it uncounted, and say why in the API.
 
         An agent verified before (at the same address, by an earlier session) stays verified.

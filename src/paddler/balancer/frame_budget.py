@@ -59,6 +59,5 @@ class FrameBudget:
     def flooding(self) -> bool:
         """Whether the socket has been over budget for ``flood_seconds`` without a pause."""
         return (
-            self._over_since is not None
-            and self._clock() - self._over_since >= self._flood_seconds
+            self._over_since is not None and self._clock() - self._over_since >= self._flood_seconds
         )

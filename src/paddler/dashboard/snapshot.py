@@ -135,9 +135,7 @@ def _parse_agent(item: Mapping[str, Any], where: str) -> AgentView:
         raise InvalidAnswer(f"{where}error should be a string or null, got {error!r}")
     verification = item.get("verification")
     if verification is not None and not isinstance(verification, str):
-        raise InvalidAnswer(
-            f"{where}verification should be a string or null, got {verification!r}"
-        )
+        raise InvalidAnswer(f"{where}verification should be a string or null, got {verification!r}")
     models = _field(item, "models", list, where)
     if not all(isinstance(model, str) for model in models):
         raise InvalidAnswer(f"{where}models should be a list of strings, got {models!r}")
