@@ -26,11 +26,12 @@ def llamacpp_self_description(app: web.Application, total_slots: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def fake_upstream(handler: Handler, total_slots: int = 64) -> AsyncIterator[int]:
+async def fake_upstream(handler: Handler, total_slots: int | None = 64) -> AsyncIterator[int]:
     """Serve ``handler`` on a free port, for every route but llama.cpp's ``/health`` and
-    ``/props`` (``total_slots`` slots); yield the port."""
+    ``/props`` (``total_slots`` slots; with None, ``handler`` serves those too); yield the port."""
     app = web.Application()
-    llamacpp_self_description(app, total_slots)
+    if total_slots is not None:
+        llamacpp_self_description(app, total_slots)
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
