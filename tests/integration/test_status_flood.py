@@ -36,7 +36,8 @@ async def test_a_status_flood_is_throttled_then_cut_while_health_stays_fast(
             flooder = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "tests.support.flooder",
+                "bench.status_flood",
+                "flood",
                 running.management_url,
                 str(port),
                 str(FRAMES),
