@@ -331,3 +331,22 @@ def test_a_re_registration_at_the_same_address_keeps_its_verification(
     assert pool.snapshot().slots_idle == 2
     assert pool.unverified(again, "a later check failed", session=session)
     assert pool.snapshot().slots_idle == 2
+
+
+def test_models_claimed_by_an_unverified_agent_are_not_served_or_listed(
+    pool: AgentControllerPool,
+) -> None:
+    """A rogue claiming a second model cannot make a one-model fleet refuse unknown names."""
+    good, _ = join(
+        pool, "good", address(1), Status(state=LlamaCppState.OK, slots_idle=1, models=("tiny",))
+    )
+    rogue, session = pool.register(
+        "rogue", address(2), Status(state=LlamaCppState.OK, slots_idle=9, models=("other",))
+    )
+    assert pool.accepts("any-name")
+    assert pool.model_ids() == ["tiny"]
+    assert list(pool.models()) == ["tiny"]
+    assert pool.verified(rogue, 9, session=session)
+    assert pool.model_ids() == ["other", "tiny"]
+    assert not pool.accepts("any-name")
+    assert good.serves("tiny")

@@ -9,7 +9,7 @@ Membership policy (documented in docs/membership.md):
   ``stale_after`` seconds.
 - A registered agent counts for nothing until the balancer has reached its address itself
   (``verified``, called by ``agent_verifier``): until then it is listed, but it is not usable, its
-  slots are not counted, and no request is sent there. A re-registration at a known address keeps
+  slots and models are not counted, and no request is sent there. A re-registration at a known address keeps
   what was verified.
 - Removal only stops new requests: requests already running on that server hold a reference to
   its controller and finish normally; their release is then a no-op for the fleet.
@@ -181,7 +181,8 @@ class AgentControllerPool:
         if agent.removed or (session is not None and agent.session_id != session):
             return False
         was_usable, was_free = agent.usable(), agent.free_slots()
-        if not agent.verified:
+        first = not agent.verified
+        if first:
             log.info(
                 "agent %s verified at %s: counting at most %d slot(s)%s",
                 agent.name,
@@ -192,7 +193,9 @@ class AgentControllerPool:
         agent.verified = True
         agent.slot_bound = slot_bound
         agent.verification = how
-        if agent.usable() != was_usable or agent.free_slots() > was_free:
+        if first:
+            self._index_models()
+        if first or agent.usable() != was_usable or agent.free_slots() > was_free:
             self._capacity_changed()
         return True
 
@@ -304,16 +307,21 @@ class AgentControllerPool:
         return sorted(self._model_ids)
 
     def models(self) -> dict[str, list[AgentController]]:
-        """Every model the fleet serves, by id, with the agents that serve it."""
+        """Every model the fleet serves, by id, with the (verified) agents that serve it."""
         served: dict[str, list[AgentController]] = {}
-        for agent in self._agents.values():
+        for agent in self._verified_agents():
             for model in agent.models:
                 served.setdefault(model, []).append(agent)
         return served
 
+    def _verified_agents(self) -> list[AgentController]:
+        return [agent for agent in self._agents.values() if agent.verified]
+
     def _index_models(self) -> None:
-        # Rebuilt whole, on membership and model changes only (not on every report).
-        agents = self._agents.values()
+        # Rebuilt whole, on membership and model changes only (not on every report). Only
+        # verified agents: names claimed for an address nobody reached must not turn a
+        # one-model fleet into one that refuses unknown names.
+        agents = self._verified_agents()
         self._model_names = frozenset().union(*(agent.model_names for agent in agents))
         self._model_ids = frozenset().union(*(agent.models for agent in agents))
 
