@@ -77,6 +77,7 @@ class BalancerConfig:
     """Client keys of the proxy port (``--api-key``); see ``paddler.balancer.api_keys``."""
     api_keys_file: Path | None = None
     llamacpp_api_key: str | None = None
+    max_slots_per_agent: int = 256
     reverseproxy_tls_cert: Path | None = None
     reverseproxy_tls_key: Path | None = None
     management_tls_cert: Path | None = None
@@ -123,6 +124,8 @@ class BalancerConfig:
             raise ValueError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}")
         if self.prefix_index_memory < 0:
             raise ValueError("--prefix-index-memory must be 0 or more")
+        if self.max_slots_per_agent < 1:
+            raise ValueError("--max-slots-per-agent must be 1 or more")
         if any(character in self.statsd_prefix for character in ":|@# \t\n"):
             raise ValueError("--statsd-prefix may not contain ':', '|', '@', '#' or whitespace")
 

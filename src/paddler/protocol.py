@@ -10,21 +10,66 @@ An agent opens one WebSocket to the balancer's management port
 3. ``deregister`` when it shuts down, before closing.
 
 The balancer answers ``registered`` (with the id it assigned) or ``error`` and closes the socket.
-Every message is strict: an unknown field, a missing field or a wrong type is refused.
+Every message is strict: an unknown field, a missing field or a wrong type is refused. What an
+agent says is not believed blindly:
+
+- ``host`` must be a host name (RFC 1123 labels) or an IP address (IPv6 without brackets);
+- ``name`` may not contain control or format characters (Unicode categories ``Cc``, ``Cf``,
+  ``Zl``, ``Zp``, ``Cs``, ``Co``, ``Cn``): it is logged and shown on dashboards;
+- ``status`` frames are applied at most ``STATUS_FRAMES_PER_SECOND`` per socket (with a burst of
+  ``STATUS_FRAME_BURST``); the balancer reads faster frames later, and closes a socket that stays
+  over that budget for ``STATUS_FLOOD_SECONDS`` (see ``paddler.balancer.frame_budget``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from paddler.safe_text import first_unsafe
 
 T = TypeVar("T")
 
 PROTOCOL_VERSION: Literal[1] = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 AGENT_SOCKET_PATH = "/api/v1/agents/socket"
+STATUS_FRAMES_PER_SECOND = 20.0
+"""Status frames a socket may send per second, sustained; the agent stays below it."""
+STATUS_FRAME_BURST = 40
+"""Status frames a socket may send at once, above the sustained rate."""
+STATUS_FLOOD_SECONDS = 5.0
+"""How long a socket may stay over its frame budget before the balancer closes it."""
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+"""RFC 1123 labels, and "_": Docker Compose names containers "app_server_1", and they resolve."""
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name (RFC 1123) or an IP address, or None if it is one."""
+    if "%" in host:
+        # ``ipaddress`` accepts an IPv6 zone ("fe80::1%eth0") made of any characters at all.
+        return "host may not carry an IPv6 zone ('%')"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if ":" in host:
+        return "host has ':' but is not an IPv6 address (give IPv6 without brackets)"
+    name = host.removesuffix(".")
+    labels = name.split(".")
+    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return (
+            "host must be an IP address or a host name of dot-separated labels of letters, "
+            "digits, '_' and '-' (not at either end), each 1 to 63 long"
+        )
+    if labels[-1].isdigit():
+        return "host looks like an IPv4 address but is not a valid one"
+    return None
 
 
 class LlamaCppState(StrEnum):
@@ -70,9 +115,13 @@ class Register(_Message):
     status: Status
 
     @model_validator(mode="after")
-    def _host_is_a_host(self) -> Register:
-        if any(char in self.host for char in "/?#@ \t\r\n"):
-            raise ValueError("host must be a bare host name or address")
+    def _safe_name_and_host(self) -> Register:
+        if (char := first_unsafe(self.name)) is not None:
+            raise ValueError(
+                f"name may not contain control or format characters (found U+{ord(char):04X})"
+            )
+        if (problem := host_problem(self.host)) is not None:
+            raise ValueError(problem)
         return self
 
 

@@ -170,3 +170,25 @@ async def test_link_registers_with_the_first_status_published_after_it_started()
         _, message = await balancer.next_message()
     assert isinstance(message, protocol.Register)
     assert message.status == BUSY
+
+
+async def test_link_never_sends_faster_than_the_balancers_frame_budget() -> None:
+    """Changes every millisecond go out at most STATUS_FRAMES_PER_SECOND, the newest last."""
+    board = board_with(IDLE)
+    loop = asyncio.get_running_loop()
+    async with running_fake_balancer() as balancer, linked(agent_config(balancer.port), board):
+        await balancer.next_message()
+        started = loop.time()
+        changes = 0
+        while loop.time() - started < 0.6:
+            changes += 1
+            board.publish(Status(state=LlamaCppState.OK, slots_idle=changes))
+            await asyncio.sleep(0.001)
+        elapsed = loop.time() - started
+        newest = Status(state=LlamaCppState.OK, slots_idle=changes)
+        while (await balancer.next_message())[1] != newest:
+            pass
+        statuses = balancer.connections[0].messages[1:]
+    assert changes > 100
+    assert len(statuses) <= protocol.STATUS_FRAMES_PER_SECOND * elapsed + 2
+    assert statuses[-1] == newest

@@ -145,7 +145,7 @@ async def test_monitor_reports_unreachable_when_llamacpp_does_not_answer_in_time
         await release.wait()
         return web.json_response({"status": "ok"})
 
-    async with fake_upstream(stall) as port:
+    async with fake_upstream(stall, total_slots=None) as port:
         status = await LlamaCppMonitor(session, f"http://127.0.0.1:{port}", None, 0.2).observe()
         release.set()
     assert status.state is LlamaCppState.UNREACHABLE
@@ -161,7 +161,7 @@ async def test_monitor_reports_loading_while_llamacpp_loads_the_model(
         error = {"message": "Loading model", "type": "unavailable_error", "code": 503}
         return web.json_response({"error": error}, status=503)
 
-    async with fake_upstream(loading) as port:
+    async with fake_upstream(loading, total_slots=None) as port:
         status = await LlamaCppMonitor(session, f"http://127.0.0.1:{port}", None, 3.0).observe()
     assert status.state is LlamaCppState.LOADING
 
@@ -177,7 +177,7 @@ async def test_monitor_reports_an_error_with_the_status_and_message_of_a_failure
         error = {"message": "something broke", "type": "server_error", "code": 500}
         return web.json_response({"error": error}, status=500)
 
-    async with fake_upstream(broken) as port:
+    async with fake_upstream(broken, total_slots=None) as port:
         status = await LlamaCppMonitor(session, f"http://127.0.0.1:{port}", None, 3.0).observe()
     assert status.state is LlamaCppState.ERROR
     assert status.error == "GET /props answered HTTP 500: something broke"
@@ -199,7 +199,7 @@ async def test_monitor_sends_the_api_key_as_a_bearer_token(
             return web.json_response({"data": [{"id": "m"}, {"id": "other"}]})
         return web.json_response({"status": "ok"})
 
-    async with fake_upstream(llamacpp) as port:
+    async with fake_upstream(llamacpp, total_slots=None) as port:
         status = await LlamaCppMonitor(session, f"http://127.0.0.1:{port}", "k", 3.0).observe()
     assert status == Status(state=LlamaCppState.OK, slots_processing=1, models=("m", "other"))
     assert seen == ["Bearer k"] * 4
@@ -239,7 +239,7 @@ async def test_concurrent_observations_survive_one_of_them_forgetting_the_props(
             return web.json_response({"data": [{"id": "m"}]})
         return web.json_response({"status": "ok"})
 
-    async with fake_upstream(llamacpp) as port:
+    async with fake_upstream(llamacpp, total_slots=None) as port:
         monitor = LlamaCppMonitor(session, f"http://127.0.0.1:{port}", None, 3.0)
         draining = asyncio.create_task(monitor.observe())
         await first_in_slots.wait()

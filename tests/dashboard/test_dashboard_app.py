@@ -16,6 +16,7 @@ from paddler.dashboard.widgets import AgentTable, FleetTotals, StatusLine, Traff
 from paddler.protocol import LlamaCppState, Status
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.fake_management_api import agent_json, fake_management_api
+from tests.support.upstream import fake_upstream, not_found
 
 REFRESH = 0.05
 
@@ -26,6 +27,13 @@ async def dashboard(host: str, port: int, refresh: float = REFRESH) -> AsyncIter
     app = DashboardApp(config)
     async with app.run_test(size=(160, 40)) as pilot:
         yield pilot
+
+
+@contextlib.asynccontextmanager
+async def llamacpp_ports(count: int) -> AsyncIterator[list[int]]:
+    """Ports where something answers as llama.cpp does, for agents the balancer verifies."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(fake_upstream(not_found)) for _ in range(count)]
 
 
 def management_addr(management_url: str) -> tuple[str, int]:
@@ -61,18 +69,18 @@ async def test_dashboard_lists_every_agent_of_a_real_balancer(
     session: aiohttp.ClientSession,
 ) -> None:
     """Each agent appears with its address, models, slots, state, circuit and report age."""
-    async with running_balancer() as balancer:
+    async with llamacpp_ports(2) as ports, running_balancer() as balancer:
         first, second = (
             ScriptedAgent(session, balancer.management_url),
             ScriptedAgent(session, balancer.management_url),
         )
-        await first.register("alpha", 9001, ok(idle=3, processing=1, models=("qwen",)))
-        await second.register("beta", 9002, ok(idle=2))
+        await first.register("alpha", ports[0], ok(idle=3, processing=1, models=("qwen",)))
+        await second.register("beta", ports[1], ok(idle=2))
         async with dashboard(*management_addr(balancer.management_url)) as pilot:
             await wait_until(lambda: len(rows(pilot)) == 2)
             alpha = rows(pilot)["alpha"]
             assert alpha[1:8] == [
-                "http://127.0.0.1:9001",
+                f"http://127.0.0.1:{ports[0]}",
                 "qwen",
                 "3",
                 "1",
@@ -93,14 +101,14 @@ async def test_dashboard_follows_agents_joining_reporting_and_leaving(
     session: aiohttp.ClientSession,
 ) -> None:
     """A new agent appears, new slot counts replace old ones, and a departed agent disappears."""
-    async with running_balancer() as balancer:
+    async with llamacpp_ports(2) as ports, running_balancer() as balancer:
         first = ScriptedAgent(session, balancer.management_url)
-        await first.register("alpha", 9001, ok(idle=4))
+        await first.register("alpha", ports[0], ok(idle=4))
         async with dashboard(*management_addr(balancer.management_url)) as pilot:
             await wait_until(lambda: slots(pilot) == {"alpha": ("4", "0", "4")})
 
             second = ScriptedAgent(session, balancer.management_url)
-            await second.register("beta", 9002, ok(idle=1, processing=1))
+            await second.register("beta", ports[1], ok(idle=1, processing=1))
             await wait_until(lambda: "beta" in rows(pilot))
 
             await first.report(ok(idle=1, processing=3))
@@ -117,13 +125,13 @@ async def test_fleet_totals_count_the_slots_of_usable_agents(
     session: aiohttp.ClientSession,
 ) -> None:
     """Totals add up the agents the balancer can use; a failing agent shows its error instead."""
-    async with running_balancer() as balancer:
+    async with llamacpp_ports(3) as ports, running_balancer() as balancer:
         agents = [ScriptedAgent(session, balancer.management_url) for _ in range(3)]
-        await agents[0].register("alpha", 9001, ok(idle=3, processing=1))
-        await agents[1].register("beta", 9002, ok(idle=2, processing=2))
+        await agents[0].register("alpha", ports[0], ok(idle=3, processing=1))
+        await agents[1].register("beta", ports[1], ok(idle=2, processing=2))
         await agents[2].register(
             "gamma",
-            9003,
+            ports[2],
             Status(state=LlamaCppState.UNREACHABLE, error="connection refused"),
         )
         async with dashboard(*management_addr(balancer.management_url)) as pilot:
@@ -251,3 +259,36 @@ async def test_pressing_r_refreshes_at_once() -> None:
         api.agents["agents"] = [agent_json("alpha", 9001, idle=2)]
         await pilot.press("r")
         await wait_until(lambda: "alpha" in rows(pilot), timeout=5)
+
+
+async def test_agent_text_is_shown_as_text_and_an_unverified_agent_says_why() -> None:
+    """Markup in a name or model is shown as typed, escapes are escaped, and an agent the
+    balancer has not reached shows as unverified with the reason."""
+    from textual.widgets._data_table import default_cell_formatter
+
+    name = "[bold red]evil[/] [/]"
+    async with fake_management_api() as api:
+        api.agents["agents"] = [
+            agent_json(name, 9001, idle=2, models=["[link=x]m[/link]\x1b[2J"]),
+            agent_json(
+                "rogue",
+                9002,
+                idle=0,
+                slots_total=0,
+                verified=False,
+                verification="the balancer cannot reach it: refused",
+            ),
+        ]
+        async with dashboard(*api.addr) as pilot:
+            await wait_until(lambda: len(rows(pilot)) == 2)
+            table = pilot.app.query_one(AgentTable)
+            rendered = {
+                key.value: [default_cell_formatter(cell).plain for cell in table.get_row(key)]
+                for key in table.rows
+            }
+            assert rendered[f"{name}@127.0.0.1:9001"][0] == name
+            assert rendered[f"{name}@127.0.0.1:9001"][2] == "[link=x]m[/link]\\x1b[2J"
+            assert rendered["rogue@127.0.0.1:9002"][6] == (
+                "unverified: the balancer cannot reach it: refused"
+            )
+            assert "Agents 2 (1 usable)" in totals(pilot)

@@ -24,7 +24,7 @@ async def test_the_dashboard_reads_an_https_management_port_with_its_ca(tmp_path
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=pki.client_context())) as session,
     ):
         agent = ScriptedAgent(session, running.management_url)
-        await agent.register("alpha", 9001, ok(idle=2))
+        await agent.register("alpha", 9001, ok(idle=2), verified=False)
         for ca_file, shown in ((pki.ca_file, True), (other.ca_file, False)):
             config = DashboardConfig(
                 management_port=running.balancer.management_port or 0,

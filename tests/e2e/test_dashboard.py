@@ -14,6 +14,7 @@ from tests.support.agent import running_agent
 from tests.support.balancer import RunningBalancer, ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.browser import chromium
 from tests.support.llamacpp import running_llamacpp
+from tests.support.upstream import fake_upstream, not_found
 
 TOKEN = "dashboard-secret-token"
 NO_MODEL = "\u2013"  # what the page shows for an agent that reported no model
@@ -101,17 +102,26 @@ async def test_the_dashboard_shows_failing_agents_and_a_lost_balancer(
     Scripted agents, because real llama.cpp cannot be made to report an arbitrary error text.
     """
     hostile = '<img src=x onerror="window.injected=1"> model failed to load'
-    async with running_balancer(management_dashboard_enable=True) as running:
+    async with (
+        fake_upstream(not_found) as healthy_port,
+        fake_upstream(not_found) as broken_port,
+        running_balancer(management_dashboard_enable=True) as running,
+    ):
         healthy = ScriptedAgent(session, running.management_url)
-        await healthy.register("healthy", 1, ok(idle=4, models=("tiny",)))
+        await healthy.register("healthy", healthy_port, ok(idle=4, models=("tiny",)))
         broken = ScriptedAgent(session, running.management_url)
         await broken.register(
-            "broken", 2, Status(state=LlamaCppState.ERROR, slots_idle=0, error=hostile)
+            "broken", broken_port, Status(state=LlamaCppState.ERROR, slots_idle=0, error=hostile)
         )
+        rogue = ScriptedAgent(session, running.management_url)
+        await rogue.register("<b>rogue</b>", 1, ok(idle=60000), verified=False)
         page = await open_dashboard(browser, running)
         broken_row = page.locator("#agents tr", has_text="broken")
         await expect(broken_row.locator('[data-field="error"]')).to_have_text(hostile)
         await expect(broken_row.locator('[data-field="state"]')).to_have_text("error")
+        rogue_row = page.locator("#agents tr", has_text="<b>rogue</b>")
+        await expect(rogue_row.locator('[data-field="state"]')).to_have_text("unverified")
+        await expect(rogue_row.locator('[data-field="error"]')).to_contain_text("cannot reach")
         await expect(page.locator("#agents-usable")).to_have_text("1")
 
         [agent] = [agent for agent in running.pool.agents() if agent.name == "healthy"]
@@ -122,6 +132,7 @@ async def test_the_dashboard_shows_failing_agents_and_a_lost_balancer(
         assert await page.evaluate("window.injected") is None
         await healthy.close()
         await broken.close()
+        await rogue.close()
 
     await expect(page.locator("#connection")).to_have_attribute("data-state", "lost")
     assert await page.evaluate("window.sameDocument") is True

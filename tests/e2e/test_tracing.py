@@ -101,10 +101,10 @@ async def test_traceparent_reaches_the_upstream_as_the_upstream_span(
         agent = ScriptedAgent(session, running.management_url)
         await agent.register("echo", port, ok(idle=1))
         async with session.get(
-            f"{running.proxy_url}/props", headers={"traceparent": CLIENT_TRACEPARENT}
+            f"{running.proxy_url}/slots", headers={"traceparent": CLIENT_TRACEPARENT}
         ) as response:
             assert response.status == 200
-    upstream_span = by_name(exporter.get_finished_spans(), "upstream GET /props")
+    upstream_span = by_name(exporter.get_finished_spans(), "upstream GET /slots")
     (traceparent,) = seen
     version, trace_id, span_id, flags = traceparent.split("-")
     assert (version, flags) == ("00", "01")
@@ -122,7 +122,7 @@ async def test_failed_attempts_are_error_spans(
 
     async with fake_upstream(fine) as port, running_balancer(tracer_provider=provider) as running:
         dead = ScriptedAgent(session, running.management_url)
-        await dead.register("dead", 9, ok(idle=5))
+        await dead.register_departed("dead", ok(idle=5))
         good = ScriptedAgent(session, running.management_url)
         await good.register("good", port, ok(idle=1))
         async with session.post(f"{running.proxy_url}/completion", data=b"{}") as response:

@@ -11,6 +11,7 @@ from aiohttp import WSMsgType
 
 from paddler import protocol
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
+from tests.support.upstream import fake_upstream, not_found
 
 TOKEN = "socket-secret"
 
@@ -74,9 +75,9 @@ async def test_a_malformed_first_message_is_refused_with_the_reason(
 
 async def test_a_malformed_report_ends_the_agent_session(session: aiohttp.ClientSession) -> None:
     """A registered agent that sends a bad report is refused and removed from the fleet."""
-    async with running_balancer() as running:
+    async with fake_upstream(not_found) as port, running_balancer() as running:
         agent = ScriptedAgent(session, running.management_url)
-        await agent.register("a", 9, ok(idle=2))
+        await agent.register("a", port, ok(idle=2))
         assert agent.socket is not None
         await agent.socket.send_str(
             json.dumps({"type": "status", "state": "ok", "slots_idle": "2"})
@@ -107,15 +108,15 @@ async def test_reports_update_the_fleet_and_deregister_removes(
     session: aiohttp.ClientSession,
 ) -> None:
     """Register, report and deregister are reflected in the fleet at once."""
-    async with running_balancer() as running:
+    async with fake_upstream(not_found) as port, running_balancer() as running:
         agent = ScriptedAgent(session, running.management_url)
-        await agent.register("a", 9, ok(idle=2))
+        await agent.register("a", port, ok(idle=2))
         await agent.report(ok(idle=1, processing=1))
         await wait_until(lambda: running.pool.agents()[0].status.slots_processing == 1)
         listed = await running.agents(session)
         assert listed[0]["slots_idle"] == 1
         assert listed[0]["slots_processing"] == 1
-        assert listed[0]["url"] == "http://127.0.0.1:9"
+        assert listed[0]["url"] == f"http://127.0.0.1:{port}"
         await agent.report_raw(protocol.encode(protocol.Deregister()))
         await wait_until(lambda: running.pool.agents() == [])
         await agent.close()
@@ -125,6 +126,6 @@ async def test_an_agent_list_never_shows_secrets(session: aiohttp.ClientSession)
     """The management API shows no token."""
     async with running_balancer(management_token=TOKEN) as running:
         agent = ScriptedAgent(session, running.management_url, token=TOKEN)
-        await agent.register("a", 9, ok(idle=2))
+        await agent.register("a", 9, ok(idle=2), verified=False)
         async with session.get(f"{running.management_url}/api/v1/agents") as response:
             assert TOKEN not in await response.text()

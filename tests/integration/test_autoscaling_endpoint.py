@@ -10,7 +10,7 @@ from aiohttp import web
 
 from paddler.balancer.autoscaling import RULE
 from tests.support.balancer import RunningBalancer, ScriptedAgent, ok, running_balancer, wait_until
-from tests.support.upstream import fake_upstream
+from tests.support.upstream import fake_upstream, not_found
 
 
 async def advice(session: aiohttp.ClientSession, running: RunningBalancer) -> dict[str, Any]:
@@ -24,11 +24,15 @@ async def test_the_advice_describes_the_fleet_and_applies_the_rule(
     session: aiohttp.ClientSession,
 ) -> None:
     """Two servers of 4 slots with 6 busy, at a 0.5 target, need ceil(6 / 4 / 0.5) = 3 servers."""
-    async with running_balancer(autoscaling_target_utilization=0.5) as running:
+    async with (
+        fake_upstream(not_found) as first_port,
+        fake_upstream(not_found) as second_port,
+        running_balancer(autoscaling_target_utilization=0.5) as running,
+    ):
         first = ScriptedAgent(session, running.management_url)
-        await first.register("a", 9001, ok(idle=1, processing=3))
+        await first.register("a", first_port, ok(idle=1, processing=3))
         second = ScriptedAgent(session, running.management_url)
-        await second.register("b", 9002, ok(idle=1, processing=3))
+        await second.register("b", second_port, ok(idle=1, processing=3))
         assert await advice(session, running) == {
             "servers": 2,
             "slots_total": 8,

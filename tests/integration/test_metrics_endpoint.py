@@ -8,8 +8,8 @@ import aiohttp
 from aiohttp import web
 
 from tests.support.balancer import RunningBalancer, ScriptedAgent, ok, running_balancer, wait_until
-from tests.support.prometheus import free_port, sample
-from tests.support.upstream import fake_upstream
+from tests.support.prometheus import sample
+from tests.support.upstream import fake_upstream, not_found
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -27,9 +27,9 @@ async def test_the_management_port_serves_the_fleet_in_the_text_format(
     session: aiohttp.ClientSession,
 ) -> None:
     """A scrape shows the fleet's slots and each agent's, labelled by agent and model."""
-    async with running_balancer() as running:
+    async with fake_upstream(not_found) as port, running_balancer() as running:
         agent = ScriptedAgent(session, running.management_url)
-        await agent.register("a", 9, ok(idle=3, processing=1, models=("tiny",)))
+        await agent.register("a", port, ok(idle=3, processing=1, models=("tiny",)))
         text = await scrape(session, running)
         assert sample(text, "paddler_slots") == 4
         assert sample(text, "paddler_slots_idle") == 3
@@ -43,7 +43,7 @@ async def test_a_retry_and_the_circuit_it_opens_are_counted(
     """A refused connection counts a failure, a circuit opening, a retry and one 200."""
     async with fake_upstream(echo) as good_port, running_balancer() as running:
         dead = ScriptedAgent(session, running.management_url)
-        await dead.register("dead", free_port(), ok(idle=4))
+        await dead.register_departed("dead", ok(idle=4))
         good = ScriptedAgent(session, running.management_url)
         await good.register("good", good_port, ok(idle=1))
         async with session.post(f"{running.proxy_url}/completion", data=b"{}") as response:
@@ -64,9 +64,12 @@ async def test_a_full_buffer_and_a_buffer_timeout_are_counted(
     session: aiohttp.ClientSession,
 ) -> None:
     """With every slot busy, one request overflows the buffer at once and one times out in it."""
-    async with running_balancer(request_buffer_size=1, request_buffer_timeout=0.3) as running:
+    async with (
+        fake_upstream(not_found) as port,
+        running_balancer(request_buffer_size=1, request_buffer_timeout=0.3) as running,
+    ):
         agent = ScriptedAgent(session, running.management_url)
-        await agent.register("busy", free_port(), ok(idle=0, processing=2))
+        await agent.register("busy", port, ok(idle=0, processing=2))
 
         async def post() -> int:
             async with session.post(f"{running.proxy_url}/completion", data=b"{}") as response:

@@ -60,12 +60,13 @@ async def register(
     await agent.register(name, port, ok(idle=idle))
 
 
-def closed_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+async def register_departed(
+    session: aiohttp.ClientSession, management_url: str, name: str, idle: int
+) -> None:
+    """A server the balancer verified, which then stopped listening: it refuses connections."""
+    agent = ScriptedAgent(session, management_url)
+    _agents.append(agent)
+    await agent.register_departed(name, ok(idle=idle))
 
 
 async def test_a_501_goes_to_a_server_that_offers_the_route_and_the_lack_is_remembered(
@@ -185,7 +186,7 @@ async def test_when_no_server_answers_the_client_is_told_what_happened_on_each(
         fake_upstream(counting(hits, "loading", 503, loading)) as loading_port,
         running_balancer(max_retries=1) as running,
     ):
-        await register(session, running.management_url, "refusing", closed_port(), idle=2)
+        await register_departed(session, running.management_url, "refusing", idle=2)
         await register(session, running.management_url, "loading", loading_port, idle=1)
         async with session.post(f"{running.proxy_url}/completion", json={}) as response:
             assert response.status == 502
@@ -206,7 +207,7 @@ async def test_llamacpps_own_answer_is_preferred_to_a_summary_of_failures(
         running_balancer(max_retries=1) as running,
     ):
         await register(session, running.management_url, "failing", failing_port, idle=2)
-        await register(session, running.management_url, "refusing", closed_port(), idle=1)
+        await register_departed(session, running.management_url, "refusing", idle=1)
         async with session.post(f"{running.proxy_url}/completion", json={}) as response:
             assert response.status == 500
             assert await response.json() == failing

@@ -25,14 +25,6 @@ def keep(agent: ScriptedAgent) -> ScriptedAgent:
     return agent
 
 
-def closed_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def echo(request: web.Request) -> web.Response:
     return web.json_response(
         {
@@ -51,7 +43,7 @@ async def test_a_refused_connection_is_retried_on_another_agent(
     """A server that refuses connections is skipped; the client only sees the success."""
     async with fake_upstream(echo) as good_port, running_balancer() as running:
         dead = ScriptedAgent(session, running.management_url)
-        await dead.register("dead", closed_port(), ok(idle=4))
+        await dead.register_departed("dead", ok(idle=4))
         good = ScriptedAgent(session, running.management_url)
         await good.register("good", good_port, ok(idle=1))
         async with session.post(f"{running.proxy_url}/completion", data=b"{}") as response:
@@ -90,11 +82,11 @@ async def test_every_agent_failing_returns_the_upstream_error(
     """When every server fails, the client gets a 5xx with an OpenAI-shaped body, not a hang."""
 
     async with running_balancer(max_retries=1) as running:
-        await keep(ScriptedAgent(session, running.management_url)).register(
-            "a", closed_port(), ok(idle=1)
+        await keep(ScriptedAgent(session, running.management_url)).register_departed(
+            "a", ok(idle=1)
         )
-        await keep(ScriptedAgent(session, running.management_url)).register(
-            "b", closed_port(), ok(idle=1)
+        await keep(ScriptedAgent(session, running.management_url)).register_departed(
+            "b", ok(idle=1)
         )
         async with session.post(f"{running.proxy_url}/completion", data=b"{}") as response:
             assert response.status == 502
@@ -189,7 +181,7 @@ async def test_rewrite_host_header_sends_the_agent_address(session: aiohttp.Clie
         await keep(ScriptedAgent(session, running.management_url)).register(
             "echo", port, ok(idle=1)
         )
-        async with session.get(f"{running.proxy_url}/props") as response:
+        async with session.get(f"{running.proxy_url}/slots") as response:
             seen = await response.json()
         assert seen["headers"]["Host"] == f"127.0.0.1:{port}"
 
@@ -270,12 +262,12 @@ async def test_health_reports_the_aggregate_and_503_without_usable_agents(
     session: aiohttp.ClientSession,
 ) -> None:
     """GET /health sums slots, and answers 503 while nothing can serve."""
-    async with running_balancer() as running:
+    async with fake_upstream(echo) as port, running_balancer() as running:
         async with session.get(f"{running.proxy_url}/health") as response:
             assert response.status == 503
             assert (await response.json())["status"] == "no_usable_agents"
         agent = ScriptedAgent(session, running.management_url)
-        await agent.register("a", 9, ok(idle=3, processing=1))
+        await agent.register("a", port, ok(idle=3, processing=1))
         async with session.get(f"{running.proxy_url}/health") as response:
             assert response.status == 200
             body = await response.json()
@@ -430,7 +422,7 @@ async def test_the_agent_header_can_be_switched_off(session: aiohttp.ClientSessi
         await keep(ScriptedAgent(session, running.management_url)).register(
             "echo", port, ok(idle=1)
         )
-        async with session.get(f"{running.proxy_url}/props") as response:
+        async with session.get(f"{running.proxy_url}/slots") as response:
             assert response.status == 200
             assert "X-Paddler-Agent" not in response.headers
             assert "X-Request-Id" in response.headers

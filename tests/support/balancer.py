@@ -14,6 +14,7 @@ from paddler import protocol
 from paddler.balancer.service import Balancer
 from paddler.config import BalancerConfig
 from paddler.protocol import LlamaCppState, Status
+from tests.support.upstream import fake_upstream, not_found
 
 
 @dataclass
@@ -69,11 +70,22 @@ class ScriptedAgent:
         self, session: aiohttp.ClientSession, management_url: str, token: str | None = None
     ):
         self._session = session
+        self._management_url = management_url
         self._url = management_url + protocol.AGENT_SOCKET_PATH
         self._token = token
         self.socket: aiohttp.ClientWebSocketResponse | None = None
 
-    async def register(self, name: str, port: int, status: Status, host: str = "127.0.0.1") -> str:
+    async def register(
+        self,
+        name: str,
+        port: int,
+        status: Status,
+        host: str = "127.0.0.1",
+        *,
+        verified: bool = True,
+    ) -> str:
+        """Register; with ``verified``, return only once the balancer has reached ``port``
+        itself (something must answer llama.cpp's ``/health`` there, see ``fake_upstream``)."""
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self.socket = await self._session.ws_connect(self._url, headers=headers)
         await self.socket.send_str(
@@ -81,7 +93,24 @@ class ScriptedAgent:
         )
         reply = protocol.parse_balancer_message(await self.socket.receive_str())
         assert isinstance(reply, protocol.Registered), reply
+        if verified:
+            await self.verified(reply.agent_id)
         return reply.agent_id
+
+    async def verified(self, agent_id: str) -> None:
+        """Wait until the balancer lists ``agent_id`` as verified."""
+
+        async def listed_verified() -> bool:
+            async with self._session.get(self._management_url + "/api/v1/agents") as response:
+                agents = (await response.json())["agents"]
+            return any(agent["id"] == agent_id and agent["verified"] for agent in agents)
+
+        await wait_until(listed_verified)
+
+    async def register_departed(self, name: str, status: Status) -> str:
+        """Register a server the balancer verified, and which then stopped listening."""
+        async with fake_upstream(not_found) as port:
+            return await self.register(name, port, status)
 
     async def report(self, status: Status) -> None:
         await self.report_raw(protocol.encode(status))

@@ -32,6 +32,8 @@ def agent_json(name: str, port: int, idle: int, processing: int = 0, **fields: A
         "last_report_at": 1_700_000_000.0,
         "last_report_age_seconds": 0.2,
         "registered_at": 1_700_000_000.0,
+        "verified": True,
+        "verification": "/props total_slots",
     }
     agent.update(fields)
     return agent

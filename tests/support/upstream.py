@@ -11,10 +11,29 @@ from aiohttp import web
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def llamacpp_self_description(app: web.Application, total_slots: int) -> None:
+    """Answer ``GET /health`` and ``GET /props`` as llama.cpp does, which is what the balancer
+    asks before it counts a server (see ``paddler.balancer.agent_verifier``)."""
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def props(request: web.Request) -> web.Response:
+        return web.json_response({"total_slots": total_slots, "model_alias": "fake"})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/props", props)
+
+
 @contextlib.asynccontextmanager
-async def fake_upstream(handler: Handler, client_max_size: int = 1024**2) -> AsyncIterator[int]:
-    """Serve ``handler`` for every route on a free port; yield the port."""
+async def fake_upstream(
+    handler: Handler, total_slots: int | None = 64, client_max_size: int = 1024**2
+) -> AsyncIterator[int]:
+    """Serve ``handler`` on a free port, for every route but llama.cpp's ``/health`` and
+    ``/props`` (``total_slots`` slots; with None, ``handler`` serves those too); yield the port."""
     app = web.Application(client_max_size=client_max_size)
+    if total_slots is not None:
+        llamacpp_self_description(app, total_slots)
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -24,6 +43,10 @@ async def fake_upstream(handler: Handler, client_max_size: int = 1024**2) -> Asy
         yield int(runner.addresses[0][1])
     finally:
         await runner.cleanup()
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return web.json_response({"error": {"code": 404, "message": "File Not Found"}}, status=404)
 
 
 @contextlib.asynccontextmanager
@@ -41,6 +64,16 @@ async def closing_keepalive_upstream() -> AsyncIterator[tuple[int, dict[str, int
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith((b"GET /health ", b"GET /props ")):
+                    # The balancer checking the server before counting it, on a connection of
+                    # its own: llama.cpp's answer, and nothing counted.
+                    body = b'{"status":"ok","total_slots":64}'
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                    )
+                    await writer.drain()
+                    continue
                 if answered_here == 1:
                     counts["dropped"] += 1
                     return  # the keep-alive window just ended

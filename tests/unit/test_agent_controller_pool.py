@@ -10,6 +10,7 @@ from paddler.balancer.agent_controller_pool import AgentControllerPool, FleetFul
 from paddler.balancer.routing import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
+from tests.support.pool import join
 
 
 class Clock:
@@ -42,9 +43,9 @@ def pool(clock: Clock) -> AgentControllerPool:
 
 def test_pick_prefers_the_agent_with_most_free_slots(pool: AgentControllerPool) -> None:
     """The free agent with the most idle slots wins."""
-    pool.register("a", address(1), status(idle=1, processing=3))
-    pool.register("b", address(2), status(idle=3, processing=1))
-    pool.register("c", address(3), status(idle=2, processing=2))
+    join(pool, "a", address(1), status(idle=1, processing=3))
+    join(pool, "b", address(2), status(idle=3, processing=1))
+    join(pool, "c", address(3), status(idle=2, processing=2))
     picked = pool.pick(Demand(True))
     assert picked is not None
     assert picked.name == "b"
@@ -52,9 +53,9 @@ def test_pick_prefers_the_agent_with_most_free_slots(pool: AgentControllerPool) 
 
 def test_pick_breaks_ties_by_fewest_busy_then_name(pool: AgentControllerPool) -> None:
     """Equal free slots go to the least busy agent, then to the first name, deterministically."""
-    pool.register("zeta", address(1), status(idle=2, processing=0))
-    pool.register("alpha", address(2), status(idle=2, processing=2))
-    pool.register("beta", address(3), status(idle=2, processing=0))
+    join(pool, "zeta", address(1), status(idle=2, processing=0))
+    join(pool, "alpha", address(2), status(idle=2, processing=2))
+    join(pool, "beta", address(3), status(idle=2, processing=0))
     picked = pool.pick(Demand(True))
     assert picked is not None
     assert picked.name == "beta"
@@ -62,8 +63,8 @@ def test_pick_breaks_ties_by_fewest_busy_then_name(pool: AgentControllerPool) ->
 
 def test_pick_skips_agents_without_a_free_slot_or_not_ok(pool: AgentControllerPool) -> None:
     """Only usable agents with a free slot qualify for generating requests."""
-    pool.register("full", address(1), status(idle=0, processing=2))
-    pool.register("loading", address(2), status(idle=4, state=LlamaCppState.LOADING))
+    join(pool, "full", address(1), status(idle=0, processing=2))
+    join(pool, "loading", address(2), status(idle=4, state=LlamaCppState.LOADING))
     assert pool.pick(Demand(True)) is None
     full = pool.pick(Demand(False))
     assert full is not None
@@ -72,7 +73,7 @@ def test_pick_skips_agents_without_a_free_slot_or_not_ok(pool: AgentControllerPo
 
 def test_reservations_count_against_free_slots(pool: AgentControllerPool) -> None:
     """Dispatching reserves a slot at once, before any report shows it busy."""
-    agent, _ = pool.register("a", address(1), status(idle=2))
+    agent, _ = join(pool, "a", address(1), status(idle=2))
     first = pool.reserve(agent, Demand(True))
     pool.reserve(agent, Demand(True))
     assert pool.pick(Demand(True)) is None
@@ -82,7 +83,7 @@ def test_reservations_count_against_free_slots(pool: AgentControllerPool) -> Non
 
 def test_a_report_never_frees_or_double_counts_a_reserved_slot(pool: AgentControllerPool) -> None:
     """A slot both reserved and reported counts once; only traffic beyond ours adds to it."""
-    agent, session = pool.register("a", address(1), status(idle=4))
+    agent, session = join(pool, "a", address(1), status(idle=4))
     guards = [pool.reserve(agent, Demand(True)) for _ in range(2)]
     pool.report(agent, session, status(idle=4, processing=0))  # stale sample: shows nothing busy
     assert agent.free_slots() == 2
@@ -99,7 +100,7 @@ def test_a_finished_request_frees_its_slot_before_the_next_report(
     pool: AgentControllerPool,
 ) -> None:
     """A stale report that still shows our finished request busy does not hold its slot."""
-    agent, session = pool.register("a", address(1), status(idle=1))
+    agent, session = join(pool, "a", address(1), status(idle=1))
     guard = pool.reserve(agent, Demand(True))
     pool.report(agent, session, status(idle=0, processing=1))  # sees our request running
     guard.release()
@@ -108,7 +109,7 @@ def test_a_finished_request_frees_its_slot_before_the_next_report(
 
 def test_release_is_exactly_once(pool: AgentControllerPool) -> None:
     """Releasing a guard twice gives the slot back once."""
-    agent, _ = pool.register("a", address(1), status(idle=2))
+    agent, _ = join(pool, "a", address(1), status(idle=2))
     guard = pool.reserve(agent, Demand(True))
     guard.release()
     guard.release()
@@ -118,7 +119,7 @@ def test_release_is_exactly_once(pool: AgentControllerPool) -> None:
 
 def test_guard_releases_on_exception(pool: AgentControllerPool) -> None:
     """Leaving the guard's block by an error releases the slot."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     with pytest.raises(RuntimeError), pool.reserve(agent, Demand(True)):
         raise RuntimeError("upstream exploded")
     assert agent.free_slots() == 1
@@ -128,7 +129,7 @@ async def test_guard_released_by_cancellation_settles_until_next_report(
     pool: AgentControllerPool, clock: Clock
 ) -> None:
     """A cancelled request's slot stays counted until a report shows llama.cpp let it go."""
-    agent, session = pool.register("a", address(1), status(idle=1))
+    agent, session = join(pool, "a", address(1), status(idle=1))
 
     async def request() -> None:
         with pool.reserve(agent, Demand(True)):
@@ -147,7 +148,7 @@ async def test_guard_released_by_cancellation_settles_until_next_report(
 
 def test_settling_slots_expire_without_a_report(pool: AgentControllerPool, clock: Clock) -> None:
     """A settling slot is freed by the sweep once the settle timeout passes."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     pool.reserve(agent, Demand(True)).release(abandoned=True)
     assert agent.free_slots() == 0
     clock.now += 2.5
@@ -157,8 +158,8 @@ def test_settling_slots_expire_without_a_report(pool: AgentControllerPool, clock
 
 def test_stale_agents_are_removed_by_the_sweep(pool: AgentControllerPool, clock: Clock) -> None:
     """An agent that misses reports for the staleness window is removed."""
-    quiet, _ = pool.register("quiet", address(1), status(idle=1))
-    chatty, session = pool.register("chatty", address(2), status(idle=1))
+    quiet, _ = join(pool, "quiet", address(1), status(idle=1))
+    chatty, session = join(pool, "chatty", address(2), status(idle=1))
     clock.now += 4
     pool.report(chatty, session, status(idle=1))
     clock.now += 2
@@ -169,7 +170,7 @@ def test_stale_agents_are_removed_by_the_sweep(pool: AgentControllerPool, clock:
 
 def test_removing_an_agent_keeps_its_running_requests_valid(pool: AgentControllerPool) -> None:
     """Requests running on a removed agent finish and release without error."""
-    agent, session = pool.register("a", address(1), status(idle=2))
+    agent, session = join(pool, "a", address(1), status(idle=2))
     guard = pool.reserve(agent, Demand(True))
     assert pool.remove(agent, session, "test")
     assert pool.pick(Demand(False)) is None
@@ -179,9 +180,9 @@ def test_removing_an_agent_keeps_its_running_requests_valid(pool: AgentControlle
 
 def test_reregistration_takes_over_and_old_session_cannot_remove(pool: AgentControllerPool) -> None:
     """A reconnecting agent keeps its reservations; its old socket's close removes nothing."""
-    agent, old_session = pool.register("a", address(1), status(idle=2))
+    agent, old_session = join(pool, "a", address(1), status(idle=2))
     pool.reserve(agent, Demand(True))
-    again, new_session = pool.register("a", address(1), status(idle=2))
+    again, new_session = join(pool, "a", address(1), status(idle=2))
     assert again is agent
     assert agent.reserved == 1
     assert not pool.remove(agent, old_session, "old socket closed")
@@ -192,17 +193,17 @@ def test_reregistration_takes_over_and_old_session_cannot_remove(pool: AgentCont
 def test_fleet_size_is_bounded(clock: Clock) -> None:
     """Registrations beyond max_agents are refused."""
     pool = AgentControllerPool(max_agents=2, clock=clock)
-    pool.register("a", address(1), status(idle=1))
-    pool.register("b", address(2), status(idle=1))
+    join(pool, "a", address(1), status(idle=1))
+    join(pool, "b", address(2), status(idle=1))
     with pytest.raises(FleetFull):
-        pool.register("c", address(3), status(idle=1))
+        join(pool, "c", address(3), status(idle=1))
 
 
 def test_tripped_agent_returns_after_cooldown_and_a_healthy_report(
     pool: AgentControllerPool, clock: Clock
 ) -> None:
     """An open circuit closes with the first healthy report after the cooldown."""
-    agent, session = pool.register("a", address(1), status(idle=1))
+    agent, session = join(pool, "a", address(1), status(idle=1))
     pool.trip(agent, "connection refused")
     assert pool.pick(Demand(True)) is None
     clock.now += 1
@@ -215,7 +216,7 @@ def test_tripped_agent_returns_after_cooldown_and_a_healthy_report(
 
 def test_repeated_request_failures_open_the_circuit(pool: AgentControllerPool) -> None:
     """Failures that may be the request's fault trip only after the threshold, and reset."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     pool.record_failure(agent, "500")
     pool.record_failure(agent, "500")
     pool.record_success(agent)
@@ -228,8 +229,8 @@ def test_repeated_request_failures_open_the_circuit(pool: AgentControllerPool) -
 
 def test_snapshot_aggregates_usable_agents(pool: AgentControllerPool) -> None:
     """The fleet snapshot sums slots of usable agents only."""
-    agent, _ = pool.register("a", address(1), status(idle=3, processing=1))
-    pool.register("b", address(2), status(idle=2, state=LlamaCppState.UNREACHABLE))
+    agent, _ = join(pool, "a", address(1), status(idle=3, processing=1))
+    join(pool, "b", address(2), status(idle=2, state=LlamaCppState.UNREACHABLE))
     pool.reserve(agent, Demand(True))
     fleet = pool.snapshot()
     # one slot busy before we dispatched (foreign), plus ours
@@ -242,8 +243,8 @@ def test_a_route_a_server_lacks_goes_to_servers_that_may_have_it(
 ) -> None:
     """After a 501 for /v1/embeddings, embeddings avoid that server while others exist, for a
     while only; chat requests are not affected."""
-    lacking, _ = pool.register("lacking", address(1), status(idle=4))
-    other, _ = pool.register("other", address(2), status(idle=1))
+    lacking, _ = join(pool, "lacking", address(1), status(idle=4))
+    other, _ = join(pool, "other", address(2), status(idle=1))
     pool.lacks_route(lacking, "/v1/embeddings")
     assert pool.pick(Demand(True, route="/v1/embeddings")) is other
     assert pool.pick(Demand(True, route="/v1/chat/completions")) is lacking
@@ -257,7 +258,7 @@ def test_when_every_server_lacks_a_route_the_request_still_reaches_one(
     pool: AgentControllerPool,
 ) -> None:
     """The client then gets llama.cpp's own 501 and its reason, not a wait or a 502."""
-    agent, _ = pool.register("only", address(1), status(idle=1))
+    agent, _ = join(pool, "only", address(1), status(idle=1))
     pool.lacks_route(agent, "/v1/embeddings")
     assert pool.pick(Demand(True, route="/v1/embeddings")) is agent
 
@@ -266,8 +267,8 @@ def test_a_restarted_server_is_asked_again_for_routes_it_lacked(
     pool: AgentControllerPool,
 ) -> None:
     """It may have come back with --embeddings; and one that serves the route is believed."""
-    lacking, session = pool.register("lacking", address(1), status(idle=4))
-    other, _ = pool.register("other", address(2), status(idle=1))
+    lacking, session = join(pool, "lacking", address(1), status(idle=4))
+    other, _ = join(pool, "other", address(2), status(idle=1))
     pool.lacks_route(lacking, "/v1/embeddings")
     pool.report(lacking, session, Status(state=LlamaCppState.LOADING))
     pool.report(lacking, session, status(idle=4))
@@ -287,8 +288,8 @@ def test_an_unreachable_report_aborts_exactly_the_requests_running_on_that_agent
 ) -> None:
     """Each guard of the agent whose llama.cpp became unreachable is aborted once, with the
     cause; other agents' guards are not, and releasing stays each block's job."""
-    frozen, session = pool.register("frozen", address(1), status(idle=3))
-    healthy, _ = pool.register("healthy", address(2), status(idle=1))
+    frozen, session = join(pool, "frozen", address(1), status(idle=3))
+    healthy, _ = join(pool, "healthy", address(2), status(idle=1))
     aborted: list[tuple[int, str]] = []
     guards = [pool.reserve(frozen, Demand(True)), pool.reserve(frozen, Demand(False))]
     guards.append(pool.reserve(healthy, Demand(True)))
@@ -321,7 +322,7 @@ def test_a_guard_aborted_before_its_action_is_attached_runs_it_when_attached(
     pool: AgentControllerPool,
 ) -> None:
     """A request granted a slot just before the report still learns of it when it sends."""
-    agent, session = pool.register("a", address(1), status(idle=1))
+    agent, session = join(pool, "a", address(1), status(idle=1))
     guard = pool.reserve(agent, Demand(True))
     pool.report(agent, session, unreachable())
     reasons: list[str] = []
@@ -338,8 +339,8 @@ def test_agents_that_stop_reporting_or_load_leave_their_requests_running(
 ) -> None:
     """Only an unreachable report aborts: a stale agent's removal, a takeover by a new session
     or a loading report say nothing of the requests llama.cpp is serving."""
-    quiet, _ = pool.register("quiet", address(1), status(idle=1))
-    loading, session = pool.register("loading", address(2), status(idle=1))
+    quiet, _ = join(pool, "quiet", address(1), status(idle=1))
+    loading, session = join(pool, "loading", address(2), status(idle=1))
     guards = [pool.reserve(quiet, Demand(True)), pool.reserve(loading, Demand(True))]
     reasons: list[str] = []
     for guard in guards:
@@ -356,7 +357,7 @@ def test_a_reconnecting_agent_that_reports_unreachable_aborts_its_requests(
     pool: AgentControllerPool,
 ) -> None:
     """The takeover's first report counts like any other: unreachable ends what runs there."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     guard = pool.reserve(agent, Demand(True))
     pool.register("a", address(1), unreachable())
     assert guard.aborted is not None
@@ -367,7 +368,7 @@ def test_a_server_back_from_unreachable_is_used_again_after_the_cooldown(
 ) -> None:
     """Aborted requests open its circuit; its first healthy report after the cooldown puts
     it back in rotation, with its reservations all given back."""
-    agent, session = pool.register("a", address(1), status(idle=2))
+    agent, session = join(pool, "a", address(1), status(idle=2))
     guard = pool.reserve(agent, Demand(True))
     pool.report(agent, session, unreachable())
     pool.trip(agent, str(guard.aborted))  # what the proxy does with an aborted request
@@ -380,3 +381,76 @@ def test_a_server_back_from_unreachable_is_used_again_after_the_cooldown(
     pool.report(agent, session, status(idle=2))
     assert pool.pick(Demand(True)) is agent
     assert agent.free_slots() == 2
+
+
+def test_an_unverified_agent_is_listed_but_counts_for_nothing(pool: AgentControllerPool) -> None:
+    """Before the balancer reached it, an agent has no slots, is not usable and is never picked."""
+    agent, _ = pool.register("rogue", address(1), status(idle=60000))
+    fleet = pool.snapshot()
+    assert (fleet.slots_idle, fleet.slots_processing, fleet.usable_agents) == (0, 0, 0)
+    [listed] = fleet.agents
+    assert (listed.verified, listed.slots_total, listed.slots_idle) == (False, 0, 0)
+    assert listed.verification is not None
+    assert pool.pick(Demand(True)) is None
+    assert pool.has_candidates(())  # it may yet be verified: requests wait for it
+    assert pool.unverified(agent, "the balancer cannot reach it: refused")
+    assert pool.snapshot().agents[0].verification == "the balancer cannot reach it: refused"
+
+
+def test_a_verified_agent_counts_at_most_its_bound(pool: AgentControllerPool) -> None:
+    """Once verified, the agent's reports count, within the slot bound it was verified with."""
+    woken: list[None] = []
+    pool.on_capacity(lambda: woken.append(None))
+    agent, session = pool.register("boaster", address(1), status(idle=60000))
+    woken.clear()
+    assert pool.verified(agent, 4, "/props total_slots=4", session=session)
+    assert woken  # waiting requests may now be served
+    fleet = pool.snapshot()
+    assert (fleet.slots_idle, fleet.usable_agents) == (4, 1)
+    assert pool.pick(Demand(True)) is agent
+    assert pool.report(agent, session, status(idle=1, processing=1))
+    assert pool.snapshot().slots_idle == 1
+    assert pool.snapshot().agents[0].verification == "/props total_slots=4"
+
+
+def test_a_verification_for_an_ended_session_changes_nothing(pool: AgentControllerPool) -> None:
+    """A verifier of an older socket cannot verify the agent its newer socket took over, nor a
+    removed one."""
+    agent, old = pool.register("a", address(1), status(idle=2))
+    pool.register("a", address(1), status(idle=2))
+    assert not pool.verified(agent, 2, session=old)
+    assert not agent.verified
+    assert pool.remove(agent, None, "test")
+    assert not pool.verified(agent, 2)
+    assert not pool.unverified(agent, "gone")
+
+
+def test_a_re_registration_at_the_same_address_keeps_its_verification(
+    pool: AgentControllerPool,
+) -> None:
+    """An agent reconnecting for the address the balancer already reached stays counted."""
+    agent, _ = join(pool, "a", address(1), status(idle=2), slot_bound=2)
+    again, session = pool.register("a", address(1), status(idle=2))
+    assert again is agent
+    assert pool.snapshot().slots_idle == 2
+    assert pool.unverified(again, "a later check failed", session=session)
+    assert pool.snapshot().slots_idle == 2
+
+
+def test_models_claimed_by_an_unverified_agent_are_not_served_or_listed(
+    pool: AgentControllerPool,
+) -> None:
+    """A rogue claiming a second model cannot make a one-model fleet refuse unknown names."""
+    good, _ = join(
+        pool, "good", address(1), Status(state=LlamaCppState.OK, slots_idle=1, models=("tiny",))
+    )
+    rogue, session = pool.register(
+        "rogue", address(2), Status(state=LlamaCppState.OK, slots_idle=9, models=("other",))
+    )
+    assert pool.accepts("any-name")
+    assert pool.model_ids() == ["tiny"]
+    assert list(pool.models()) == ["tiny"]
+    assert pool.verified(rogue, 9, session=session)
+    assert pool.model_ids() == ["other", "tiny"]
+    assert not pool.accepts("any-name")
+    assert good.serves("tiny")

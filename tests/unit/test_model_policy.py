@@ -11,6 +11,7 @@ from paddler.balancer.request_buffer import RequestBuffer, UnknownModel
 from paddler.balancer.routing import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
+from tests.support.pool import join
 
 
 def status(idle: int, *models: str) -> Status:
@@ -24,8 +25,8 @@ def address(port: int) -> Address:
 def test_a_one_model_fleet_serves_any_name_as_a_single_llamacpp_would() -> None:
     """gpt-4o-mini, any, or nothing at all: one model, so every request goes to it."""
     pool = AgentControllerPool()
-    a, _ = pool.register("a", address(1), status(1, "/models/tiny.gguf"))
-    b, _ = pool.register("b", address(2), status(1, "/other/place/tiny.gguf"))
+    a, _ = join(pool, "a", address(1), status(1, "/models/tiny.gguf"))
+    b, _ = join(pool, "b", address(2), status(1, "/other/place/tiny.gguf"))
     assert pool.model_ids() == ["tiny"]
     for name in ("gpt-4o-mini", "any", "tiny", "tiny.gguf", "/models/tiny.gguf", None):
         assert name is None or pool.accepts(name)
@@ -35,8 +36,8 @@ def test_a_one_model_fleet_serves_any_name_as_a_single_llamacpp_would() -> None:
 def test_a_model_is_known_by_its_path_its_file_name_and_its_stem() -> None:
     """In a fleet of two models, each file's names reach its own servers only."""
     pool = AgentControllerPool()
-    small, _ = pool.register("small", address(1), status(4, "/models/small-q4.gguf"))
-    large, _ = pool.register("large", address(2), status(1, "/models/large-q8.gguf"))
+    small, _ = join(pool, "small", address(1), status(4, "/models/small-q4.gguf"))
+    large, _ = join(pool, "large", address(2), status(1, "/models/large-q8.gguf"))
     for name in ("small-q4", "small-q4.gguf", "/models/small-q4.gguf"):
         assert pool.knows(name)
         assert pool.pick(Demand(True, name)) is small
@@ -48,14 +49,14 @@ def test_a_model_is_known_by_its_path_its_file_name_and_its_stem() -> None:
 def test_an_unknown_name_is_refused_only_in_a_fleet_of_several_models() -> None:
     """Which model would "gpt-4o-mini" be? Refused, unless --allow-unknown-models."""
     pool = AgentControllerPool()
-    pool.register("alpha", address(1), status(1, "alpha"))
+    join(pool, "alpha", address(1), status(1, "alpha"))
     assert pool.accepts("gpt-4o-mini")
-    pool.register("beta", address(2), status(1, "beta"))
+    join(pool, "beta", address(2), status(1, "beta"))
     assert not pool.accepts("gpt-4o-mini")
     assert pool.pick(Demand(True, "gpt-4o-mini")) is None
     lenient = AgentControllerPool(allow_unknown_models=True)
-    lenient.register("alpha", address(1), status(1, "alpha"))
-    lenient.register("beta", address(2), status(3, "beta"))
+    join(lenient, "alpha", address(1), status(1, "alpha"))
+    join(lenient, "beta", address(2), status(3, "beta"))
     assert lenient.accepts("gpt-4o-mini")
     picked = lenient.pick(Demand(True, "gpt-4o-mini"))
     assert picked is not None
@@ -66,7 +67,7 @@ def test_a_fleet_that_reported_no_model_yet_accepts_every_name() -> None:
     """Scaling from zero: the first server's model is not known before it loads."""
     pool = AgentControllerPool()
     assert pool.accepts("anything")
-    pool.register("loading", address(1), Status(state=LlamaCppState.LOADING))
+    join(pool, "loading", address(1), Status(state=LlamaCppState.LOADING))
     assert pool.accepts("anything")
 
 
@@ -77,7 +78,7 @@ async def test_a_waiting_request_is_served_by_the_first_server_of_a_one_model_fl
     waiting = asyncio.create_task(buffer.acquire(Demand(True, "gpt-4o-mini")))
     await asyncio.sleep(0)
     assert buffer.waiting == 1
-    agent, _ = pool.register("a", address(1), status(1, "tiny"))
+    agent, _ = join(pool, "a", address(1), status(1, "tiny"))
     guard = await asyncio.wait_for(waiting, 1)
     assert guard.agent is agent
     guard.release()
@@ -86,12 +87,12 @@ async def test_a_waiting_request_is_served_by_the_first_server_of_a_one_model_fl
 async def test_a_waiting_request_whose_name_becomes_ambiguous_is_refused() -> None:
     """When a second model joins, a waiting request for an unknown name gets a clear no."""
     pool = AgentControllerPool()
-    pool.register("busy", address(1), status(0, "alpha"))
+    join(pool, "busy", address(1), status(0, "alpha"))
     buffer = RequestBuffer(pool, size=4, timeout=5)
     waiting = asyncio.create_task(buffer.acquire(Demand(True, "gpt-4o-mini")))
     await asyncio.sleep(0)
     assert buffer.waiting == 1
-    pool.register("beta", address(2), status(1, "beta"))
+    join(pool, "beta", address(2), status(1, "beta"))
     with pytest.raises(UnknownModel):
         await asyncio.wait_for(waiting, 1)
     assert buffer.waiting == 0

@@ -43,6 +43,7 @@ from paddler.balancer.routing import Demand, PrefixPolicy, SlotsPolicy
 from paddler.balancer.slot_guard import SlotGuard
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
+from tests.support.pool import UNBOUNDED
 
 PORTS = (1, 2, 3, 4)
 MODELS = ("alpha", "beta")
@@ -180,10 +181,17 @@ class PoolAndBuffer(RuleBasedStateMachine):
 
     @initialize(status=ok_statuses)
     def first_agent(self, status: Status) -> None:
-        self.register(port=PORTS[0], name="a", status=status)
+        self.register(port=PORTS[0], name="a", status=status, bound=UNBOUNDED)
 
-    @rule(port=st.sampled_from(PORTS), name=st.sampled_from("abc"), status=statuses)
-    def register(self, port: int, name: str, status: Status) -> None:
+    @rule(
+        port=st.sampled_from(PORTS),
+        name=st.sampled_from("abc"),
+        status=statuses,
+        bound=st.sampled_from([None, 1, 2, UNBOUNDED]),
+    )
+    def register(self, port: int, name: str, status: Status, bound: int | None) -> None:
+        """``bound``: the balancer reached the address at once and counts at most that many
+        slots there (None: not yet, see ``verify``)."""
         try:
             agent, session = self.call(
                 self.pool.register, name, Address("http", "127.0.0.1", port), status
@@ -193,6 +201,20 @@ class PoolAndBuffer(RuleBasedStateMachine):
             return
         self.track(agent)
         self.ledger.sessions[id(agent)] = session
+        if bound is not None:
+            assert self.call(self.pool.verified, agent, bound, session=session)
+
+    @precondition(lambda self: self.ledger.agents)
+    @rule(data=st.data(), bound=st.sampled_from([1, 2, UNBOUNDED]), reached=st.booleans())
+    def verify(self, data: st.DataObject, bound: int, reached: bool) -> None:
+        """The verifier's verdict on an agent, live or removed (a late answer)."""
+        agent = data.draw(st.sampled_from(self.ledger.agents))
+        session = self.ledger.sessions[id(agent)]
+        if reached:
+            done = self.call(self.pool.verified, agent, bound, session=session)
+        else:
+            done = self.call(self.pool.unverified, agent, "test", session=session)
+        assert done == (not agent.removed)
 
     @precondition(lambda self: self.live_agents())
     @rule(data=st.data(), status=statuses)
@@ -277,6 +299,7 @@ class PoolAndBuffer(RuleBasedStateMachine):
             return
         assert isinstance(agent, AgentController)
         assert not demand.needs_slot or agent.free_slots() >= 1
+        assert agent.verified, "an agent the balancer never reached was picked"
         guard = self.call(self.pool.reserve, agent, demand)
         assert isinstance(guard, SlotGuard)
         self.ledger.guards.append(guard)
@@ -378,6 +401,11 @@ class PoolAndBuffer(RuleBasedStateMachine):
         assert snapshot.slots_total == sum(agent.slots_total for agent in usable)
         assert snapshot.slots_idle >= 0
         assert snapshot.slots_processing >= 0
+        for agent in self.pool.agents():
+            if not agent.verified:
+                assert not agent.usable() and agent.slots_total == 0, "unverified slots counted"
+            else:
+                assert agent.slots_total <= agent.slot_bound
         for agent in snapshot.agents:
             assert agent.slots_idle + agent.slots_processing == agent.slots_total
             assert agent.slots_idle >= 0

@@ -8,6 +8,7 @@ from paddler.balancer.prometheus_metrics import PrometheusMetrics
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.config import Address
 from tests.support.balancer import ok
+from tests.support.pool import join
 from tests.support.prometheus import sample
 
 
@@ -33,8 +34,8 @@ def test_fleet_gauges_are_read_from_the_pool_at_scrape_time() -> None:
     pool = AgentControllerPool()
     metrics = metrics_for(pool)
     assert sample(metrics.exposition(), "paddler_slots") == 0
-    pool.register("a", Address("http", "10.0.0.1", 8088), ok(idle=3, processing=1))
-    pool.register("b", Address("http", "10.0.0.2", 8088), ok(idle=2))
+    join(pool, "a", Address("http", "10.0.0.1", 8088), ok(idle=3, processing=1))
+    join(pool, "b", Address("http", "10.0.0.2", 8088), ok(idle=2))
     text = metrics.exposition()
     assert sample(text, "paddler_agents") == 2
     assert sample(text, "paddler_agents_usable") == 2
@@ -48,7 +49,7 @@ def test_per_agent_gauges_carry_agent_url_and_model_labels() -> None:
     """Each agent's slots and usability are labelled with its name, address and models."""
     pool = AgentControllerPool()
     metrics = metrics_for(pool)
-    pool.register("a", Address("http", "10.0.0.1", 8088), ok(idle=3, processing=1, models=("q",)))
+    join(pool, "a", Address("http", "10.0.0.1", 8088), ok(idle=3, processing=1, models=("q",)))
     labels = {"agent": "a", "url": "http://10.0.0.1:8088", "model": "q"}
     text = metrics.exposition()
     assert sample(text, "paddler_agent_slots", **labels) == 4
@@ -61,7 +62,7 @@ def test_an_open_circuit_makes_the_agent_unusable_and_is_counted() -> None:
     """A tripped agent shows usable 0, and the opening counts once however often it trips."""
     pool = AgentControllerPool()
     metrics = metrics_for(pool)
-    agent, _ = pool.register("a", Address("http", "10.0.0.1", 8088), ok(idle=2))
+    agent, _ = join(pool, "a", Address("http", "10.0.0.1", 8088), ok(idle=2))
     pool.trip(agent, "refused")
     pool.trip(agent, "refused again")
     text = metrics.exposition()
@@ -74,7 +75,7 @@ def test_an_agent_that_leaves_takes_its_series_with_it() -> None:
     """Per-agent gauges exist only while the agent does."""
     pool = AgentControllerPool()
     metrics = metrics_for(pool)
-    agent, session = pool.register("a", Address("http", "10.0.0.1", 8088), ok(idle=2))
+    agent, session = join(pool, "a", Address("http", "10.0.0.1", 8088), ok(idle=2))
     pool.remove(agent, session, "deregistered")
     assert sample(metrics.exposition(), "paddler_agent_slots", agent="a") is None
 

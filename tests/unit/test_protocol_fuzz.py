@@ -46,6 +46,13 @@ weird_values = st.one_of(
 """Values to put where a valid field was: every JSON type, at its extremes."""
 
 states = st.sampled_from([state.value for state in LlamaCppState])
+# Names a valid message may carry: no control, format, separator, surrogate, private-use or
+# unassigned character (see paddler.safe_text); the others are fuzzed as broken fields.
+safe_names = st.text(
+    st.characters(exclude_categories=("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")),
+    min_size=1,
+    max_size=256,
+)
 hosts = st.sampled_from(["10.0.0.5", "localhost", "gpu-1.example", "::1", "127.0.0.1"])
 
 
@@ -69,7 +76,7 @@ def valid_registers(draw: st.DrawFn) -> dict[str, Any]:
     return {
         "v": 1,
         "type": "register",
-        "name": draw(st.text(min_size=1, max_size=256)),
+        "name": draw(safe_names),
         "scheme": draw(st.sampled_from(["http", "https"])),
         "host": draw(hosts),
         "port": draw(st.integers(1, 65535)),

@@ -18,6 +18,7 @@ from paddler.balancer.routing import Demand
 from paddler.balancer.slot_guard import SlotGuard
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
+from tests.support.pool import join
 
 
 def status(idle: int, processing: int = 0) -> Status:
@@ -40,7 +41,7 @@ async def settle() -> None:
 
 async def test_a_free_slot_is_granted_without_waiting(pool: AgentControllerPool) -> None:
     """With a free slot and nobody waiting, acquire returns at once."""
-    pool.register("a", address(1), status(idle=1))
+    join(pool, "a", address(1), status(idle=1))
     buffer = RequestBuffer(pool, size=0, timeout=1)
     guard = await buffer.acquire(Demand(True))
     assert guard.agent.name == "a"
@@ -49,7 +50,7 @@ async def test_a_free_slot_is_granted_without_waiting(pool: AgentControllerPool)
 
 async def test_waiters_are_served_in_arrival_order(pool: AgentControllerPool) -> None:
     """When slots free up one by one, buffered requests get them first come, first served."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     buffer = RequestBuffer(pool, size=10, timeout=5)
     holder = await buffer.acquire(Demand(True))
     served: list[int] = []
@@ -72,7 +73,7 @@ async def test_waiters_are_served_in_arrival_order(pool: AgentControllerPool) ->
 
 async def test_a_newcomer_does_not_overtake_a_waiter(pool: AgentControllerPool) -> None:
     """A slot freed while someone waits goes to the waiter, not to a later arrival."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     buffer = RequestBuffer(pool, size=10, timeout=5)
     holder = await buffer.acquire(Demand(True))
     waiter = asyncio.create_task(buffer.acquire(Demand(True)))
@@ -89,7 +90,7 @@ async def test_a_newcomer_does_not_overtake_a_waiter(pool: AgentControllerPool) 
 
 async def test_a_full_buffer_rejects_at_once(pool: AgentControllerPool) -> None:
     """Beyond the size limit a request is refused immediately."""
-    pool.register("a", address(1), status(idle=0, processing=1))
+    join(pool, "a", address(1), status(idle=0, processing=1))
     buffer = RequestBuffer(pool, size=2, timeout=5)
     waiters = [asyncio.create_task(buffer.acquire(Demand(True))) for _ in range(2)]
     await settle()
@@ -123,7 +124,7 @@ async def test_requests_wait_for_the_first_agent_to_join(pool: AgentControllerPo
     waiter = asyncio.create_task(buffer.acquire(Demand(True)))
     await settle()
     assert not waiter.done()
-    pool.register("late", address(1), status(idle=1))
+    join(pool, "late", address(1), status(idle=1))
     guard = await waiter
     assert guard.agent.name == "late"
 
@@ -144,7 +145,7 @@ async def test_a_slot_handed_to_a_cancelled_waiter_goes_back(pool: AgentControll
     buffer = RequestBuffer(pool, size=5, timeout=5)
     waiter = asyncio.create_task(buffer.acquire(Demand(True)))
     await settle()
-    agent, _ = pool.register("a", address(1), status(idle=1))  # hands the slot over...
+    agent, _ = join(pool, "a", address(1), status(idle=1))  # hands the slot over...
     waiter.cancel()  # ...and the client leaves before the waiter runs again
     await asyncio.gather(waiter, return_exceptions=True)
     assert waiter.cancelled()
@@ -166,8 +167,8 @@ async def test_closing_fails_every_waiter_with_shutting_down(pool: AgentControll
 
 async def test_an_unservable_waiter_does_not_block_the_queue(pool: AgentControllerPool) -> None:
     """A retry that excludes the only free agent does not hold up requests behind it."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
-    pool.register("b", address(2), status(idle=0, processing=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
+    join(pool, "b", address(2), status(idle=0, processing=1))
     buffer = RequestBuffer(pool, size=5, timeout=5)
     holder = await buffer.acquire(Demand(True))
     retry = asyncio.create_task(buffer.acquire(Demand(True, exclude=frozenset({agent.id}))))
@@ -184,7 +185,7 @@ async def test_an_unservable_waiter_does_not_block_the_queue(pool: AgentControll
 
 async def test_excluding_every_agent_fails_fast(pool: AgentControllerPool) -> None:
     """A retry with no other agent registered gets NoCandidates instead of waiting."""
-    agent, _ = pool.register("a", address(1), status(idle=1))
+    agent, _ = join(pool, "a", address(1), status(idle=1))
     buffer = RequestBuffer(pool, size=5, timeout=5)
     with pytest.raises(NoCandidates):
         await buffer.acquire(Demand(True, exclude=frozenset({agent.id})))
@@ -192,7 +193,7 @@ async def test_excluding_every_agent_fails_fast(pool: AgentControllerPool) -> No
 
 async def test_non_generating_requests_need_no_free_slot(pool: AgentControllerPool) -> None:
     """Requests that take no slot go to a busy agent without waiting and reserve nothing."""
-    agent, _ = pool.register("a", address(1), status(idle=0, processing=2))
+    agent, _ = join(pool, "a", address(1), status(idle=0, processing=2))
     buffer = RequestBuffer(pool, size=0, timeout=5)
     guard: SlotGuard = await buffer.acquire(Demand(False))
     assert guard.agent is agent
@@ -203,7 +204,7 @@ async def test_non_generating_requests_need_no_free_slot(pool: AgentControllerPo
 async def test_many_concurrent_requests_never_oversubscribe(pool: AgentControllerPool) -> None:
     """However many requests race for slots, at most the free slots are held at once."""
     agents = [
-        pool.register(name, address(port), status(idle=3))[0] for port, name in ((1, "a"), (2, "b"))
+        join(pool, name, address(port), status(idle=3))[0] for port, name in ((1, "a"), (2, "b"))
     ]
     buffer = RequestBuffer(pool, size=100, timeout=5)
     peak = 0
@@ -229,10 +230,10 @@ async def test_a_waiter_is_served_at_once_when_the_removal_of_a_server_lets_it_t
     server is gone the fleet serves one model, which takes any name, so the idle ``beta`` server
     must get the request then, not at the next report that happens to free a slot.
     """
-    alpha, alpha_session = pool.register(
-        "a", address(1), Status(state=LlamaCppState.OK, slots_processing=1, models=("alpha",))
+    alpha, alpha_session = join(
+        pool, "a", address(1), Status(state=LlamaCppState.OK, slots_processing=1, models=("alpha",))
     )
-    pool.register("b", address(2), Status(state=LlamaCppState.OK, slots_idle=1, models=("beta",)))
+    join(pool, "b", address(2), Status(state=LlamaCppState.OK, slots_idle=1, models=("beta",)))
     buffer = RequestBuffer(pool, size=5, timeout=5)
     waiter = asyncio.create_task(buffer.acquire(Demand(True, model="alpha")))
     await settle()

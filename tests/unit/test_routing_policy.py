@@ -15,6 +15,7 @@ from paddler.balancer.request_buffer import BufferFull, RequestBuffer
 from paddler.balancer.routing import Demand, PrefixPolicy, SlotsPolicy
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
+from tests.support.pool import join
 
 SYSTEM = "s" * (BLOCK_CHARS * 12)
 
@@ -72,7 +73,7 @@ def send(pool: AgentControllerPool, request: Demand) -> AgentController:
 def test_a_prompt_goes_back_to_the_agent_that_holds_its_prefix(pool: AgentControllerPool) -> None:
     """A conversation's next turn goes where its previous turn went, whatever the tie-break."""
     for port, name in enumerate(("a", "b", "c"), start=1):
-        pool.register(name, address(port), status(idle=4))
+        join(pool, name, address(port), status(idle=4))
     first = send(pool, demand(SYSTEM + "user: hello"))
     for agent in pool.agents():
         agent.reserved = 0
@@ -86,8 +87,8 @@ def test_a_prompt_goes_back_to_the_agent_that_holds_its_prefix(pool: AgentContro
 def test_new_prefixes_spread_over_the_fleet(pool: AgentControllerPool) -> None:
     """Distinct prompts on an idle fleet go to the agent that was sent the least so far, so
     that each server's cache gets its share instead of one server getting every prefix."""
-    pool.register("a", address(1), status(idle=4))
-    pool.register("b", address(2), status(idle=4))
+    join(pool, "a", address(1), status(idle=4))
+    join(pool, "b", address(2), status(idle=4))
     chosen = []
     for number in range(6):
         agent = send(pool, demand(f"{number:04d}" * (BLOCK_CHARS * 2)))
@@ -102,8 +103,8 @@ def test_a_full_sticky_agent_is_not_waited_for_before_anything_is_measured(
 ) -> None:
     """Without measured prefill rates and slot times, waiting cannot be shown to be cheaper:
     the request goes to the free agent at once."""
-    a, _ = pool.register("a", address(1), status(idle=1))
-    b, _ = pool.register("b", address(2), status(idle=1))
+    a, _ = join(pool, "a", address(1), status(idle=1))
+    b, _ = join(pool, "b", address(2), status(idle=1))
     assert send(pool, demand(SYSTEM + "turn 1")) is a
     follow_up = demand(SYSTEM + "turn 1" + "turn 2")
     assert send(pool, follow_up) is b
@@ -116,8 +117,8 @@ def test_a_full_sticky_agent_is_waited_for_when_measured_cheaper(
     """Recomputing 1536 prompt tokens at 100 tokens/s elsewhere (15 s) is dearer than waiting
     for one of the sticky agent's slots (0.5 s): the request waits, but never longer than the
     saving, after which it goes to the free agent."""
-    a, _ = pool.register("a", address(1), status(idle=1))
-    b, _ = pool.register("b", address(2), status(idle=1))
+    a, _ = join(pool, "a", address(1), status(idle=1))
+    b, _ = join(pool, "b", address(2), status(idle=1))
     for agent in (a, b):
         measured(agent, prefill_rate=100.0, slot_hold=0.5)
     assert send(pool, demand(SYSTEM + "turn 1")) is a
@@ -135,8 +136,8 @@ def test_a_full_sticky_agent_is_waited_for_when_measured_cheaper(
 
 def test_waiting_is_not_chosen_when_recomputing_is_cheaper(pool: AgentControllerPool) -> None:
     """A fast prefill (1536 tokens at 100k tokens/s) beats waiting for a slot held 10 s."""
-    a, _ = pool.register("a", address(1), status(idle=1))
-    b, _ = pool.register("b", address(2), status(idle=1))
+    a, _ = join(pool, "a", address(1), status(idle=1))
+    b, _ = join(pool, "b", address(2), status(idle=1))
     for agent in (a, b):
         measured(agent, prefill_rate=100_000.0, slot_hold=10.0)
     assert send(pool, demand(SYSTEM + "turn 1")) is a
@@ -149,8 +150,8 @@ def test_a_hot_prefix_spills_over_once_its_queue_makes_waiting_dearer(
     """Every request shares one long prefix held by a full agent. The expected wait grows with
     each request already waiting for it, so after a few, one goes to the idle agent, which
     then holds the prefix too, and both share the load from then on."""
-    a, _ = pool.register("a", address(1), status(idle=1))
-    b, _ = pool.register("b", address(2), status(idle=4))
+    a, _ = join(pool, "a", address(1), status(idle=1))
+    b, _ = join(pool, "b", address(2), status(idle=4))
     for agent in (a, b):
         measured(agent, prefill_rate=1000.0, slot_hold=1.0)
     assert send(pool, demand(SYSTEM + "first")) is a
@@ -175,7 +176,7 @@ def test_learning_from_cache_reports_exports_actual_and_predicted_hits(
 ) -> None:
     """cache_n and prompt_n from llama.cpp are counted as they are; the prediction is the
     index's match in tokens; prefill speed is measured per agent."""
-    a, _ = pool.register("a", address(1), status(idle=2))
+    a, _ = join(pool, "a", address(1), status(idle=2))
     first = demand(SYSTEM + "turn 1")
     send(pool, first)
     policy.learn(a, first, CacheReport(cached_tokens=0, computed_tokens=1542, prompt_seconds=1.0))
@@ -198,7 +199,7 @@ def test_a_miss_reported_by_llamacpp_stops_predictions_for_what_it_evicted(
 ) -> None:
     """After llama.cpp reports that an old prefix was no longer cached, prefixes at least that
     old on that agent no longer count as matches."""
-    a, _ = pool.register("a", address(1), status(idle=2))
+    a, _ = join(pool, "a", address(1), status(idle=2))
     old = demand(SYSTEM + "old conversation")
     send(pool, old)
     for number in range(5):
@@ -225,8 +226,8 @@ def test_an_agent_that_restarts_loses_its_prefixes(
     pool: AgentControllerPool, policy: PrefixPolicy
 ) -> None:
     """A report that llama.cpp is loading again means its cache is gone."""
-    a, session = pool.register("a", address(1), status(idle=2))
-    b, _ = pool.register("b", address(2), status(idle=2))
+    a, session = join(pool, "a", address(1), status(idle=2))
+    b, _ = join(pool, "b", address(2), status(idle=2))
     assert send(pool, demand(SYSTEM + "turn 1")) is a
     a.reserved = 0
     pool.report(a, session, Status(state=LlamaCppState.LOADING))
@@ -239,8 +240,8 @@ def test_an_agent_that_restarts_loses_its_prefixes(
 
 def test_only_agents_serving_the_named_model_are_candidates(pool: AgentControllerPool) -> None:
     """A model name restricts the pick; no name means any agent; unknown names are detected."""
-    pool.register("alpha", address(1), status(idle=1, models=("alpha",)))
-    beta, _ = pool.register("beta", address(2), status(idle=4, models=("beta", "beta-alias")))
+    join(pool, "alpha", address(1), status(idle=1, models=("alpha",)))
+    beta, _ = join(pool, "beta", address(2), status(idle=4, models=("beta", "beta-alias")))
     alpha = pool.pick(Demand(True, "alpha"))
     assert alpha is not None
     assert alpha.name == "alpha"
@@ -260,15 +261,15 @@ def test_an_empty_fleet_accepts_any_model_so_that_it_can_scale_from_zero() -> No
     """Before any agent reported a model, a named model may still arrive: requests wait."""
     pool = AgentControllerPool(policy=SlotsPolicy())
     assert pool.accepts("anything")
-    pool.register("loading", address(1), Status(state=LlamaCppState.LOADING))
+    join(pool, "loading", address(1), Status(state=LlamaCppState.LOADING))
     assert pool.accepts("anything")
 
 
 async def test_buffering_is_per_model(clock: Clock) -> None:
     """Model alpha's full slots and full buffer never hold back model beta's requests."""
     pool = AgentControllerPool(policy=SlotsPolicy(), clock=clock)
-    pool.register("alpha", address(1), status(idle=1, models=("alpha",)))
-    pool.register("beta", address(2), status(idle=1, models=("beta",)))
+    join(pool, "alpha", address(1), status(idle=1, models=("alpha",)))
+    join(pool, "beta", address(2), status(idle=1, models=("beta",)))
     buffer = RequestBuffer(pool, size=1, timeout=5)
     holder = await buffer.acquire(Demand(True, "alpha"))
     waiting_alpha = asyncio.create_task(buffer.acquire(Demand(True, "alpha")))
@@ -294,8 +295,8 @@ async def test_the_buffer_decides_again_when_a_waiting_request_asked_to(
 ) -> None:
     """A request waiting for its sticky agent is dispatched elsewhere when its patience runs
     out, without any slot freeing up: the buffer revisits it at the time the policy named."""
-    a, _ = pool.register("a", address(1), status(idle=1))
-    b, _ = pool.register("b", address(2), status(idle=1))
+    a, _ = join(pool, "a", address(1), status(idle=1))
+    b, _ = join(pool, "b", address(2), status(idle=1))
     # Recomputing the prefix elsewhere takes about 15 ms, waiting for a slot here about 5 ms.
     for agent in (a, b):
         measured(agent, prefill_rate=100_000.0, slot_hold=0.005)
@@ -316,8 +317,8 @@ async def test_a_waiting_request_that_gives_up_is_no_longer_counted_as_waiting(
 ) -> None:
     """Cancelling a request that waits for its sticky agent takes it out of that agent's
     queue estimate."""
-    a, _ = pool.register("a", address(1), status(idle=1))
-    b, _ = pool.register("b", address(2), status(idle=1))
+    a, _ = join(pool, "a", address(1), status(idle=1))
+    b, _ = join(pool, "b", address(2), status(idle=1))
     for agent in (a, b):
         measured(agent, prefill_rate=100.0, slot_hold=0.5)
     buffer = RequestBuffer(pool, size=10, timeout=5)
@@ -357,8 +358,8 @@ def test_without_a_shared_prefix_the_less_busy_agent_wins_whatever_its_measured_
 ) -> None:
     """Prefill speeds measured under different concurrency differ by chance; they must not pull
     a prompt that nobody holds to a busier server."""
-    a, _ = pool.register("a", address(1), status(idle=4))
-    b, _ = pool.register("b", address(2), status(idle=4))
+    a, _ = join(pool, "a", address(1), status(idle=4))
+    b, _ = join(pool, "b", address(2), status(idle=4))
     measured(a, prefill_rate=3000.0, slot_hold=1.0)
     measured(b, prefill_rate=1000.0, slot_hold=1.0)
     a.reserved = 1
@@ -372,8 +373,8 @@ async def test_a_freed_slot_goes_to_a_request_that_wants_that_server_before_any_
     those servers frees a slot, the request that wants it gets it, even though the other
     request arrived first and would rather spill there than wait: under load a spill only
     trades one cache hit for another's miss."""
-    x, _ = pool.register("x", address(1), status(idle=1))
-    y, _ = pool.register("y", address(2), status(idle=1))
+    x, _ = join(pool, "x", address(1), status(idle=1))
+    y, _ = join(pool, "y", address(2), status(idle=1))
     for agent in (x, y):
         measured(agent, prefill_rate=1000.0, slot_hold=100.0)
     buffer = RequestBuffer(pool, size=10, timeout=5)

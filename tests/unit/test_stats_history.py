@@ -13,6 +13,7 @@ from paddler.balancer.routing import Demand
 from paddler.balancer.stats_history import StatsHistory, is_error
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
+from tests.support.pool import join
 
 START = 1_790_000_000
 
@@ -124,12 +125,14 @@ def test_samples_record_the_buffer_and_the_usable_slots(
     pool: AgentControllerPool, history: StatsHistory, clock: Clock
 ) -> None:
     """A sample stores the buffered requests and the slots of usable agents in its second."""
-    pool.register(
+    join(
+        pool,
         "a",
         Address("http", "127.0.0.1", 1),
         Status(state=LlamaCppState.OK, slots_idle=1, slots_processing=3),
     )
-    pool.register(
+    join(
+        pool,
         "broken",
         Address("http", "127.0.0.1", 2),
         Status(state=LlamaCppState.ERROR, slots_idle=4, error="unreachable"),
@@ -167,7 +170,8 @@ def test_unsampled_seconds_repeat_the_last_sample(
     pool: AgentControllerPool, history: StatsHistory, clock: Clock
 ) -> None:
     """A second nobody sampled shows the gauges of the last sample, not zeros."""
-    pool.register(
+    join(
+        pool,
         "a",
         Address("http", "127.0.0.1", 1),
         Status(state=LlamaCppState.OK, slots_idle=2, slots_processing=2),
@@ -209,7 +213,8 @@ async def test_the_sampler_samples_at_once_and_stops_on_shutdown(
     """``run`` takes a sample when it starts and returns as soon as shutdown is set."""
     clock = Clock()
     history = StatsHistory(pool, RequestBuffer(pool, size=1, timeout=1), window=5, clock=clock)
-    pool.register(
+    join(
+        pool,
         "a",
         Address("http", "127.0.0.1", 1),
         Status(state=LlamaCppState.OK, slots_idle=3, slots_processing=0),

@@ -15,7 +15,8 @@ Contract (see ``paddler.protocol`` for the messages):
   on the handshake, is logged as a refusal and retried like any other failure: the operator may
   be fixing the balancer's side.
 - Then it sends ``status`` as soon as the board's status changes, and at least once per
-  ``reporting_interval`` otherwise.
+  ``reporting_interval`` otherwise; never more than ``protocol.STATUS_FRAMES_PER_SECOND`` (changes
+  closer together go as one, the newest), which is the balancer's budget.
 - When the socket cannot be opened or drops, it reconnects after a jittered backoff that starts
   at 0.2 s and doubles up to ``reconnect_backoff_max``. Each outage is logged once, and again
   only if its reason changes; recovery is logged too.
@@ -245,13 +246,22 @@ class BalancerLink:
 
     async def _send_statuses(self, ws: aiohttp.ClientWebSocketResponse, version: int) -> None:
         interval = self._config.reporting_interval
+        # The balancer applies at most STATUS_FRAMES_PER_SECOND frames from us; changes closer
+        # together than that are sent as one, the newest (see paddler.balancer.frame_budget).
+        gap = 1 / protocol.STATUS_FRAMES_PER_SECOND
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
         while True:
             try:
                 async with asyncio.timeout(interval):
                     version, status = await self._board.newer_than(version)
             except TimeoutError:
                 version, status = self._board.current()
+            if (early := sent_at + gap - loop.time()) > 0:
+                await asyncio.sleep(early)
+                version, status = self._board.current()
             await ws.send_str(protocol.encode(status))
+            sent_at = loop.time()
 
     async def _listen(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Return when the socket closes; raise if the balancer says something unacceptable."""

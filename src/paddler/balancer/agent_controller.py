@@ -17,6 +17,11 @@ frees a slot before it sends the end of the response.
 llama.cpp notices the closed connection and frees the slot a little later. Until the agent's next
 report arrives (or ``settle_timeout`` passes), such a slot still counts as busy, so that the next
 request does not land in llama.cpp's own wait queue.
+
+An agent's word is not enough to count a server (see ``agent_verifier``): until the balancer has
+reached the address itself, the agent is *unverified*, counts no slot and is not usable. Once
+verified, its slots are bounded by ``slot_bound``, what the server says of itself (``/props``
+``total_slots``) or ``--max-slots-per-agent`` when that cannot be read.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class AgentSnapshot:
     circuit_open: bool
     last_report_age: float
     registered_at: float
+    verified: bool
+    verification: str | None
+    """Why the agent is not verified yet, or what bounds its slots once it is."""
 
 
 @dataclass(eq=False)
@@ -92,6 +100,12 @@ class AgentController:
     """Routes llama.cpp answered 501 for here, until when (pool clock) to believe it."""
     guards: set[SlotGuard] = field(default_factory=set)
     """The reservations of the requests running here now (``in_flight`` of them)."""
+    verified: bool = False
+    """Whether the balancer reached this address itself (see ``agent_verifier``)."""
+    slot_bound: int = 0
+    """The most slots counted here, once verified."""
+    verification: str | None = "the balancer has not reached this address yet"
+    """Why the agent is not verified yet, or what bounds its slots once it is."""
 
     def __post_init__(self) -> None:
         self._name_models(self.status.models)
@@ -110,7 +124,8 @@ class AgentController:
 
     @property
     def slots_total(self) -> int:
-        return self.status.slots_total
+        """The slots counted here: what the agent reports, within what was verified."""
+        return min(self.status.slots_total, self.slot_bound) if self.verified else 0
 
     def busy_slots(self) -> int:
         return self.reserved + self.foreign + len(self.settling)
@@ -149,7 +164,12 @@ class AgentController:
 
     def usable(self) -> bool:
         """Whether requests may be sent here at all (a slot is a separate question)."""
-        return not self.removed and not self.circuit_open and self.status.state is LlamaCppState.OK
+        return (
+            self.verified
+            and not self.removed
+            and not self.circuit_open
+            and self.status.state is LlamaCppState.OK
+        )
 
     def expire_settling(self, now: float) -> bool:
         """Drop settling slots whose deadline passed; return whether any was dropped."""
@@ -191,6 +211,8 @@ class AgentController:
             circuit_open=self.circuit_open,
             last_report_age=max(0.0, now - self.last_report_at),
             registered_at=self.registered_at,
+            verified=self.verified,
+            verification=self.verification,
         )
 
 

@@ -7,6 +7,10 @@ Membership policy (documented in docs/membership.md):
   no longer owns the agent and its closing removes nothing.
 - An agent is removed when it deregisters, when its socket closes, or when no report arrived for
   ``stale_after`` seconds.
+- A registered agent counts for nothing until the balancer has reached its address itself
+  (``verified``, called by ``agent_verifier``): until then it is listed, but it is not usable, its
+  slots and models are not counted, and no request is sent there. A re-registration at a known address keeps
+  what was verified.
 - Removal only stops new requests: requests already running on that server hold a reference to
   its controller and finish normally; their release is then a no-op for the fleet.
 - A report that llama.cpp became ``unreachable`` is the one signal that the server itself is gone
@@ -112,7 +116,12 @@ class AgentControllerPool:
                 registered_at=time.time(),
             )
             self._agents[address.url] = agent
-            log.info("agent %s registered at %s: %s", name, address.url, _describe(status))
+            log.info(
+                "agent %s registered at %s: %s; counted once the balancer reaches it",
+                name,
+                address.url,
+                _describe(status),
+            )
         else:
             log.info(
                 "agent %s re-registered at %s, replacing its previous session", name, address.url
@@ -180,6 +189,58 @@ class AgentControllerPool:
         )
         for guard in list(agent.guards):
             guard.abort(reason)
+
+    def owns(self, agent: AgentController, session: int) -> bool:
+        """Whether ``session`` is still the agent's current session."""
+        return not agent.removed and agent.session_id == session
+
+    def verified(
+        self,
+        agent: AgentController,
+        slot_bound: int,
+        how: str | None = None,
+        *,
+        session: int | None = None,
+    ) -> bool:
+        """The balancer reached ``agent``'s address: count at most ``slot_bound`` slots there.
+
+        ``how`` says where the bound comes from, for the API. Returns False (and changes nothing)
+        if the agent was removed or ``session`` no longer owns it.
+        """
+        if agent.removed or (session is not None and agent.session_id != session):
+            return False
+        was_usable, was_free = agent.usable(), agent.free_slots()
+        first = not agent.verified
+        if first:
+            log.info(
+                "agent %s verified at %s: counting at most %d slot(s)%s",
+                agent.name,
+                agent.url,
+                slot_bound,
+                f" ({how})" if how else "",
+            )
+        agent.verified = True
+        agent.slot_bound = slot_bound
+        agent.verification = how
+        if first:
+            self._index_models()
+        if first or agent.usable() != was_usable or agent.free_slots() > was_free:
+            self._capacity_changed()
+        return True
+
+    def unverified(
+        self, agent: AgentController, reason: str, *, session: int | None = None
+    ) -> bool:
+        """An attempt to reach ``agent`` failed: keep it uncounted, and say why in the API.
+
+        An agent verified before (at the same address, by an earlier session) stays verified.
+        Returns False if the agent was removed or ``session`` no longer owns it.
+        """
+        if agent.removed or (session is not None and agent.session_id != session):
+            return False
+        if not agent.verified:
+            agent.verification = reason
+        return True
 
     def remove(self, agent: AgentController, session: int | None, reason: str) -> bool:
         """Remove an agent, unless a newer session took it over; return whether it was removed."""
@@ -278,16 +339,21 @@ class AgentControllerPool:
         return sorted(self._model_ids)
 
     def models(self) -> dict[str, list[AgentController]]:
-        """Every model the fleet serves, by id, with the agents that serve it."""
+        """Every model the fleet serves, by id, with the (verified) agents that serve it."""
         served: dict[str, list[AgentController]] = {}
-        for agent in self._agents.values():
+        for agent in self._verified_agents():
             for model in agent.models:
                 served.setdefault(model, []).append(agent)
         return served
 
+    def _verified_agents(self) -> list[AgentController]:
+        return [agent for agent in self._agents.values() if agent.verified]
+
     def _index_models(self) -> None:
-        # Rebuilt whole, on membership and model changes only (not on every report).
-        agents = self._agents.values()
+        # Rebuilt whole, on membership and model changes only (not on every report). Only
+        # verified agents: names claimed for an address nobody reached must not turn a
+        # one-model fleet into one that refuses unknown names.
+        agents = self._verified_agents()
         self._model_names = frozenset().union(*(agent.model_names for agent in agents))
         self._model_ids = frozenset().union(*(agent.models for agent in agents))
 

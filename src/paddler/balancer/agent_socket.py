@@ -5,6 +5,13 @@ frame must be ``register``, within ``REGISTER_TIMEOUT``. A malformed frame is an
 ``error`` message naming the problem, and the socket is closed with code 1008: a confused agent
 must not keep feeding the balancer reports it cannot trust. When the socket closes for any reason,
 the agent is removed (unless a newer socket took it over).
+
+Each socket also owns two guards against an agent that lies or floods:
+
+- a verification task (see ``agent_verifier``): the agent counts for nothing until the balancer
+  has reached its address itself; the task ends with the socket;
+- a frame budget (see ``frame_budget``): frames beyond ``STATUS_FRAMES_PER_SECOND`` wait, and a
+  socket over budget for ``STATUS_FLOOD_SECONDS`` in a row is closed with 1008.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from paddler import protocol
 from paddler.balancer import errors
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool, FleetFull
+from paddler.balancer.agent_verifier import AgentVerifier
+from paddler.balancer.frame_budget import FrameBudget
 from paddler.config import Address
 
 log = logging.getLogger(__name__)
@@ -39,8 +48,15 @@ def token_matches(request: web.Request, token: str | None) -> bool:
 
 
 class AgentSocket:
-    def __init__(self, pool: AgentControllerPool, token: str | None, heartbeat: float) -> None:
+    def __init__(
+        self,
+        pool: AgentControllerPool,
+        verifier: AgentVerifier,
+        token: str | None,
+        heartbeat: float,
+    ) -> None:
         self._pool = pool
+        self._verifier = verifier
         self._token = token
         self._heartbeat = heartbeat
         self._sockets: set[web.WebSocketResponse] = set()
@@ -61,11 +77,32 @@ class AgentSocket:
         agent: AgentController | None = None
         session = 0
         reason = "its connection closed"
+        verifying: asyncio.Task[None] | None = None
+        budget = FrameBudget(
+            protocol.STATUS_FRAMES_PER_SECOND,
+            protocol.STATUS_FRAME_BURST,
+            protocol.STATUS_FLOOD_SECONDS,
+        )
         try:
             agent, session = await self._register(request, socket)
             if agent is None:
                 return socket
+            verifying = asyncio.create_task(
+                self._verifier.verify(agent, session), name=f"verify {agent.id}"
+            )
             async for frame in socket:
+                if (wait := budget.take()) > 0:
+                    # Reading nothing meanwhile lets TCP push back on the agent.
+                    await asyncio.sleep(wait)
+                    if budget.flooding():
+                        await self._refuse(
+                            socket,
+                            request,
+                            f"more than {protocol.STATUS_FRAMES_PER_SECOND:g} frames per second "
+                            f"for {protocol.STATUS_FLOOD_SECONDS:g}s",
+                            hang_up=True,
+                        )
+                        break
                 if frame.type is not WSMsgType.TEXT:
                     if frame.type is WSMsgType.ERROR:
                         reason = f"its connection failed: {socket.exception()!r}"
@@ -89,6 +126,11 @@ class AgentSocket:
                     break
             return socket
         finally:
+            if verifying is not None:
+                verifying.cancel()
+                await asyncio.wait([verifying])
+                if not verifying.cancelled() and (failure := verifying.exception()) is not None:
+                    log.error("verifying %s failed", verifying.get_name(), exc_info=failure)
             self._sockets.discard(socket)
             if agent is not None:
                 self._pool.remove(agent, session, reason)
@@ -128,11 +170,26 @@ class AgentSocket:
         return agent, session
 
     async def _refuse(
-        self, socket: web.WebSocketResponse, request: web.Request, message: str
+        self,
+        socket: web.WebSocketResponse,
+        request: web.Request,
+        message: str,
+        *,
+        hang_up: bool = False,
     ) -> None:
+        """Send ``error`` and close with 1008. With ``hang_up``, read nothing more first.
+
+        A close waits for the agent's own close frame, reading what comes before it; behind a
+        flood that is megabytes of frames, parsed on the loop. So for a flooder the connection
+        is closed as soon as our close frame is written.
+        """
         log.warning("refused agent message from %s: %s", request.remote, message)
         if not socket.closed:
             await socket.send_str(protocol.encode(protocol.Error(message=message)))
+            if hang_up and request.transport is not None:
+                # Runs once close() has written its frame and waits to read: transport.close()
+                # still flushes what was written, and stops reading.
+                asyncio.get_running_loop().call_soon(request.transport.close)
             await socket.close(code=_POLICY_VIOLATION, message=message[:120].encode())
 
     async def close_all(self) -> None:

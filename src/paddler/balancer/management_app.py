@@ -3,7 +3,9 @@
 - ``GET /health``: 200 ``{"status": "ok"}`` while the balancer runs (use it for liveness and
   readiness probes: the balancer can buffer requests even with no agent, which is how a fleet
   scales up from zero);
-- ``GET /api/v1/agents``: every agent, its address, slots, state, error and last report;
+- ``GET /api/v1/agents``: every agent, its address, slots, state, error and last report, and
+  whether the balancer verified its address (``verified``; ``verification`` says why not, or what
+  bounds its slots; an unverified agent counts no slot);
 - ``GET /api/v1/stats``: requests, errors, buffered requests and slots, second by second, over
   the last ten minutes (see ``stats_history`` for the contract);
 - ``GET /dashboard``: a live web view of all that, when the dashboard is enabled
@@ -91,6 +93,8 @@ class ManagementApp:
                         "last_report_at": now - agent.last_report_age,
                         "last_report_age_seconds": round(agent.last_report_age, 3),
                         "registered_at": agent.registered_at,
+                        "verified": agent.verified,
+                        "verification": agent.verification,
                     }
                     for agent in fleet.agents
                 ],

@@ -57,7 +57,7 @@ class FleetCollector:
         )
         yield _gauge(
             "paddler_agents_usable",
-            "Agents that can take requests: llama.cpp is ok and the circuit is closed.",
+            "Agents that can take requests: verified, llama.cpp ok and the circuit closed.",
             fleet.usable_agents,
         )
         yield _gauge("paddler_slots", "llama.cpp slots on usable agents.", fleet.slots_total)
@@ -84,13 +84,13 @@ class FleetCollector:
             ),
             "usable": GaugeMetricFamily(
                 "paddler_agent_usable",
-                "1 if the agent can take requests (llama.cpp ok, circuit closed), else 0.",
+                "1 if the agent can take requests (verified, llama.cpp ok, circuit closed), else 0.",
                 labels=_AGENT_LABELS,
             ),
         }
         for agent in fleet.agents:
             labels = [agent.name, agent.url, ",".join(agent.models)]
-            usable = agent.state == LlamaCppState.OK and not agent.circuit_open
+            usable = agent.verified and agent.state == LlamaCppState.OK and not agent.circuit_open
             per_agent["slots"].add_metric(labels, agent.slots_total)
             per_agent["idle"].add_metric(labels, agent.slots_idle)
             per_agent["processing"].add_metric(labels, agent.slots_processing)

@@ -20,6 +20,7 @@ from opentelemetry.trace import TracerProvider
 from paddler import __version__
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
+from paddler.balancer.agent_verifier import AgentVerifier
 from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.autoscaling import AutoscalingRoute
 from paddler.balancer.management_app import ManagementApp
@@ -87,7 +88,6 @@ class Balancer:
 
     async def run(self, shutdown: asyncio.Event) -> None:
         config = self.config
-        socket = AgentSocket(self.pool, config.management_token, heartbeat=config.agent_stale_after)
         async with (
             Upstream(
                 connect_timeout=config.upstream_connect_timeout,
@@ -99,6 +99,15 @@ class Balancer:
             ) as upstream,
             TraitsReader() as traits,
         ):
+            verifier = AgentVerifier(
+                self.pool,
+                upstream,
+                max_slots=config.max_slots_per_agent,
+                api_key=config.llamacpp_api_key,
+            )
+            socket = AgentSocket(
+                self.pool, verifier, config.management_token, heartbeat=config.agent_stale_after
+            )
             proxy_app = ReverseProxy(
                 config, self.pool, self.buffer, upstream, self.observers, traits, self.api_keys
             ).app()

@@ -230,6 +230,25 @@ class Upstream:
             f"{agent.name} sent no response within {self.read_timeout:g}s (--upstream-read-timeout)"
         )
 
+    async def fetch(
+        self, url: str, headers: Mapping[str, str], *, timeout: float, limit: int
+    ) -> tuple[int, bytes]:
+        """GET ``url`` for the balancer itself (checking a server, not relaying a client).
+
+        Returns the status and the body. The whole exchange takes at most ``timeout`` seconds
+        (raises ``TimeoutError``); a body beyond ``limit`` bytes raises ``ValueError``;
+        ``aiohttp.ClientError`` and ``OSError`` pass through. The connection is not pooled.
+        """
+        assert self._fresh is not None, "use as a context manager"
+        async with asyncio.timeout(timeout):
+            async with self._fresh.get(url, headers=headers, allow_redirects=False) as response:
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > limit:
+                        raise ValueError(f"its answer is larger than {limit} bytes")
+                return response.status, bytes(body)
+
     async def _request(
         self,
         session: aiohttp.ClientSession,

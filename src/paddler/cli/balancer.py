@@ -166,7 +166,7 @@ from paddler.config import BalancerConfig
 @option(
     "--llamacpp-api-key",
     default=None,
-    help="API key of the llama.cpp servers; the balancer sends it to them (replacing the client's)",
+    help="API key of the llama.cpp servers; the balancer sends it to them (replacing the client's), and uses it to read their /props.",
 )
 @option(
     "--reverseproxy-tls-cert",
@@ -199,6 +199,12 @@ from paddler.config import BalancerConfig
     type=click.FloatRange(0, 1, min_open=True),
     default=0.8,
     help="Share of slots that the autoscaling advice (GET /api/v1/autoscaling on the management port) aims to keep busy.",
+)
+@option(
+    "--max-slots-per-agent",
+    type=click.IntRange(1),
+    default=256,
+    help="Most slots counted for one llama.cpp server whose /props the balancer cannot read; otherwise its /props total_slots bounds them.",
 )
 @routing_options
 @logging_options

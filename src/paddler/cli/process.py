@@ -17,7 +17,33 @@ from typing import Any
 
 import click
 
+from paddler.safe_text import escape_unprintable
+
 log = logging.getLogger("paddler")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Text log lines that nothing logged can break or forge.
+
+    A request path (aiohttp decodes ``%0a``), a request id, a model name or an agent's error
+    reaches log messages; a newline in one would start a line that looks like the balancer's
+    own, and a terminal escape would rewrite the operator's screen. So each record's line is
+    escaped whole, and a traceback is indented under its record, so that only a record starts
+    a line.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_unprintable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + escape_unprintable(line) for line in text.splitlines())
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
@@ -32,7 +58,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

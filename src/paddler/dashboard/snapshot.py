@@ -30,11 +30,14 @@ class AgentView:
     slots_total: int
     circuit_open: bool
     last_report_age: float
+    verified: bool = True
+    """False until the balancer reached the agent's address (older balancers do not say)."""
+    verification: str | None = None
 
     @property
     def usable(self) -> bool:
         """Whether the balancer sends requests here at all (the same rule as its pool's)."""
-        return self.state == "ok" and not self.circuit_open
+        return self.verified and self.state == "ok" and not self.circuit_open
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ def _parse_agent(item: Mapping[str, Any], where: str) -> AgentView:
     error = item.get("error")
     if error is not None and not isinstance(error, str):
         raise InvalidAnswer(f"{where}error should be a string or null, got {error!r}")
+    verification = item.get("verification")
+    if verification is not None and not isinstance(verification, str):
+        raise InvalidAnswer(f"{where}verification should be a string or null, got {verification!r}")
     models = _field(item, "models", list, where)
     if not all(isinstance(model, str) for model in models):
         raise InvalidAnswer(f"{where}models should be a list of strings, got {models!r}")
@@ -145,6 +151,8 @@ def _parse_agent(item: Mapping[str, Any], where: str) -> AgentView:
         slots_total=_count(item, "slots_total", where),
         circuit_open=_field(item, "circuit_open", bool, where),
         last_report_age=_number(item, "last_report_age_seconds", where),
+        verified=_field(item, "verified", bool, where) if "verified" in item else True,
+        verification=verification,
     )
 
 

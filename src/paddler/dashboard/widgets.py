@@ -10,6 +10,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Label, Sparkline, Static
 
 from paddler.dashboard.snapshot import AgentView, FleetView, Stats
+from paddler.safe_text import escape_unprintable
 
 
 def format_age(seconds: float) -> str:
@@ -154,10 +155,11 @@ class AgentTable(DataTable[Text | str]):
 
 
 def agent_cells(agent: AgentView) -> tuple[Text | str, ...]:
+    # Text, never str: the table would parse a str as markup, and an agent chose these.
     return (
-        agent.name,
-        agent.url,
-        ", ".join(agent.models) or "—",
+        shown(agent.name),
+        shown(agent.url),
+        shown(", ".join(agent.models) or "—"),
         str(agent.slots_idle),
         str(agent.slots_processing),
         str(agent.slots_total),
@@ -167,8 +169,17 @@ def agent_cells(agent: AgentView) -> tuple[Text | str, ...]:
     )
 
 
+def shown(text: str, style: str = "") -> Text:
+    """Text an agent sent, as plain text: no markup, and no control character reaches the
+    terminal."""
+    return Text(escape_unprintable(text), style=style)
+
+
 def describe_state(agent: AgentView) -> Text:
+    if not agent.verified:
+        reason = agent.verification or "the balancer has not reached it yet"
+        return shown(f"unverified: {reason}", style="yellow")
     if agent.state == "ok":
         return Text("ok", style="green")
     text = agent.state if agent.error is None else f"{agent.state}: {agent.error}"
-    return Text(text, style="yellow" if agent.state == "loading" else "red")
+    return shown(text, style="yellow" if agent.state == "loading" else "red")

@@ -58,7 +58,9 @@
 
   function renderTotals(fleet, stats) {
     const agents = fleet.agents;
-    const usable = agents.filter((agent) => agent.state === "ok" && !agent.circuit_open);
+    const usable = agents.filter(
+      (agent) => agent.verified !== false && agent.state === "ok" && !agent.circuit_open,
+    );
     const total = fleet.slots_idle + fleet.slots_processing;
     setText("agents-usable", usable.length);
     setText("agents-total", agents.length);
@@ -154,11 +156,14 @@
     );
     cells.inFlight.textContent = String(agent.requests_in_flight);
 
-    const state = agent.state;
+    // Until the balancer has reached the agent's address itself, its slots count for nothing.
+    const unverified = agent.verified === false;
+    const state = unverified ? "unverified" : agent.state;
+    const detail = unverified ? agent.verification : agent.error;
     cells.state.textContent = state.replace("_", " ");
     cells.state.className = `badge ${state === "ok" ? "ok" : BAD_STATES.has(state) ? "bad" : "loading"}`;
-    cells.error.textContent = agent.error || "";
-    cells.error.hidden = !agent.error;
+    cells.error.textContent = detail || "";
+    cells.error.hidden = !detail;
 
     cells.circuit.textContent = agent.circuit_open ? "open" : "closed";
     cells.circuit.className = `badge ${agent.circuit_open ? "open" : ""}`;
