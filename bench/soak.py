@@ -9,7 +9,8 @@ on the tiny model, 4 slots each; see ``soak_cluster``), then for ``--duration`` 
 - ``--clients`` closed-loop chat clients, streaming and not (``soak_load.chat_client``), with a
   per-read client timeout of ``--hang-after`` seconds as the hang detector;
 - every ``--chaos-every`` seconds, in turn: SIGKILL of one agent's llama.cpp (the agent restarts
-  it), or SIGKILL of one agent (the benchmark restarts it);
+  it), SIGKILL of one agent (the benchmark restarts it), or SIGSTOP of one llama.cpp for
+  ``FREEZE_SECONDS`` (then SIGCONT): a frozen server, whose streams must end, not hang;
 - every ``--storm-every`` seconds, a disconnect storm: ``--storm-size`` streams cancelled
   mid-answer;
 - a slowloris of ``--slowloris`` connections trickling a request head on the proxy port;
@@ -43,12 +44,14 @@ from bench.cpu import process_seconds
 from bench.environment import hardware
 from bench.routing_report import replace_section
 from bench.runner import run, say
-from bench.soak_cluster import AGENT_FLAGS, BALANCER_FLAGS, HOST, SLOTS, SoakCluster
+from bench.soak_cluster import AGENT_FLAGS, API_KEY, BALANCER_FLAGS, HOST, SLOTS, SoakCluster
 from bench.soak_load import Tally, chat_client, disconnect_storm, slowloris
 
 BEGIN = "<!-- soak:begin -->"
 END = "<!-- soak:end -->"
 ROOT = Path(__file__).resolve().parents[1]
+FREEZE_SECONDS = 8.0
+"""How long a frozen llama.cpp stays stopped: longer than the agent takes to call it unreachable."""
 SAMPLE_EVERY = 2.0
 SETTLE_TIMEOUT = 30.0
 
@@ -73,6 +76,7 @@ class Findings:
     cpu_seconds: float = 0.0
     backend_kills: int = 0
     agent_kills: int = 0
+    freezes: int = 0
     storms: int = 0
     slowloris_open_at_end: int = 0
     settled_after: float | None = None
@@ -108,14 +112,17 @@ async def chaos(
             return
         names = sorted(cluster.agents)
         name = names[turn // 2 % len(names)]
-        if turn % 2 == 0:
+        if turn % 3 == 0:
             if cluster.kill_llamacpp(name):
                 found.backend_kills += 1
                 say(f"soak: killed llama.cpp of {name}")
-        else:
+        elif turn % 3 == 1:
             await cluster.kill_agent(name)
             found.agent_kills += 1
             say(f"soak: killed and restarted agent {name}")
+        elif await cluster.freeze_llamacpp(name, FREEZE_SECONDS):
+            found.freezes += 1
+            say(f"soak: froze llama.cpp of {name} for {FREEZE_SECONDS:g} s")
         turn += 1
 
 
@@ -164,7 +171,8 @@ async def benchmark(options: Options, output: Path | None, workdir: Path, stamp:
     found = Findings()
     cluster = SoakCluster(workdir, options.servers)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         try:
             await cluster.start(session)
             say(f"soak: cluster ready, load for {options.duration:g} s")
@@ -268,7 +276,8 @@ def section(
 the tiny model ({SLOTS} slots each; `{" ".join(AGENT_FLAGS)}`). For {options.duration:g} s:
 {options.clients} closed-loop chat clients (60 % streaming, 8 to 64 tokens), a client-side read
 timeout of {options.hang_after:g} s as the hang detector; every {options.chaos_every:g} s in turn
-a SIGKILL of one llama.cpp (its agent restarts it) or of one agent (restarted by the benchmark);
+a SIGKILL of one llama.cpp (its agent restarts it), a SIGKILL of one agent (restarted by the
+benchmark), or a SIGSTOP of one llama.cpp for {FREEZE_SECONDS:g} s;
 every {options.storm_every:g} s a storm of {options.storm_size} streams cancelled mid-answer; and
 {options.slowloris} connections trickling a request head on the proxy port, one byte every 3 s.
 
@@ -277,7 +286,7 @@ every {options.storm_every:g} s a storm of {options.storm_size} streams cancelle
 | requests served | {served} ({tally.served["stream"]} streaming, {tally.served["plain"]} not); latency {latency} |
 | errors, by what the client saw | {errors} |
 | hung clients (no byte for {options.hang_after:g} s) | {tally.hung} |
-| chaos | {found.backend_kills} llama.cpp killed, {found.agent_kills} agents killed ({restarts} restarted) |
+| chaos | {found.backend_kills} llama.cpp killed, {found.agent_kills} agents killed ({restarts} restarted), {found.freezes} llama.cpp frozen for {FREEZE_SECONDS:g} s |
 | disconnect storms | {found.storms} storms, {tally.cancelled} streams cancelled mid-answer |
 | slowloris | {tally.slowloris_opened} opened ({tally.slowloris_refused} refused); {closed_text}; {found.slowloris_open_at_end} still open at the end |
 | leaked reservations after the load | {found.leaked_in_flight} in flight, {found.leaked_processing} slots processing in `/api/v1/agents`, {found.llamacpp_busy_slots} busy in llama.cpp's `/slots`; {settled} |

@@ -27,9 +27,12 @@ from paddler.tiny_model import ensure_tiny_model
 
 HOST = "127.0.0.1"
 SLOTS = 4
+API_KEY = "soak-client-key"
+"""The clients' key: the soak runs with client authentication on, as production would."""
 BALANCER_FLAGS: tuple[str, ...] = (
     "--request-buffer-size=200",
     "--request-buffer-timeout=20",
+    f"--api-key={API_KEY}",
 )
 """Beyond the ports: what the soak's balancer runs with."""
 AGENT_FLAGS: tuple[str, ...] = (
@@ -140,6 +143,22 @@ class SoakCluster:
             return False
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        return True
+
+    async def freeze_llamacpp(self, name: str, seconds: float) -> bool:
+        """SIGSTOP the agent's llama.cpp for ``seconds``, then SIGCONT it (always)."""
+        pid = self.llamacpp_pid(name)
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return False
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         return True
 
     async def kill_agent(self, name: str) -> None:
