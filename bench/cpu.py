@@ -23,6 +23,12 @@ def process_seconds(pid: int) -> float:
     return sum(_own_seconds(member) for member in _tree(pid))
 
 
+def own_and_tree_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds of ``pid`` alone, and of it with its running children."""
+    own = _own_seconds(pid)
+    return own, own + sum(_own_seconds(member) for member in _tree(pid)[1:])
+
+
 def client_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

@@ -281,26 +281,8 @@ async def test_a_sigterm_deregisters_the_agent(
 def test_nothing_is_left_running() -> None:
     """No llama.cpp or agent child outlives the tests above."""
     own = os.getpid()
-    children = [
-        pid
-        for pid in os.listdir("/proc")
-        if pid.isdigit() and _parent_of(int(pid)) == own and not _multiprocessing_helper(int(pid))
-    ]
+    children = [pid for pid in os.listdir("/proc") if pid.isdigit() and _parent_of(int(pid)) == own]
     assert children == []
-
-
-def _multiprocessing_helper(pid: int) -> bool:
-    """The forkserver and resource tracker that the balancer's traits worker leaves: they live
-    as long as this process (and end with it), as multiprocessing intends."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            arguments = cmdline.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return (
-        b"multiprocessing.forkserver" in arguments
-        or b"multiprocessing.resource_tracker" in arguments
-    )
 
 
 def _parent_of(pid: int) -> int:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import multiprocessing
 import os
 import signal
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 
 from paddler.balancer.request_traits import NO_TRAITS, RequestTraits, inspect
 from paddler.balancer.traits_reader import TraitsReader
+from tests.support.balancer import wait_until
 from tests.unit.test_request_traits_properties import DOCUMENT, PATHS
 
 CHAT = "/v1/chat/completions"
@@ -50,24 +50,52 @@ async def test_the_worker_reads_every_body_as_the_event_loop_does(
 async def test_small_bodies_are_read_on_the_event_loop() -> None:
     """Under the inline limit no worker is asked: a dead worker does not matter to them."""
     async with TraitsReader() as reader:
-        kill_worker()
+        await kill_worker(reader)
         traits = await reader.read("POST", CHAT, {}, chat_body("m"))
     assert traits == RequestTraits(model="m", prompt="user\x1fhi\x1e", prompt_chars=8)
 
 
-async def test_a_dead_worker_costs_its_request_the_traits_and_is_replaced(
+async def test_a_worker_lost_mid_body_costs_that_request_the_traits_and_is_replaced(
     worker_only: TraitsReader,
 ) -> None:
     """A body the worker was lost on yields no traits (llama.cpp gets it unchanged); the next
     body is read by a new worker."""
     assert (await worker_only.read("POST", CHAT, {}, chat_body("first"))).model == "first"
-    kill_worker()
-    assert await worker_only.read("POST", CHAT, {}, chat_body("lost")) == NO_TRAITS
+    pid = worker_only.worker_pid
+    assert pid is not None
+    # 15 MB of empty arrays, the slowest JSON to parse: the worker is still at it when killed.
+    large = json.dumps({"messages": [[]] * 5_000_000, "model": "lost"}).encode()
+    reading = asyncio.create_task(worker_only.read("POST", CHAT, {}, large))
+    await wait_until(lambda: bytes_read(pid) >= len(large))
+    os.kill(pid, signal.SIGKILL)
+    assert await reading == NO_TRAITS
     assert (await worker_only.read("POST", CHAT, {}, chat_body("next"))).model == "next"
+    assert worker_only.worker_pid not in (None, pid)
 
 
-def kill_worker() -> None:
-    workers: list[Any] = multiprocessing.active_children()
-    assert len(workers) == 1, workers
-    os.kill(workers[0].pid, signal.SIGKILL)
-    workers[0].join()
+async def test_a_worker_that_died_between_bodies_costs_nothing(worker_only: TraitsReader) -> None:
+    """A worker found dead when a body comes is replaced before that body is sent."""
+    await kill_worker(worker_only)
+    assert (await worker_only.read("POST", CHAT, {}, chat_body("m"))).model == "m"
+
+
+def bytes_read(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as io:
+        fields = dict(line.split(": ") for line in io.read().splitlines())
+    return int(fields["rchar"])
+
+
+async def kill_worker(reader: TraitsReader) -> None:
+    """SIGKILL the reader's worker process and wait until it is dead."""
+    pid = reader.worker_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: not running(pid))
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

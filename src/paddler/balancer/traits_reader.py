@@ -20,43 +20,65 @@ the parser holds the GIL. The choices, measured:
   top-level ``"model"`` means walking every byte outside and inside strings; in Python that is an
   event per token (10 M for such a body, seconds of CPU), and ``raw_decode`` per element is
   unbounded again for one huge element. Rejected.
-- *A worker process* (``ProcessPoolExecutor``, one worker): the loop's share is handing the body
-  over (pickled by the executor's feeder thread, about 0.6 ms per MB) and receiving the traits,
-  which are small because the prompt is cut to ``PROMPT_CHARS``. A 16 MB body of small objects:
-  the longest pause of a 1 ms ticker on the loop was 18 ms for one body and 5 ms with four in
-  the queue, where inline parsing paused it 450 ms per body. A round trip costs about 1.5 ms.
+- *A worker process*: the loop's share is handing the body over and receiving the traits, which
+  are small because the prompt is cut to ``PROMPT_CHARS``. First measured with
+  ``ProcessPoolExecutor``: a 30 MB body's longest stall of a concurrent stream went from 1.3 s
+  to 35 ms, but the executor pickles the whole body in its feeder thread, which holds the GIL
+  for 15-20 ms per 30 MB, and its workers outlive a balancer killed with SIGKILL (they wait on a
+  queue whose write end they hold themselves; the forkserver and resource tracker stay too).
+  So the worker is a plain child process (``traits_worker``), fed through a pipe in
+  ``PIECE_BYTES`` slices: the loop never copies more than a slice at once, and the worker ends
+  when the pipe does, however the balancer ends.
 - Inline, under ``INLINE_BYTES``: at the worst rate above, 64 KiB parse in under 3 ms, cheaper
-  than the round trip to the worker, and nearly every request is that small.
+  than the round trip to the worker (about 1 ms), and nearly every request is that small.
 
 Chosen: inline under ``INLINE_BYTES``, the worker above. Through a real balancer
-(``./scripts/bench large-bodies``, load 3 on 2 cores), a concurrent stream's longest stall was
-35 ms with one 30 MB body (1.3-1.5 s before) and 150-180 ms with four at once (4-5 s before).
-What remains is whole-body copies: the pickle in the executor's feeder thread, which holds the
-GIL for 15-20 ms per 30 MB, and the join of the body's chunks. Writing the body to a worker's
-pipe in pieces (a plain subprocess instead of ``ProcessPoolExecutor``) would remove the first. The worker is started (forkserver,
-or spawn where there is none: never fork, the balancer has threads) when the reader is entered,
-and stopped when it is left. If it dies (killed, out of memory), the requests it had get no
-traits, exactly as a body that is not JSON, and go on to llama.cpp unchanged; a new worker is
-started for the next one. Its queue needs no bound of its own: every body waiting in it belongs
-to a request that holds it against ``--request-body-memory`` (a cancelled request's body leaves
-the queue, unless the worker already took it).
+(``./scripts/bench large-bodies --rounds 5``, load 1.5 on 2 cores), a concurrent stream's longest
+stall, median of 5 rounds: 16 ms with one 30 MB body (35 ms with ``ProcessPoolExecutor``, 1.3 s
+inline) and 74-79 ms with four at once (150-180 ms, 4-5 s). What is left is the balancer's share
+of moving 4 x 30 MB through its sockets (about 130 ms of CPU per body, in slices) while the
+worker's parse takes the other core. The worker reads one body at a time, in order. A request
+cancelled while its body waits for the worker is dropped from the queue; one cancelled while its
+body is being written lets the write finish (the frames must stay whole) and its answer is
+discarded. If the worker dies (killed, out of memory), the request it had gets no traits,
+exactly as a body that is not JSON, and goes on to llama.cpp unchanged; a new worker is started
+for the next one. The queue needs no bound of its own: every body waiting in it belongs to a
+request that holds it against ``--request-body-memory``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
-import multiprocessing
+import sys
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
 from paddler.balancer.request_traits import NO_TRAITS, RequestTraits, inspect
+from paddler.balancer.traits_worker import ANSWER_HEAD, REQUEST_HEAD
 
 log = logging.getLogger(__name__)
 
 INLINE_BYTES = 64 * 1024
 """Bodies up to this size are read on the event loop (under 3 ms at the worst rate measured)."""
+PIECE_BYTES = 256 * 1024
+"""The most of a body written to the worker's pipe at once."""
+ANSWER_LIMIT = 16 * 1024 * 1024
+"""Largest answer accepted from the worker (a capped prompt, JSON-escaped, is far smaller)."""
+STOP_TIMEOUT = 5.0
+
+
+@dataclass
+class _Job:
+    method: str
+    path: str
+    model: str | None
+    body: bytes
+    abandoned: bool = False
+    sent: bool = False
+    """Whether the worker took any of this job (then it is not sent again)."""
 
 
 class TraitsReader:
@@ -64,18 +86,30 @@ class TraitsReader:
 
     def __init__(self, inline_bytes: int = INLINE_BYTES) -> None:
         self._inline_bytes = inline_bytes
-        self._worker: ProcessPoolExecutor | None = None
+        self._worker: asyncio.subprocess.Process | None = None
+        self._turn = asyncio.Lock()
+        self._exchanges: set[asyncio.Task[RequestTraits]] = set()
+        self._open = False
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker's process id, while one runs."""
+        return self._worker.pid if self._worker is not None else None
 
     async def __aenter__(self) -> TraitsReader:
-        self._worker = _new_worker()
-        # Starting the first process also starts the forkserver, and waits for it: not on the loop.
-        await asyncio.to_thread(_wait_until_started, self._worker)
+        self._open = True
+        self._worker = await _start_worker()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self._open = False
+        for exchange in list(self._exchanges):
+            exchange.cancel()
+        if self._exchanges:
+            await asyncio.gather(*self._exchanges, return_exceptions=True)
         worker, self._worker = self._worker, None
         if worker is not None:
-            await asyncio.to_thread(worker.shutdown, wait=True, cancel_futures=True)
+            await _stop_worker(worker)
 
     async def read(
         self, method: str, path: str, query: Mapping[str, str], body: bytes
@@ -83,29 +117,76 @@ class TraitsReader:
         """What ``request_traits.inspect`` says of the request, never holding the loop long."""
         if len(body) <= self._inline_bytes or method != "POST":
             return inspect(method, path, query, body)
-        worker = self._worker
-        assert worker is not None, "use as an async context manager"
-        model = query.get("model")
+        assert self._open, "use as an async context manager"
+        job = _Job(method, path, query.get("model") or None, body)
+        exchange = asyncio.create_task(self._exchange(job))
+        self._exchanges.add(exchange)
+        exchange.add_done_callback(self._exchanges.discard)
         try:
-            return await asyncio.wrap_future(
-                worker.submit(inspect, method, path, {"model": model} if model else {}, body)
-            )
-        except BrokenProcessPool:
-            if self._worker is worker:
-                log.warning("the request-traits worker died; starting a new one")
-                worker.shutdown(wait=False, cancel_futures=True)
-                # Its process starts with the next body: a fork of the running forkserver.
-                self._worker = _new_worker()
+            # Shielded: a frame half written must be finished, whoever stopped waiting for it.
+            return await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            job.abandoned = True
+            raise
+
+    async def _exchange(self, job: _Job) -> RequestTraits:
+        async with self._turn:
+            for _ in range(2):
+                if job.abandoned:
+                    return NO_TRAITS
+                worker = self._worker
+                if worker is None or worker.returncode is not None:
+                    worker = self._worker = await _start_worker()
+                try:
+                    return await _ask(worker, job)
+                except (ConnectionError, asyncio.IncompleteReadError, ValueError) as error:
+                    log.warning(
+                        "the request-traits worker failed (%s); starting a new one",
+                        error or type(error).__name__,
+                    )
+                    if self._worker is worker:
+                        self._worker = None
+                    await _stop_worker(worker)
+                    if job.sent:
+                        return NO_TRAITS
+                    # It was dead before it got any of this body: the next one reads it.
             return NO_TRAITS
-        except MemoryError:
-            return NO_TRAITS
+
+async def _ask(worker: asyncio.subprocess.Process, job: _Job) -> RequestTraits:
+    assert worker.stdin is not None and worker.stdout is not None
+    header = json.dumps({"method": job.method, "path": job.path, "model": job.model}).encode()
+    worker.stdin.write(REQUEST_HEAD.pack(len(header), len(job.body)) + header)
+    body = memoryview(job.body)
+    for start in range(0, len(body), PIECE_BYTES):
+        worker.stdin.write(body[start : start + PIECE_BYTES])
+        await worker.stdin.drain()
+        job.sent = True
+    del body
+    job.body = b""
+    (size,) = ANSWER_HEAD.unpack(await worker.stdout.readexactly(ANSWER_HEAD.size))
+    if size > ANSWER_LIMIT:
+        raise ValueError(f"an answer of {size} bytes")
+    answer = json.loads(await worker.stdout.readexactly(size))
+    return RequestTraits(**answer)
 
 
-def _new_worker() -> ProcessPoolExecutor:
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    return ProcessPoolExecutor(max_workers=1, mp_context=context)
+async def _start_worker() -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "paddler.balancer.traits_worker",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
 
 
-def _wait_until_started(worker: ProcessPoolExecutor) -> None:
-    worker.submit(inspect, "GET", "/", {}, b"").result()
+async def _stop_worker(worker: asyncio.subprocess.Process) -> None:
+    """End of its stdin ends the worker; a worker that does not go is killed."""
+    if worker.stdin is not None:
+        worker.stdin.close()
+    try:
+        await asyncio.wait_for(worker.wait(), STOP_TIMEOUT)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            worker.kill()
+        await worker.wait()
