@@ -152,6 +152,7 @@ class TraitsReader:
                     # It was dead before it got any of this body: the next one reads it.
             return NO_TRAITS
 
+
 async def _ask(worker: asyncio.subprocess.Process, job: _Job) -> RequestTraits:
     assert worker.stdin is not None and worker.stdout is not None
     header = json.dumps({"method": job.method, "path": job.path, "model": job.model}).encode()
