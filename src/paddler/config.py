@@ -72,6 +72,10 @@ class BalancerConfig:
     routing: str = "prefix"
     prefix_index_memory: int = 64 * 1024 * 1024
     allow_unknown_models: bool = False
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 30.0
+    client_keepalive_timeout: float = 75.0
+    max_client_connections: int = 2048
 
     def validate(self) -> None:
         """Refuse configurations that would be unsafe or meaningless."""
@@ -95,6 +99,11 @@ class BalancerConfig:
             raise ValueError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}")
         if self.prefix_index_memory < 0:
             raise ValueError("--prefix-index-memory must be 0 or more")
+        for name in ("client_header_timeout", "client_body_timeout", "client_keepalive_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_client_connections < 1:
+            raise ValueError("--max-client-connections must be 1 or more")
         if any(character in self.statsd_prefix for character in ":|@# \t\n"):
             raise ValueError("--statsd-prefix may not contain ':', '|', '@', '#' or whitespace")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from paddler import __version__
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
 from paddler.balancer.autoscaling import AutoscalingRoute
+from paddler.balancer.client_connections import ClientConnections, ClientConnectionsSite
 from paddler.balancer.management_app import ManagementApp
 from paddler.balancer.observers import Observers
 from paddler.balancer.prometheus_metrics import PrometheusMetrics
@@ -96,23 +98,39 @@ class Balancer:
                 await socket.close_all()
 
             management_app.on_shutdown.append(close_sockets)
-            management = web.AppRunner(management_app, access_log=None, handle_signals=False)
+            proxy_connections = ClientConnections(
+                "reverseproxy", config.client_header_timeout, config.max_client_connections
+            )
+            management_connections = ClientConnections("management", config.client_header_timeout)
+            # First, so that every request an app answers tells its connection's guard.
+            proxy_app.middlewares.insert(0, proxy_connections.middleware)
+            management_app.middlewares.insert(0, management_connections.middleware)
+            management = web.AppRunner(
+                management_app,
+                access_log=None,
+                handle_signals=False,
+                keepalive_timeout=config.client_keepalive_timeout,
+            )
             proxy = web.AppRunner(
                 proxy_app,
                 access_log=None,
                 handle_signals=False,
                 handler_cancellation=True,
                 shutdown_timeout=config.shutdown_drain_timeout,
+                keepalive_timeout=config.client_keepalive_timeout,
             )
             await management.setup()
             try:
                 await proxy.setup()
                 try:
                     self.management_port = await _listen(
-                        management, config.management_host, config.management_port
+                        management,
+                        config.management_host,
+                        config.management_port,
+                        management_connections,
                     )
                     self.reverseproxy_port = await _listen(
-                        proxy, config.reverseproxy_host, config.reverseproxy_port
+                        proxy, config.reverseproxy_host, config.reverseproxy_port, proxy_connections
                     )
                     self._announce("management", config.management_host, self.management_port)
                     self._announce("reverseproxy", config.reverseproxy_host, self.reverseproxy_port)
@@ -157,8 +175,15 @@ class Balancer:
             self._on_listening(role, port)
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
-    site = web.TCPSite(runner, host, port)
+async def _listen(
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    connections: ClientConnections,
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
+    """Open the port; return the port bound (the one chosen, for port 0)."""
+    site = ClientConnectionsSite(runner, host, port, connections, ssl_context)
     try:
         await site.start()
     except OSError as error:
