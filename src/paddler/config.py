@@ -83,6 +83,11 @@ class BalancerConfig:
     management_tls_cert: Path | None = None
     management_tls_key: Path | None = None
 
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 30.0
+    client_keepalive_timeout: float = 75.0
+    max_client_connections: int = 2048
+
     @property
     def reverseproxy_scheme(self) -> str:
         return "https" if self.reverseproxy_tls_cert is not None else "http"
@@ -126,6 +131,11 @@ class BalancerConfig:
             raise ValueError("--prefix-index-memory must be 0 or more")
         if self.max_slots_per_agent < 1:
             raise ValueError("--max-slots-per-agent must be 1 or more")
+        for name in ("client_header_timeout", "client_body_timeout", "client_keepalive_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_client_connections < 1:
+            raise ValueError("--max-client-connections must be 1 or more")
         if any(character in self.statsd_prefix for character in ":|@# \t\n"):
             raise ValueError("--statsd-prefix may not contain ':', '|', '@', '#' or whitespace")
 

@@ -46,6 +46,14 @@ def out_of_body_memory(limit: int) -> ApiError:
     )
 
 
+def body_stalled(timeout: float) -> ApiError:
+    return ApiError(
+        408,
+        f"no part of the request body arrived for {timeout:g}s (--client-body-timeout)",
+        "invalid_request_error",
+    )
+
+
 def upstream_failed(detail: str) -> ApiError:
     return ApiError(502, f"the llama.cpp server failed: {detail}", "server_error")
 

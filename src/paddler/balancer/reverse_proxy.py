@@ -133,7 +133,11 @@ class ReverseProxy:
                 body = await self._read_body(request)
             except errors.ApiError as error:
                 record.outcome = Outcome.REFUSED
-                return self._refuse(record, error)
+                response = self._refuse(record, error)
+                if error.status == 408:
+                    log.info("request %s: %s", record.id, error.message)
+                    response.force_close()  # the rest of the body may never come
+                return response
             try:
                 traits = await self._traits.read(request.method, request.path, request.query, body)
                 model = traits.model
@@ -330,14 +334,27 @@ class ReverseProxy:
         return response
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body, within the per-request limit and the balancer's memory budget."""
+        """The whole body, within the per-request limit and the balancer's memory budget.
+
+        Each chunk must arrive within ``client_body_timeout`` of the one before (of the head,
+        for the first), or the request is refused with 408.
+        """
         limit = self._config.max_request_body_size
+        idle = self._config.client_body_timeout
         if request.content_length is not None and request.content_length > limit:
             raise errors.body_too_large(limit)
         chunks: list[bytes] = []
         taken = 0
+        content = request.content
         try:
-            async for chunk in request.content.iter_any():
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    raise errors.body_stalled(idle) from None
+                if not chunk:
+                    break
                 if taken + len(chunk) > limit:
                     raise errors.body_too_large(limit)
                 if not self._budget.take(len(chunk)):

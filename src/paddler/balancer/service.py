@@ -23,6 +23,7 @@ from paddler.balancer.agent_socket import AgentSocket
 from paddler.balancer.agent_verifier import AgentVerifier
 from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.autoscaling import AutoscalingRoute
+from paddler.balancer.client_connections import ClientConnections, ClientConnectionsSite
 from paddler.balancer.management_app import ManagementApp
 from paddler.balancer.observers import Observers
 from paddler.balancer.prometheus_metrics import PrometheusMetrics
@@ -126,13 +127,26 @@ class Balancer:
                 await socket.close_all()
 
             management_app.on_shutdown.append(close_sockets)
-            management = web.AppRunner(management_app, access_log=None, handle_signals=False)
+            proxy_connections = ClientConnections(
+                "reverseproxy", config.client_header_timeout, config.max_client_connections
+            )
+            management_connections = ClientConnections("management", config.client_header_timeout)
+            # First, so that every request an app answers tells its connection's guard.
+            proxy_app.middlewares.insert(0, proxy_connections.middleware)
+            management_app.middlewares.insert(0, management_connections.middleware)
+            management = web.AppRunner(
+                management_app,
+                access_log=None,
+                handle_signals=False,
+                keepalive_timeout=config.client_keepalive_timeout,
+            )
             proxy = web.AppRunner(
                 proxy_app,
                 access_log=None,
                 handle_signals=False,
                 handler_cancellation=True,
                 shutdown_timeout=config.shutdown_drain_timeout,
+                keepalive_timeout=config.client_keepalive_timeout,
             )
             await management.setup()
             try:
@@ -142,10 +156,15 @@ class Balancer:
                         management,
                         config.management_host,
                         config.management_port,
+                        management_connections,
                         self._management_tls,
                     )
                     self.reverseproxy_port = await _listen(
-                        proxy, config.reverseproxy_host, config.reverseproxy_port, self._proxy_tls
+                        proxy,
+                        config.reverseproxy_host,
+                        config.reverseproxy_port,
+                        proxy_connections,
+                        self._proxy_tls,
                     )
                     self._announce("management", config.management_host, self.management_port)
                     self._announce("reverseproxy", config.reverseproxy_host, self.reverseproxy_port)
@@ -230,9 +249,14 @@ def server_tls(config: BalancerConfig) -> tuple[ssl.SSLContext | None, ssl.SSLCo
 
 
 async def _listen(
-    runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    connections: ClientConnections,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    """Open the port; return the port bound (the one chosen, for port 0)."""
+    site = ClientConnectionsSite(runner, host, port, connections, ssl_context)
     try:
         await site.start()
     except OSError as error:

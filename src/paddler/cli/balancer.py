@@ -19,7 +19,13 @@ from paddler.cli.options import (
     option,
     routing_options,
 )
-from paddler.cli.process import configure_logging, notify, resolve_host, run_until_signalled
+from paddler.cli.process import (
+    configure_logging,
+    notify,
+    raise_open_file_limit,
+    resolve_host,
+    run_until_signalled,
+)
 from paddler.config import BalancerConfig
 
 
@@ -195,6 +201,30 @@ from paddler.config import BalancerConfig
     help="PEM private key of --management-tls-cert.",
 )
 @option(
+    "--client-header-timeout",
+    type=DURATION,
+    default="10s",
+    help="Close a client connection whose request head has not arrived this long after the connection opened (after the TLS handshake, which has as long again), or, on a kept-alive connection, after the first byte of the next request. Applies to both ports; a request being answered, a stream or an agent's WebSocket is never cut.",
+)
+@option(
+    "--client-body-timeout",
+    type=DURATION,
+    default="30s",
+    help="Answer 408 to a request whose body sends nothing for this long between two chunks.",
+)
+@option(
+    "--client-keepalive-timeout",
+    type=DURATION,
+    default="75s",
+    help="Close a kept-alive client connection (either port) that starts no new request for this long.",
+)
+@option(
+    "--max-client-connections",
+    type=click.IntRange(1),
+    default=2048,
+    help="Most client connections open on the proxy port at once; past it, a new connection is answered 503 with Connection: close. The balancer raises its open-file limit (RLIMIT_NOFILE) to the hard limit, so that this cap, not running out of file descriptors, is what bites; keep the hard limit (ulimit -Hn) above this plus the agents and upstream connections.",
+)
+@option(
     "--autoscaling-target-utilization",
     type=click.FloatRange(0, 1, min_open=True),
     default=0.8,
@@ -241,6 +271,7 @@ def balancer(
     except (ApiKeyError, TlsError) as error:
         raise click.ClickException(str(error)) from None
 
+    raise_open_file_limit(config.max_client_connections)
     from paddler.telemetry import provider_from_environment
 
     try:

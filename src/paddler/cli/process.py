@@ -74,6 +74,34 @@ def resolve_host(host: str) -> str:
         raise click.ClickException(str(error)) from None
 
 
+def raise_open_file_limit(wanted: int) -> None:
+    """Raise the soft limit on open files to the hard limit, and warn if ``wanted`` won't fit.
+
+    The default soft limit (often 1024) would make the balancer run out of file descriptors
+    (EMFILE, and asyncio stops accepting for a second) before ``--max-client-connections``
+    bites. Raising the soft limit up to the hard one needs no privilege.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, error)
+    # Each client connection is one descriptor; keep room for agents, upstreams and logs.
+    if soft != resource.RLIM_INFINITY and soft < wanted + 256:
+        log.warning(
+            "the open-file limit is %d, not above --max-client-connections %d by 256: the "
+            "balancer may run out of file descriptors before the cap is reached "
+            "(raise the hard limit: ulimit -Hn, or LimitNOFILE= under systemd)",
+            soft,
+            wanted,
+        )
+
+
 def run_until_signalled(
     main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
     fatal: tuple[type[Exception], ...] = (),
