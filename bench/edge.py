@@ -41,6 +41,7 @@ import aiohttp
 from bench import edge_checks
 from bench.edge_checks import Cap, FloodRound, Frozen, Keys, Rogue, Slowloris
 from bench.environment import hardware
+from bench.large_bodies import serving, stream_or_answer
 from bench.routing_report import replace_section
 from bench.runner import run, say
 from bench.soak_cluster import SoakCluster
@@ -81,9 +82,12 @@ async def benchmark(output: Path | None, workdir: Path, rounds: int) -> int:
             agents = (await cluster.agents_json(session))["agents"]
             llamacpp_port = edge_checks.host_port(agents[0]["url"])[1]
             flood = []
-            for _ in range(rounds):
-                flood.append(await edge_checks.status_flood(cluster, llamacpp_port, FRAMES))
-                say(f"flood: {flood[-1]}")
+            # The flooder claims a server of its own: at a real agent's address it would take
+            # that agent's place, and the real agent's reconnection would end the flood at once.
+            async with serving(stream_or_answer) as flooded_port:
+                for _ in range(rounds):
+                    flood.append(await edge_checks.status_flood(cluster, flooded_port, FRAMES))
+                    say(f"flood: {flood[-1]}")
             say(f"slowloris for {SLOWLORIS_AFTER:g} s")
             loris = await edge_checks.slowloris_under_load(
                 session, cluster.proxy, SLOWLORIS, SLOWLORIS_AFTER, SILENT_MAX
