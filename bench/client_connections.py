@@ -83,16 +83,27 @@ async def slowloris(
         for writer in writers:
             writer.close()
 
-        reader, writer = await asyncio.open_connection(host, port)
-        opened = time.monotonic()
-        try:
-            async with asyncio.timeout(silent_max):
-                await reader.read()
-            lifetime = f"{time.monotonic() - opened:.1f}s"
-        except TimeoutError:
-            lifetime = f"more than {silent_max:g}s (still open)"
-        writer.close()
+        seconds = await silent_lifetime(host, port, silent_max)
+        lifetime = (
+            f"more than {silent_max:g}s (still open)" if seconds is None else f"{seconds:.1f}s"
+        )
         print(f"a connection that sent nothing stayed open {lifetime}")
+
+
+async def silent_lifetime(host: str, port: int, silent_max: float) -> float | None:
+    """Seconds until the balancer closes a connection that sends nothing; None past
+    ``silent_max``."""
+    reader, writer = await asyncio.open_connection(host, port)
+    opened = time.monotonic()
+    try:
+        async with asyncio.timeout(silent_max):
+            with contextlib.suppress(ConnectionError):
+                await reader.read()
+        return time.monotonic() - opened
+    except TimeoutError:
+        return None
+    finally:
+        writer.close()
 
 
 async def _closed(reader: asyncio.StreamReader) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from bench.processes import free_port, spawn, stop
-from paddler.tiny_model import ensure_tiny_model
+from paddler.tiny_model import TinyModelShape, ensure_tiny_model
 
 HOST = "127.0.0.1"
 SLOTS = 4
@@ -44,7 +44,9 @@ AGENT_FLAGS: tuple[str, ...] = (
 """Beyond the name, model and ports: what each agent runs with."""
 
 
-def balancer_argv(proxy_port: int, management_port: int) -> list[str]:
+def balancer_argv(
+    proxy_port: int, management_port: int, flags: tuple[str, ...] = BALANCER_FLAGS
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -54,11 +56,13 @@ def balancer_argv(proxy_port: int, management_port: int) -> list[str]:
         f"--management-port={management_port}",
         f"--reverseproxy-host={HOST}",
         f"--reverseproxy-port={proxy_port}",
-        *BALANCER_FLAGS,
+        *flags,
     ]
 
 
-def agent_argv(name: str, model: Path, management_port: int) -> list[str]:
+def agent_argv(
+    name: str, model: Path, management_port: int, flags: tuple[str, ...] = AGENT_FLAGS
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -69,7 +73,7 @@ def agent_argv(name: str, model: Path, management_port: int) -> list[str]:
         "--local-llamacpp-port=0",
         f"--management-host={HOST}",
         f"--management-port={management_port}",
-        *AGENT_FLAGS,
+        *flags,
     ]
 
 
@@ -83,6 +87,10 @@ class SoakCluster:
     agents: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     model: Path | None = None
     restarts: int = 0
+    balancer_flags: tuple[str, ...] = BALANCER_FLAGS
+    agent_flags: tuple[str, ...] = AGENT_FLAGS
+    model_shape: TinyModelShape | None = None
+    """The generated model's shape (default: ``ensure_tiny_model``'s)."""
 
     @property
     def proxy(self) -> str:
@@ -98,9 +106,9 @@ class SoakCluster:
         return self.balancer.pid
 
     async def start(self, session: aiohttp.ClientSession) -> None:
-        self.model = await asyncio.to_thread(ensure_tiny_model)
+        self.model = await asyncio.to_thread(ensure_tiny_model, self.model_shape)
         self.balancer = await spawn(
-            *balancer_argv(self.proxy_port, self.management_port),
+            *balancer_argv(self.proxy_port, self.management_port, self.balancer_flags),
             log_path=self.workdir / "balancer.log",
         )
         for index in range(1, self.servers + 1):
@@ -110,7 +118,7 @@ class SoakCluster:
     async def start_agent(self, name: str) -> None:
         assert self.model is not None
         self.agents[name] = await spawn(
-            *agent_argv(name, self.model, self.management_port),
+            *agent_argv(name, self.model, self.management_port, self.agent_flags),
             log_path=self.workdir / f"agent-{name}.log",
         )
 

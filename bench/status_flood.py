@@ -83,6 +83,21 @@ async def measure(frames: int) -> None:
     running = asyncio.create_task(balancer.run(shutdown))
     await balancer.ready.wait()
     management = f"http://127.0.0.1:{balancer.management_port}"
+    latencies, ending = await health_during_flood(management, port, frames)
+    shutdown.set()
+    await running
+    await runner.cleanup()
+    print(
+        f"{frames} frames, {ending}; /health over {len(latencies)} "
+        f"requests: longest {latencies[-1] * 1000:.1f} ms, "
+        f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms, "
+        f"median {statistics.median(latencies) * 1000:.2f} ms"
+    )
+
+
+async def health_during_flood(management: str, port: int, frames: int) -> tuple[list[float], str]:
+    """Flood ``management`` from a child process (an agent for the server on ``port``) while
+    asking for ``/health``; return the latencies, sorted, and the flooder's closing line."""
     flooder = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -105,16 +120,8 @@ async def measure(frames: int) -> None:
             latencies.append(time.perf_counter() - started)
             await asyncio.sleep(0.005)
     await flooder.wait()
-    shutdown.set()
-    await running
-    await runner.cleanup()
     latencies.sort()
-    print(
-        f"{frames} frames, {(await ended).decode().strip()}; /health over {len(latencies)} "
-        f"requests: longest {latencies[-1] * 1000:.1f} ms, "
-        f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms, "
-        f"median {statistics.median(latencies) * 1000:.2f} ms"
-    )
+    return latencies, (await ended).decode().strip()
 
 
 if __name__ == "__main__":
