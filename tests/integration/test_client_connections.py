@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from paddler.balancer.service import MANAGEMENT_CONNECTION_HEADROOM
 from tests.support.balancer import RunningBalancer, ScriptedAgent, ok, running_balancer
 from tests.support.logs import watching
 from tests.support.upstream import fake_upstream
@@ -241,6 +242,30 @@ async def test_connections_over_the_cap_get_503_and_cost_no_memory_and_service_r
                 async with session.post(
                     running.proxy_url + "/completion", json={"prompt": "hi"}
                 ) as response:
+                    if response.status == 200:
+                        break
+                    assert response.status == 503
+
+
+async def test_the_management_port_caps_connections_at_one_per_agent_plus_headroom(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Past --max-agents plus the headroom, a management connection gets a JSON 503 naming the
+    cap, and the port serves again once connections close."""
+    async with balancer(max_agents=4, client_header_timeout=60) as running:
+        cap = 4 + MANAGEMENT_CONNECTION_HEADROOM
+        held = [await connect(running.management_url) for _ in range(cap)]
+        reader, writer = await connect(running.management_url)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: balancer\r\n\r\n")
+        async with asyncio.timeout(10):
+            status, headers, body = await read_response(reader)
+        assert (status, headers["connection"]) == (503, "close")
+        assert "--max-agents 4" in json.loads(body)["error"]["message"]
+        for _, held_writer in held:
+            held_writer.close()
+        async with asyncio.timeout(10):
+            while True:
+                async with session.get(running.management_url + "/health") as response:
                     if response.status == 200:
                         break
                     assert response.status == 503

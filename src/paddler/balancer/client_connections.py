@@ -58,13 +58,13 @@ connections over the cap must not hold file descriptors for the linger as well."
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _canned_503(max_connections: int) -> bytes:
+def _canned_503(max_connections: int, why: str) -> bytes:
     body = json.dumps(
         {
             "error": {
                 "code": 503,
-                "message": f"the balancer already has {max_connections} client connections "
-                "open (--max-client-connections); retry shortly",
+                "message": f"the balancer already has {max_connections} connections open on "
+                f"this port ({why}); retry shortly",
                 "type": "unavailable_error",
             }
         }
@@ -82,12 +82,15 @@ def _canned_503(max_connections: int) -> bytes:
 class ClientConnections:
     """The connections of one port: how many are open, and the rules each one lives by.
 
-    ``max_connections=None``: no cap (the management port, whose agents are bounded by
-    ``--max-agents``).
+    ``max_connections=None``: no cap. ``cap_reason`` names what sets the cap, for the 503.
     """
 
     def __init__(
-        self, port_name: str, header_timeout: float, max_connections: int | None = None
+        self,
+        port_name: str,
+        header_timeout: float,
+        max_connections: int | None = None,
+        cap_reason: str = "--max-client-connections",
     ) -> None:
         self.port_name = port_name
         self.header_timeout = header_timeout
@@ -96,7 +99,9 @@ class ClientConnections:
         self.refused = 0
         self.head_timeouts = 0
         self._lingering_refusals = 0
-        self._refusal = _canned_503(max_connections) if max_connections is not None else b""
+        self._refusal = (
+            _canned_503(max_connections, cap_reason) if max_connections is not None else b""
+        )
         self._guards: dict[RequestHandler, _Guard] = {}
         self._unlogged: dict[str, int] = {}
 

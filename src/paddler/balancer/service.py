@@ -43,6 +43,10 @@ from paddler.tls import server_context
 log = logging.getLogger(__name__)
 
 
+MANAGEMENT_CONNECTION_HEADROOM = 256
+"""Connections the management port accepts beyond one per agent (``--max-agents``)."""
+
+
 class ListenFailed(Exception):
     """A port could not be opened: taken by another process, or not an address of this host."""
 
@@ -130,7 +134,14 @@ class Balancer:
             proxy_connections = ClientConnections(
                 "reverseproxy", config.client_header_timeout, config.max_client_connections
             )
-            management_connections = ClientConnections("management", config.client_header_timeout)
+            # Every agent holds one connection; the headroom is for the API, the dashboards and
+            # agents reconnecting while their old socket is still being closed.
+            management_connections = ClientConnections(
+                "management",
+                config.client_header_timeout,
+                config.max_agents + MANAGEMENT_CONNECTION_HEADROOM,
+                f"--max-agents {config.max_agents} + {MANAGEMENT_CONNECTION_HEADROOM}",
+            )
             # First, so that every request an app answers tells its connection's guard.
             proxy_app.middlewares.insert(0, proxy_connections.middleware)
             management_app.middlewares.insert(0, management_connections.middleware)
