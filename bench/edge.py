@@ -8,7 +8,8 @@ tiny model (2 slots each), and measures, in order:
 
 1. a frozen backend: two streams on one server, SIGSTOP of its llama.cpp (SIGCONT always
    follows): seconds until both clients got the SSE error event, who serves a new request
-   meanwhile, and whether the server serves again after SIGCONT;
+   meanwhile, and whether the server serves again after SIGCONT; then the same with its agent
+   frozen too (a paused host, which no report will call unreachable);
 2. a rogue registration (``127.0.0.1:1``, 60,000 idle slots): ``/health``, the autoscaling
    advice and the Prometheus capacity; and whether hosts with ``:`` or NUL and a name with a
    newline and ESC are refused;
@@ -75,6 +76,9 @@ async def benchmark(output: Path | None, workdir: Path, rounds: int) -> int:
             say("cluster ready; freezing a llama.cpp")
             frozen = await edge_checks.frozen_backend(session, cluster)
             say(f"frozen: {frozen}")
+            await edge_checks.settled(session, cluster, idle=4)
+            host = await edge_checks.frozen_backend(session, cluster, with_agent=True)
+            say(f"frozen host: {host}")
             # The cancelled streams end in llama.cpp a moment later.
             await edge_checks.settled(session, cluster, idle=4)
             rogue = await edge_checks.rogue_registration(session, cluster)
@@ -99,7 +103,9 @@ async def benchmark(output: Path | None, workdir: Path, rounds: int) -> int:
             say(f"keys: {keys}")
         finally:
             await cluster.stop()
-    text = section(frozen, rogue, flood, loris, cap, keys, load_before, time.monotonic() - started)
+    text = section(
+        frozen, host, rogue, flood, loris, cap, keys, load_before, time.monotonic() - started
+    )
     print(text, flush=True)
     if output is not None:
         write_section(output, text)
@@ -131,6 +137,7 @@ def _flood_cell(rounds: list[FloodRound], measure: str) -> str:
 
 def section(
     frozen: Frozen,
+    host: Frozen,
     rogue: Rogue,
     flood: list[FloodRound],
     loris: Slowloris,
@@ -141,6 +148,7 @@ def section(
 ) -> str:
     machine = hardware(load_before)
     errors = ", ".join(f"{seconds:.1f} s" for seconds in frozen.error_seconds) or "none"
+    host_errors = ", ".join(f"{seconds:.1f} s" for seconds in host.error_seconds) or "none"
     before, after = rogue.before, rogue.after
     silent = (
         f"closed after {loris.silent_lifetime:.1f} s"
@@ -168,6 +176,13 @@ def section(
             "",
             f"usable again after {frozen.usable_again_seconds or 0:.1f} s; took "
             f"{frozen.thawed_served} of 4 concurrent streams",
+        ),
+        (
+            "frozen host: the same with its agent SIGSTOPped too, each client's error event after",
+            "not measured (the read timeout: 10 min)",
+            f"{host_errors} ({len(host.error_seconds)} of {host.clients} clients); a new request "
+            f"meanwhile: {host.meanwhile}; usable again {host.usable_again_seconds or 0:.1f} s "
+            "after SIGCONT",
         ),
         (
             f"slowloris: of {loris.connections} connections trickling a byte every 3 s, "

@@ -66,8 +66,11 @@ class Frozen:
     """Of 4 concurrent streams after SIGCONT, how many the thawed server took."""
 
 
-async def frozen_backend(session: aiohttp.ClientSession, cluster: SoakCluster) -> Frozen:
-    """Two streams on one server, SIGSTOP of its llama.cpp, and SIGCONT (always)."""
+async def frozen_backend(
+    session: aiohttp.ClientSession, cluster: SoakCluster, *, with_agent: bool = False
+) -> Frozen:
+    """Two streams on one server, SIGSTOP of its llama.cpp (``with_agent``: and of its agent, a
+    frozen host), and SIGCONT (always)."""
     found = Frozen()
     proxy = cluster.proxy
     running = {
@@ -77,7 +80,8 @@ async def frozen_backend(session: aiohttp.ClientSession, cluster: SoakCluster) -
     async with asyncio.timeout(30):
         await asyncio.gather(*(s.started.wait() for s in running))
     names = sorted(cluster.agents)
-    name = next(n for n in names if sum(s.agent == n for s in running) == 2)
+    # Two streams each, normally; the server with the most is frozen, whatever happened.
+    name = max(names, key=lambda n: sum(s.agent == n for s in running))
     other = next(n for n in names if n != name)
     victims = [s for s in running if s.agent == name]
     for stream, task in running.items():
@@ -85,7 +89,9 @@ async def frozen_backend(session: aiohttp.ClientSession, cluster: SoakCluster) -
             task.cancel()
     pid = cluster.llamacpp_pid(name)
     assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
+    pids = [pid, cluster.agents[name].pid] if with_agent else [pid]
+    for each in pids:
+        os.kill(each, signal.SIGSTOP)
     frozen_at = time.monotonic()
     try:
         with contextlib.suppress(TimeoutError):
@@ -100,7 +106,8 @@ async def frozen_backend(session: aiohttp.ClientSession, cluster: SoakCluster) -
             found.meanwhile = f"{response.status} from {served_by}"
             found.served_elsewhere = response.status == 200 and served_by == other
     finally:
-        os.kill(pid, signal.SIGCONT)
+        for each in pids:
+            os.kill(each, signal.SIGCONT)
         thawed_at = time.monotonic()
         for task in running.values():
             task.cancel()
@@ -108,8 +115,14 @@ async def frozen_backend(session: aiohttp.ClientSession, cluster: SoakCluster) -
     async with asyncio.timeout(60):
         while True:
             agents = (await cluster.agents_json(session))["agents"]
-            agent = next(a for a in agents if a["name"] == name)
-            if agent["state"] == "ok" and not agent["circuit_open"] and agent["slots_idle"] == 2:
+            # A frozen host's agent was removed: it is listed again once it re-registered.
+            agent = next((a for a in agents if a["name"] == name), None)
+            if (
+                agent is not None
+                and agent["state"] == "ok"
+                and not agent["circuit_open"]
+                and agent["slots_idle"] == 2
+            ):
                 break
             await asyncio.sleep(0.1)
     found.usable_again_seconds = time.monotonic() - thawed_at

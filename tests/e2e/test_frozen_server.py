@@ -137,3 +137,45 @@ async def test_a_frozen_server_ends_its_streams_and_serves_again_once_it_thaws(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_host_that_freezes_with_its_agent_ends_its_streams_once_they_stall(
+    session: aiohttp.ClientSession, slow_model: Path
+) -> None:
+    """SIGSTOP of a llama.cpp and of its agent (a paused host: no report will ever say
+    unreachable): once the agent is removed for silence and the streams receive nothing for as
+    long again, both clients get the SSE error event, not minutes of nothing; new requests go
+    to the other server, and after SIGCONT the host serves again."""
+    stale_after = 3.0
+    async with fleet(
+        2, slots=2, model=slow_model, circuit_breaker_cooldown=0.5, agent_stale_after=stale_after
+    ) as cluster:
+        proxy = cluster.balancer.proxy_url
+        name, running = await streams_on_one_server(session, cluster)
+        (other,) = (n for n in cluster.names if n != name)
+        victims = [stream for stream in running if stream.agent == name]
+        agent_process = cluster.agents[cluster.names.index(name)]
+        async with frozen(agent_process.pid), frozen(cluster.server(name).pid) as frozen_at:
+            for stream, task in running.items():
+                if stream not in victims:
+                    task.cancel()
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(running[stream] for stream in victims))
+            for stream in victims:
+                assert stream.error is not None, stream.events[-1:]
+                message = str(stream.error["error"]["message"])  # type: ignore[index]
+                assert f"{name} stopped reporting and its llama.cpp sent nothing" in message
+                assert stream.ended_at is not None
+                assert stream.ended_at - frozen_at < 20
+            async with session.get(f"{proxy}/health") as response:
+                health = await response.json()
+            assert (health["slots_processing"], health["slots_idle"]) == (0, 2)
+            body = {"prompt": "hi", "max_tokens": 4}
+            async with session.post(f"{proxy}/v1/completions", json=body) as response:
+                assert response.status == 200
+                assert response.headers["X-Paddler-Agent"] == other
+        pool = cluster.balancer.pool
+        await wait_until(
+            lambda: any(agent.name == name and agent.usable() for agent in pool.agents()),
+            timeout=30,
+        )

@@ -337,8 +337,8 @@ def test_a_guard_aborted_before_its_action_is_attached_runs_it_when_attached(
 def test_agents_that_stop_reporting_or_load_leave_their_requests_running(
     pool: AgentControllerPool, clock: Clock
 ) -> None:
-    """Only an unreachable report aborts: a stale agent's removal, a takeover by a new session
-    or a loading report say nothing of the requests llama.cpp is serving."""
+    """An unreachable report aborts at once; a stale agent's removal, a takeover by a new
+    session or a loading report say nothing, at once, of the requests llama.cpp is serving."""
     quiet, _ = join(pool, "quiet", address(1), status(idle=1))
     loading, session = join(pool, "loading", address(2), status(idle=1))
     guards = [pool.reserve(quiet, Demand(True)), pool.reserve(loading, Demand(True))]
@@ -351,6 +351,68 @@ def test_agents_that_stop_reporting_or_load_leave_their_requests_running(
     pool.sweep(stale_after=5)
     assert reasons == []
     assert all(guard.aborted is None for guard in guards)
+
+
+def test_a_silent_agents_requests_that_receive_nothing_are_ended_and_flowing_ones_run_on(
+    pool: AgentControllerPool, clock: Clock
+) -> None:
+    """After a removal for silence, a request that receives no byte for another stale_after
+    (before its headers, or mid-stream) is aborted; one whose bytes keep coming is not."""
+    agent, _ = join(pool, "frozen", address(1), status(idle=3))
+    waiting, stalled, flowing = (pool.reserve(agent, Demand(True)) for _ in range(3))
+    received = {"stalled": 10, "flowing": 10}
+    stalled.progress = lambda: received["stalled"]
+    flowing.progress = lambda: received["flowing"]
+    reasons: dict[str, str] = {}
+    for name, guard in (("waiting", waiting), ("stalled", stalled), ("flowing", flowing)):
+        guard.on_abort(lambda reason, name=name: reasons.setdefault(name, reason))
+    clock.now += 6
+    pool.sweep(stale_after=5)  # removed: watching starts
+    assert agent.removed and reasons == {}
+    for _ in range(6):
+        clock.now += 1
+        received["flowing"] += 100
+        pool.sweep(stale_after=5)
+    assert sorted(reasons) == ["stalled", "waiting"]
+    assert reasons["stalled"] == "frozen stopped reporting and its llama.cpp sent nothing for 5s"
+    assert flowing.aborted is None
+    for guard in (waiting, stalled, flowing):
+        guard.release()
+    assert (agent.in_flight, agent.reserved) == (0, 0)
+
+
+def test_requests_of_an_agent_that_left_by_closing_its_socket_are_not_watched(
+    pool: AgentControllerPool, clock: Clock
+) -> None:
+    """A socket that closes (an agent restarted) is no sign of a frozen host: a request waiting
+    for a long answer there is never aborted for its silence."""
+    agent, session = join(pool, "restarted", address(1), status(idle=1))
+    guard = pool.reserve(agent, Demand(True))
+    pool.remove(agent, session, "its connection closed")
+    for _ in range(20):
+        clock.now += 1
+        pool.sweep(stale_after=5)
+    assert guard.aborted is None
+    guard.release()
+
+
+def test_an_agent_back_at_its_address_proves_its_old_requests_alive(
+    pool: AgentControllerPool, clock: Clock
+) -> None:
+    """A silent agent that registers again (its host was only slow) leaves the requests of its
+    earlier session running, whatever they receive."""
+    agent, _ = join(pool, "slow", address(1), status(idle=1))
+    guard = pool.reserve(agent, Demand(True))
+    clock.now += 6
+    pool.sweep(stale_after=5)
+    assert agent.removed
+    clock.now += 1
+    join(pool, "slow", address(1), status(idle=1))
+    for _ in range(20):
+        clock.now += 1
+        pool.sweep(stale_after=5)
+    assert guard.aborted is None
+    guard.release()
 
 
 def test_a_reconnecting_agent_that_reports_unreachable_aborts_its_requests(

@@ -12,7 +12,8 @@ Membership policy (documented in docs/membership.md):
   slots and models are not counted, and no request is sent there. A re-registration at a known address keeps
   what was verified.
 - Removal only stops new requests: requests already running on that server hold a reference to
-  its controller and finish normally; their release is then a no-op for the fleet.
+  its controller and finish normally; their release is then a no-op for the fleet. After a
+  removal for silence, those that stop receiving bytes are ended (see ``silent_servers``).
 - A report that llama.cpp became ``unreachable`` is the one signal that the server itself is gone
   (a silent or disconnected agent may leave it serving): the requests running there are ended at
   once, by aborting their guards (see ``slot_guard``). Those still waiting for response headers go
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 
 from paddler.balancer.agent_controller import AgentController, AgentSnapshot
 from paddler.balancer.routing import Demand, RoutingPolicy, SlotsPolicy
+from paddler.balancer.silent_servers import SilentServers
 from paddler.balancer.slot_guard import SlotGuard
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
@@ -94,6 +96,7 @@ class AgentControllerPool:
         self._max_agents = max_agents
         self.clock = clock
         self._next_session = 0
+        self._silent = SilentServers()
         self._capacity_listeners: list[Callable[[], None]] = []
         self._circuit_listeners: list[Callable[[AgentController], None]] = []
 
@@ -103,6 +106,7 @@ class AgentControllerPool:
         """Add an agent, or take over the one at the same address; return it and the session."""
         now = self.clock()
         self._next_session += 1
+        self._silent.alive(address.url)
         agent = self._agents.get(address.url)
         if agent is None:
             if len(self._agents) >= self._max_agents:
@@ -262,11 +266,14 @@ class AgentControllerPool:
         return True
 
     def sweep(self, stale_after: float) -> None:
-        """Remove agents that stopped reporting and expire settling slots."""
+        """Remove agents that stopped reporting, end what is stuck on them (see
+        ``silent_servers``), and expire settling slots."""
         now = self.clock()
         for agent in list(self._agents.values()):
             if now - agent.last_report_at > stale_after:
                 self.remove(agent, None, f"no report for {now - agent.last_report_at:.1f}s")
+                self._silent.watch(agent)
+        self._silent.check(now, stale_after)
         if any([agent.expire_settling(now) for agent in self._agents.values()]):
             self._capacity_changed()
 

@@ -201,6 +201,7 @@ class ReverseProxy:
                     continue
                 # From now on an abort (the agent reports llama.cpp gone) fails the next read.
                 guard.on_abort(functools.partial(interrupt, upstream))
+                guard.progress = functools.partial(getattr, upstream.content, "total_bytes")
                 status = upstream.status
                 if status == NOT_IMPLEMENTED and demand.route is not None:
                     self._pool.lacks_route(agent, demand.route)

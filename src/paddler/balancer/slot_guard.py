@@ -35,6 +35,7 @@ class SlotGuard:
         "aborted",
         "agent",
         "holds_slot",
+        "progress",
         "reserved_at",
     )
 
@@ -53,6 +54,10 @@ class SlotGuard:
         self._abort_action: Callable[[str], None] | None = None
         self.aborted: str | None = None
         """Why the guard was aborted, once it was."""
+        self.progress: Callable[[], int] | None = None
+        """How many response bytes the request has received so far (set by the proxy once the
+        response headers arrived); read only to find requests stuck on a silent server (see
+        ``silent_servers``)."""
 
     @property
     def released(self) -> bool:
