@@ -155,3 +155,20 @@ async def test_health_and_cors_preflights_need_no_key_and_model_listing_does(
         ) as models:
             assert models.status == 200
     assert [request.method for request in seen] == ["OPTIONS"]
+
+
+async def test_refused_requests_are_counted_in_prometheus_by_route(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Each 401 is a paddler_requests_total sample with outcome="unauthorized", so that a
+    client with a stale key shows on a dashboard, not only in the log."""
+    async with running_balancer(api_keys=(CLIENT_KEY,)) as running:
+        for _ in range(2):
+            async with session.post(f"{running.proxy_url}/v1/chat/completions", data=b"{}") as r:
+                assert r.status == 401
+        async with session.get(f"{running.management_url}/metrics") as response:
+            text = await response.text()
+    assert (
+        'paddler_requests_total{outcome="unauthorized",route="/v1/chat/completions",'
+        'status="401"} 2.0'
+    ) in text

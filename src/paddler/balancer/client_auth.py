@@ -11,6 +11,7 @@ how the key was presented, never the key.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -35,9 +36,11 @@ def _how_presented(request: web.Request) -> str:
     return "no API key"
 
 
-def client_auth(keys: ApiKeys) -> Middleware:
+def client_auth(
+    keys: ApiKeys, on_refused: Callable[[web.Request], None] | None = None
+) -> Middleware:
     """The middleware that lets through only requests with one of ``keys`` (read at each
-    request, so that a reload applies at once)."""
+    request, so that a reload applies at once); ``on_refused`` hears of each 401."""
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -45,6 +48,8 @@ def client_auth(keys: ApiKeys) -> Middleware:
             return await handler(request)
         key_id = keys.check(presented_key(request.headers))
         if key_id is None:
+            if on_refused is not None:
+                on_refused(request)
             return _refuse(request)
         request[KEY_ID] = key_id
         return await handler(request)

@@ -33,6 +33,7 @@ class Outcome(StrEnum):
     BUFFER_TIMEOUT = "buffer_timeout"
     REFUSED = "refused"  # bad input: body too large, out of body memory
     SHUTTING_DOWN = "shutting_down"
+    UNAUTHORIZED = "unauthorized"  # no valid client key: answered 401 before anything else
 
 
 _FINE_OUTCOMES = frozenset({Outcome.COMPLETED, Outcome.CLIENT_GONE})
@@ -109,6 +110,9 @@ class Observer:
 
     def request_finished(self, record: RequestRecord) -> None: ...
 
+    def unauthorized(self, path: str) -> None:
+        """A request without a valid client key got 401 (it has no record: it never started)."""
+
 
 class Observers(Observer):
     """Fans every hook out to each observer; one that raises is logged, not propagated."""
@@ -154,6 +158,10 @@ class Observers(Observer):
     def request_finished(self, record: RequestRecord) -> None:
         for observer in self._observers:
             _safely(observer.request_finished, record)
+
+    def unauthorized(self, path: str) -> None:
+        for observer in self._observers:
+            _safely(observer.unauthorized, path)
 
 
 def _safely(hook: object, *arguments: object) -> None:

@@ -29,6 +29,7 @@ from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.observers import Observer, Outcome, RequestRecord
 from paddler.balancer.request_buffer import RequestBuffer
+from paddler.balancer.routes import route_label
 from paddler.balancer.routing import PrefixPolicy, RoutingPolicy
 from paddler.protocol import LlamaCppState
 
@@ -288,6 +289,9 @@ class PrometheusMetrics(Observer):
             self._buffer_wait.labels(record.route).observe(record.buffer_wait)
         if record.duration is not None:
             self._duration.labels(record.route).observe(record.duration)
+
+    def unauthorized(self, path: str) -> None:
+        self._requests.labels(route_label(path), "401", Outcome.UNAUTHORIZED.value).inc()
 
     def _circuit_opened(self, agent: AgentController) -> None:
         self._circuit_openings.inc()

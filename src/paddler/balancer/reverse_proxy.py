@@ -94,7 +94,9 @@ class ReverseProxy:
         keys = self._api_keys
         app = web.Application(
             client_max_size=self._config.max_request_body_size,
-            middlewares=[client_auth(keys)] if keys is not None and keys.enabled else [],
+            middlewares=[client_auth(keys, self._unauthorized)]
+            if keys is not None and keys.enabled
+            else [],
         )
         app.router.add_get("/health", self.health)
         listing = ModelListing(self._pool)
@@ -102,6 +104,9 @@ class ReverseProxy:
             app.router.add_get(path, listing.handle)
         app.router.add_route("*", "/{tail:.*}", self.forward)
         return app
+
+    def _unauthorized(self, request: web.Request) -> None:
+        self._observers.unauthorized(request.path)
 
     async def health(self, request: web.Request) -> web.Response:
         """Aggregate slots of usable agents; 503 while no agent can serve a request."""
