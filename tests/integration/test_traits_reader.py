@@ -55,22 +55,41 @@ async def test_small_bodies_are_read_on_the_event_loop() -> None:
     assert traits == RequestTraits(model="m", prompt="user\x1fhi\x1e", prompt_chars=8)
 
 
-async def test_a_worker_lost_mid_body_costs_that_request_the_traits_and_is_replaced(
+# 15 MB of empty arrays, the slowest JSON to parse: a worker is still at it when killed.
+SLOW_BODY = json.dumps({"messages": [[]] * 5_000_000, "model": "slow"}).encode()
+
+
+async def kill_while_parsing(reader: TraitsReader, not_pid: int | None = None) -> int:
+    """SIGKILL the reader's worker (one other than ``not_pid``) once it has read the slow
+    body; return its pid."""
+    await wait_until(lambda: reader.worker_pid not in (None, not_pid))
+    pid = reader.worker_pid
+    assert pid is not None
+    await wait_until(lambda: bytes_read(pid) >= len(SLOW_BODY))
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+async def test_a_worker_lost_mid_body_is_replaced_and_the_body_read_again(
     worker_only: TraitsReader,
 ) -> None:
-    """A body the worker was lost on yields no traits (llama.cpp gets it unchanged); the next
-    body is read by a new worker."""
+    """A new worker reads the body the first one died on; later bodies go to it."""
     assert (await worker_only.read("POST", CHAT, {}, chat_body("first"))).model == "first"
-    pid = worker_only.worker_pid
-    assert pid is not None
-    # 15 MB of empty arrays, the slowest JSON to parse: the worker is still at it when killed.
-    large = json.dumps({"messages": [[]] * 5_000_000, "model": "lost"}).encode()
-    reading = asyncio.create_task(worker_only.read("POST", CHAT, {}, large))
-    await wait_until(lambda: bytes_read(pid) >= len(large))
-    os.kill(pid, signal.SIGKILL)
-    assert await reading == NO_TRAITS
+    reading = asyncio.create_task(worker_only.read("POST", CHAT, {}, SLOW_BODY))
+    pid = await kill_while_parsing(worker_only)
+    assert (await reading).model == "slow"
     assert (await worker_only.read("POST", CHAT, {}, chat_body("next"))).model == "next"
     assert worker_only.worker_pid not in (None, pid)
+
+
+async def test_a_body_that_two_workers_die_on_gets_no_traits(worker_only: TraitsReader) -> None:
+    """No third try: the body goes to llama.cpp unchanged, as one that is not JSON; the next
+    body is read by a new worker."""
+    reading = asyncio.create_task(worker_only.read("POST", CHAT, {}, SLOW_BODY))
+    first = await kill_while_parsing(worker_only)
+    await kill_while_parsing(worker_only, not_pid=first)
+    assert await reading == NO_TRAITS
+    assert (await worker_only.read("POST", CHAT, {}, chat_body("next"))).model == "next"
 
 
 async def test_a_worker_that_died_between_bodies_costs_nothing(worker_only: TraitsReader) -> None:

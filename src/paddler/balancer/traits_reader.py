@@ -40,9 +40,9 @@ of moving 4 x 30 MB through its sockets (about 130 ms of CPU per body, in slices
 worker's parse takes the other core. The worker reads one body at a time, in order. A request
 cancelled while its body waits for the worker is dropped from the queue; one cancelled while its
 body is being written lets the write finish (the frames must stay whole) and its answer is
-discarded. If the worker dies (killed, out of memory), the request it had gets no traits,
-exactly as a body that is not JSON, and goes on to llama.cpp unchanged; a new worker is started
-for the next one. The queue needs no bound of its own: every body waiting in it belongs to a
+discarded. If the worker dies (killed, out of memory), a new one is started and reads the body
+again; a body that two workers die on gets no traits, exactly as a body that is not JSON, and
+goes on to llama.cpp unchanged. The queue needs no bound of its own: every body waiting in it belongs to a
 request that holds it against ``--request-body-memory``.
 """
 
@@ -77,8 +77,6 @@ class _Job:
     model: str | None
     body: bytes
     abandoned: bool = False
-    sent: bool = False
-    """Whether the worker took any of this job (then it is not sent again)."""
 
 
 class TraitsReader:
@@ -147,9 +145,9 @@ class TraitsReader:
                     if self._worker is worker:
                         self._worker = None
                     await _stop_worker(worker)
-                    if job.sent:
-                        return NO_TRAITS
-                    # It was dead before it got any of this body: the next one reads it.
+                    # The next worker reads it: the first may have died before this body (a
+                    # kill, between two bodies) as well as on it. A body that two workers die on
+                    # gets no traits.
             return NO_TRAITS
 
 
@@ -161,9 +159,7 @@ async def _ask(worker: asyncio.subprocess.Process, job: _Job) -> RequestTraits:
     for start in range(0, len(body), PIECE_BYTES):
         worker.stdin.write(body[start : start + PIECE_BYTES])
         await worker.stdin.drain()
-        job.sent = True
     del body
-    job.body = b""
     (size,) = ANSWER_HEAD.unpack(await worker.stdout.readexactly(ANSWER_HEAD.size))
     if size > ANSWER_LIMIT:
         raise ValueError(f"an answer of {size} bytes")
