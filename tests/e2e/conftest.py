@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from paddler.tiny_model import TinyModelShape, ensure_tiny_model
 
@@ -16,6 +20,21 @@ SLOW_SHAPE = TinyModelShape(embedding_length=256, block_count=4, feed_forward_le
 @pytest.fixture(scope="session")
 def slow_model() -> Path:
     return ensure_tiny_model(SLOW_SHAPE)
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    """Where the spans of ``provider`` go, for a test to read."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    """A tracer provider that exports every span at once to ``exporter``."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider
+    provider.shutdown()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

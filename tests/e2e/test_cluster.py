@@ -24,6 +24,7 @@ import pytest
 
 from tests.support.balancer import wait_until
 from tests.support.llamacpp import stop_process, truncated_model
+from tests.support.processes import clean_env
 
 BANNER_END = "Press Ctrl-C"
 
@@ -65,12 +66,6 @@ def alive(pids: set[int]) -> set[int]:
         except (FileNotFoundError, ProcessLookupError):
             pass
     return living
-
-
-def cluster_env(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -115,7 +110,7 @@ async def running_cluster(
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
         stdin=asyncio.subprocess.DEVNULL,
-        env=dict(env) if env is not None else cluster_env(),
+        env=dict(env) if env is not None else clean_env(),
     )
     assert process.stdout is not None
     output: list[str] = []
@@ -142,7 +137,7 @@ async def run_cluster_command(*arguments: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL,
-        env=cluster_env(),
+        env=clean_env(),
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
@@ -241,7 +236,7 @@ async def test_the_banner_examples_work_when_pasted_into_bash(cluster: RunningCl
 async def test_the_cluster_prints_each_start_up_step_in_order(tmp_path: Path) -> None:
     """stdout names each step as it comes (the tiny model only when it has to be written), then
     the banner, and on Ctrl-C the balancer's stop before the agents'."""
-    env = cluster_env(XDG_CACHE_HOME=str(tmp_path))
+    env = clean_env(XDG_CACHE_HOME=str(tmp_path))
     expected = [
         "Starting a Paddler cluster: 1 llama.cpp server(s) x 1 slot(s)",
         "writing the tiny model",
@@ -413,7 +408,7 @@ async def test_a_child_that_dies_during_start_up_is_named_with_its_reason() -> N
         stderr=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL,
         # Read by the balancer alone (the cluster has no such flag): it refuses to start.
-        env=cluster_env(PADDLER_AGENT_STALE_AFTER="soon"),
+        env=clean_env(PADDLER_AGENT_STALE_AFTER="soon"),
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), 30)

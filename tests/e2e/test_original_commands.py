@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.support.llamacpp import tiny_model_path
+from tests.support.processes import clean_env
 
 SCENARIO = Path(__file__).with_name("original_paddler_scenario.py")
 
@@ -19,7 +20,7 @@ def test_the_original_paddlers_documented_commands_run_verbatim() -> None:
     paddler = Path(sys.executable).with_name("paddler")
     assert paddler.exists(), paddler
     assert shutil.which("unshare") and shutil.which("ip"), "util-linux and iproute2 are needed"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
+    env = clean_env()
     env["PYTHONPATH"] = os.pathsep.join([str(Path.cwd()), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [

@@ -8,13 +8,13 @@ import contextlib
 import os
 import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 
 from tests.support.llamacpp import stop_process
+from tests.support.processes import paddler_process
 
 
 class Stderr:
@@ -37,18 +37,8 @@ class Stderr:
 @contextlib.asynccontextmanager
 async def balancer_with_keys_file(keys_file: Path) -> AsyncIterator[tuple[Stderr, str, int]]:
     """The balancer as a child process; yields its stderr, its proxy URL and its pid."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "paddler",
-        "balancer",
-        "--management-port=0",
-        "--reverseproxy-port=0",
-        f"--api-keys-file={keys_file}",
-        stdin=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
+    process = await paddler_process(
+        "balancer", "--management-port=0", "--reverseproxy-port=0", f"--api-keys-file={keys_file}"
     )
     try:
         stderr = Stderr(process)

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import sys
 from pathlib import Path
 
 from tests.support.llamacpp import stop_process
-
-
-def balancer_env(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
-    env.update(extra)
-    return env
+from tests.support.processes import clean_env, paddler_process
 
 
 async def test_a_taken_port_ends_the_balancer_with_one_clear_line() -> None:
@@ -23,16 +16,8 @@ async def test_a_taken_port_ends_the_balancer_with_one_clear_line() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "paddler",
-            "balancer",
-            "--management-port=0",
-            f"--reverseproxy-port={port}",
-            stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-            env=balancer_env(),
+        process = await paddler_process(
+            "balancer", "--management-port=0", f"--reverseproxy-port={port}"
         )
         _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 1
@@ -49,16 +34,12 @@ async def test_the_balancer_tells_its_supervisor_when_it_listens(tmp_path: Path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notifications:
         notifications.bind(str(path))
         notifications.setblocking(False)
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "paddler",
+        process = await paddler_process(
             "balancer",
             "--management-port=0",
             "--reverseproxy-port=0",
-            stdin=asyncio.subprocess.DEVNULL,
+            env=clean_env(NOTIFY_SOCKET=str(path)),
             stderr=asyncio.subprocess.DEVNULL,
-            env=balancer_env(NOTIFY_SOCKET=str(path)),
         )
         loop = asyncio.get_running_loop()
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import os
 import socket
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.support.llamacpp import stop_process
+from tests.support.processes import clean_env
 
 OPTIONAL = ("xllamacpp", "textual", "gguf", "numpy", "openai")
 
@@ -40,12 +40,6 @@ main()
 
 def run_without_extras(*arguments: str) -> list[str]:
     return [sys.executable, "-c", WITHOUT_EXTRAS, *arguments]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
-    env.update(extra)
-    return env
 
 
 def test_the_base_install_requires_no_llamacpp_tui_or_numpy() -> None:

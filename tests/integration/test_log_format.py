@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 
 from tests.support.llamacpp import stop_process
+from tests.support.processes import paddler_process
 
 
 async def test_json_log_lines_parse_and_carry_the_standard_fields() -> None:
     """Every line the balancer writes with --log-format json is a JSON object."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "paddler",
-        "balancer",
-        "--log-format=json",
-        "--management-port=0",
-        "--reverseproxy-port=0",
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        env=env,
+    process = await paddler_process(
+        "balancer", "--log-format=json", "--management-port=0", "--reverseproxy-port=0"
     )
     assert process.stderr is not None
     try:

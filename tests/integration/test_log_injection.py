@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import sys
 
 import aiohttp
 
 from paddler import protocol
 from paddler.cli.process import OneLineFormatter
 from tests.support.llamacpp import stop_process
+from tests.support.processes import paddler_process
 
 FORGED = "2026-12-01 00:00:00,000 WARNING paddler: FORGED"
 LINE = re.compile(
@@ -38,19 +37,12 @@ async def test_agent_names_and_request_paths_cannot_forge_log_lines(
 ) -> None:
     """An agent name with a newline and ESC is refused; an ESC in X-Request-Id is refused by
     aiohttp; a path with %0d and %1b is logged escaped: every line of stderr is the balancer's."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "paddler",
+    process = await paddler_process(
         "balancer",
         "--log-format=text",
         "--management-port=0",
         "--reverseproxy-port=0",
         "--request-buffer-size=0",
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        env=env,
     )
     assert process.stderr is not None
     lines: list[str] = []

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 from collections.abc import AsyncIterator
 
 from tests.support.llamacpp import stop_process
+from tests.support.processes import clean_env
 
 
 @contextlib.asynccontextmanager
@@ -21,7 +21,7 @@ async def running_agent(
     extra: tuple[str, ...] = (),
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """Run ``paddler agent`` watching the llama.cpp at ``llamacpp_port`` until the block ends."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PADDLER_")}
+    env = clean_env()
     if token:
         env["PADDLER_MANAGEMENT_TOKEN"] = token
     process = await asyncio.create_subprocess_exec(
