@@ -38,8 +38,8 @@ import openai
 from bench.cpu import process_seconds
 from bench.environment import hardware
 from bench.processes import free_port, spawn, stop
-from bench.routing_report import replace_section
-from bench.runner import run, say
+from bench.routing_report import write_section
+from bench.runner import run
 
 BEGIN = "<!-- drop-in:begin -->"
 END = "<!-- drop-in:end -->"
@@ -105,15 +105,9 @@ async def benchmark(output: Path | None, workdir: Path) -> int:
     body = section(found, load_before)
     print(body, flush=True)
     if output is not None:
-        write_section(output, body)
+        write_section(output, body, BEGIN, END)
     ok = found.streams_complete == STREAMS and found.circuits_open == 0
     return 0 if ok else 1
-
-
-def write_section(output: Path, body: str) -> None:
-    existing = output.read_text() if output.exists() else ""
-    output.write_text(replace_section(existing, body, BEGIN, END))
-    say(f"report: {output} (between {BEGIN} and {END})")
 
 
 async def second_cluster(ports: tuple[str, str], workdir: Path) -> tuple[int, str, float]:

@@ -43,7 +43,7 @@ from bench import edge_checks
 from bench.edge_checks import Cap, FloodRound, Frozen, Keys, Rogue, Slowloris
 from bench.environment import hardware
 from bench.large_bodies import serving, stream_or_answer
-from bench.routing_report import replace_section
+from bench.routing_report import write_section
 from bench.runner import run, say
 from bench.soak_cluster import SoakCluster
 from paddler.tiny_model import TinyModelShape
@@ -108,14 +108,8 @@ async def benchmark(output: Path | None, workdir: Path, rounds: int) -> int:
     )
     print(text, flush=True)
     if output is not None:
-        write_section(output, text)
+        write_section(output, text, BEGIN, END)
     return 0
-
-
-def write_section(output: Path, body: str) -> None:
-    existing = output.read_text() if output.exists() else ""
-    output.write_text(replace_section(existing, body, BEGIN, END))
-    say(f"report: {output} (between {BEGIN} and {END})")
 
 
 def _ms(seconds: float) -> str:

@@ -38,7 +38,7 @@ from aiohttp import web
 from bench.cpu import own_and_tree_seconds
 from bench.environment import hardware
 from bench.paddler import running_balancer
-from bench.routing_report import replace_section
+from bench.routing_report import write_section
 from bench.runner import run, say
 from paddler import protocol
 from paddler.protocol import LlamaCppState, Register, Status
@@ -196,14 +196,8 @@ async def benchmark(output: Path | None, workdir: Path, rounds: int) -> int:
     text = section(results, len(body), load_before, misrouted, rounds)
     print(text, flush=True)
     if output is not None:
-        write_section(output, text)
+        write_section(output, text, BEGIN, END)
     return 0 if misrouted == 0 else 1
-
-
-def write_section(output: Path, body: str) -> None:
-    existing = output.read_text() if output.exists() else ""
-    output.write_text(replace_section(existing, body, BEGIN, END))
-    say(f"report: {output} (between {BEGIN} and {END})")
 
 
 def section(

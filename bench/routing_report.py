@@ -21,6 +21,7 @@ from bench.routing_config import RoutingConfig
 from bench.routing_contestants import REFERENCE
 from bench.routing_plot import plot_ttft
 from bench.routing_stats import RunStats
+from bench.runner import say
 from bench.workloads import describe
 
 BEGIN = "<!-- routing:begin -->"
@@ -267,6 +268,13 @@ def replace_section(document: str, body: str, begin: str = BEGIN, end_marker: st
             return f"{block}\n"
         return document + ("\n" if document.endswith("\n") else "\n\n") + f"{block}\n"
     return document[:start] + block + document[end + len(end_marker) :]
+
+
+def write_section(output: Path, body: str, begin: str, end_marker: str) -> None:
+    """Put ``body`` between the markers in ``output`` (created if missing), and say so."""
+    existing = output.read_text() if output.exists() else ""
+    output.write_text(replace_section(existing, body, begin, end_marker))
+    say(f"report: {output} (between {begin} and {end_marker})")
 
 
 def write_json(report: RoutingReport, path: Path) -> None:

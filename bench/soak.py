@@ -42,7 +42,7 @@ import aiohttp
 
 from bench.cpu import process_seconds
 from bench.environment import hardware
-from bench.routing_report import replace_section
+from bench.routing_report import write_section
 from bench.runner import run, say
 from bench.soak_cluster import AGENT_FLAGS, API_KEY, BALANCER_FLAGS, HOST, SLOTS, SoakCluster
 from bench.soak_load import Tally, chat_client, disconnect_storm, slowloris
@@ -210,15 +210,9 @@ async def benchmark(options: Options, output: Path | None, workdir: Path, stamp:
     body = section(options, found, load_before, stamp, cluster.restarts)
     print(body, flush=True)
     if output is not None:
-        write_section(output, body)
+        write_section(output, body, BEGIN, END)
     leaked = found.leaked_in_flight or found.leaked_processing or found.llamacpp_busy_slots
     return 0 if found.balancer_alive and not leaked and found.tally.hung == 0 else 1
-
-
-def write_section(output: Path, body: str) -> None:
-    existing = output.read_text() if output.exists() else ""
-    output.write_text(replace_section(existing, body, BEGIN, END))
-    say(f"report: {output} (between {BEGIN} and {END})")
 
 
 def bounded(samples: list[tuple[float, float]]) -> tuple[bool, float, float]:
