@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
 
@@ -353,6 +354,13 @@ def test_agents_that_stop_reporting_or_load_leave_their_requests_running(
     assert all(guard.aborted is None for guard in guards)
 
 
+@dataclass
+class Body:
+    """A response's body stream, as ``silent_servers`` reads it."""
+
+    total_bytes: int
+
+
 def test_a_silent_agents_requests_that_receive_nothing_are_ended_and_flowing_ones_run_on(
     pool: AgentControllerPool, clock: Clock
 ) -> None:
@@ -360,9 +368,8 @@ def test_a_silent_agents_requests_that_receive_nothing_are_ended_and_flowing_one
     (before its headers, or mid-stream) is aborted; one whose bytes keep coming is not."""
     agent, _ = join(pool, "frozen", address(1), status(idle=3))
     waiting, stalled, flowing = (pool.reserve(agent, Demand(True)) for _ in range(3))
-    received = {"stalled": 10, "flowing": 10}
-    stalled.progress = lambda: received["stalled"]
-    flowing.progress = lambda: received["flowing"]
+    flowing_body = Body(total_bytes=10)
+    stalled.received, flowing.received = Body(total_bytes=10), flowing_body
     reasons: dict[str, str] = {}
     for name, guard in (("waiting", waiting), ("stalled", stalled), ("flowing", flowing)):
         guard.on_abort(lambda reason, name=name: reasons.setdefault(name, reason))
@@ -371,7 +378,7 @@ def test_a_silent_agents_requests_that_receive_nothing_are_ended_and_flowing_one
     assert agent.removed and reasons == {}
     for _ in range(6):
         clock.now += 1
-        received["flowing"] += 100
+        flowing_body.total_bytes += 100
         pool.sweep(stale_after=5)
     assert sorted(reasons) == ["stalled", "waiting"]
     assert reasons["stalled"] == "frozen stopped reporting and its llama.cpp sent nothing for 5s"

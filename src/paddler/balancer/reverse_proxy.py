@@ -206,7 +206,7 @@ class ReverseProxy:
                     continue
                 # From now on an abort (the agent reports llama.cpp gone) fails the next read.
                 guard.on_abort(functools.partial(interrupt, upstream))
-                guard.progress = functools.partial(getattr, upstream.content, "total_bytes")
+                guard.received = upstream.content
                 status = upstream.status
                 if status == NOT_IMPLEMENTED and demand.route is not None:
                     self._pool.lacks_route(agent, demand.route)
@@ -354,11 +354,16 @@ class ReverseProxy:
         content = request.content
         try:
             while True:
-                try:
-                    async with asyncio.timeout(idle):
-                        chunk = await content.readany()
-                except TimeoutError:
-                    raise errors.body_stalled(idle) from None
+                if content.is_eof():
+                    # All of it has arrived (nearly every request, by the time it is handled):
+                    # nothing to wait for, so no timer.
+                    chunk = await content.readany()
+                else:
+                    try:
+                        async with asyncio.timeout(idle):
+                            chunk = await content.readany()
+                    except TimeoutError:
+                        raise errors.body_stalled(idle) from None
                 if not chunk:
                     break
                 if taken + len(chunk) > limit:

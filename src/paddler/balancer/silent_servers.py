@@ -8,7 +8,7 @@ the only signal there will ever be: its llama.cpp cannot report itself unreachab
 requests running there would wait for ``--upstream-read-timeout`` (minutes).
 
 So the requests of an agent removed for silence are watched: each sweep reads how many response
-bytes each has received (``SlotGuard.progress``; a request still waiting for its response
+bytes each has received (``SlotGuard.received``; a request still waiting for its response
 headers counts as none), and one that received nothing for ``stale_after`` seconds is aborted, as
 an ``unreachable`` report would: a stream ends with the SSE error event, a request waiting for
 headers goes to another server. Requests that keep receiving bytes run on. An agent that
@@ -53,7 +53,7 @@ class SilentServers:
                 self._agents.discard(agent)
                 continue
             for guard in list(agent.guards):
-                count = guard.progress() if guard.progress is not None else -1
+                count = guard.received.total_bytes if guard.received is not None else -1
                 previous = self._seen.get(guard)
                 if previous is None or previous[0] != count:
                     seen[guard] = (count, now)

@@ -21,10 +21,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from paddler.balancer.agent_controller import AgentController
+
+
+class Received(Protocol):
+    """What a response's body stream tells of its progress (aiohttp's ``StreamReader``)."""
+
+    @property
+    def total_bytes(self) -> int: ...
 
 
 class SlotGuard:
@@ -35,7 +42,7 @@ class SlotGuard:
         "aborted",
         "agent",
         "holds_slot",
-        "progress",
+        "received",
         "reserved_at",
     )
 
@@ -54,9 +61,9 @@ class SlotGuard:
         self._abort_action: Callable[[str], None] | None = None
         self.aborted: str | None = None
         """Why the guard was aborted, once it was."""
-        self.progress: Callable[[], int] | None = None
-        """How many response bytes the request has received so far (set by the proxy once the
-        response headers arrived); read only to find requests stuck on a silent server (see
+        self.received: Received | None = None
+        """The response's body stream (set by the proxy once the response headers arrived),
+        whose byte count is read only to find requests stuck on a silent server (see
         ``silent_servers``)."""
 
     @property
