@@ -469,7 +469,7 @@ def test_an_unverified_agent_is_listed_but_counts_for_nothing(pool: AgentControl
 def test_a_verified_agent_counts_at_most_its_bound(pool: AgentControllerPool) -> None:
     """Once verified, the agent's reports count, within the slot bound it was verified with."""
     woken: list[None] = []
-    pool.on_capacity(lambda: woken.append(None))
+    pool.on_capacity(lambda _agent: woken.append(None))
     agent, session = pool.register("boaster", address(1), status(idle=60000))
     woken.clear()
     assert pool.verified(agent, 4, "/props total_slots=4", session=session)

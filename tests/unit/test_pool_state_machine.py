@@ -38,8 +38,8 @@ from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool, FleetFull
 from paddler.balancer.cache_report import CacheReport
 from paddler.balancer.prefix_index import PrefixIndex
-from paddler.balancer.request_buffer import BufferRejection, RequestBuffer
-from paddler.balancer.routing import Demand, PrefixPolicy, SlotsPolicy
+from paddler.balancer.request_buffer import BufferRejection, RequestBuffer, _Waiter
+from paddler.balancer.routing import Demand, PrefixPolicy, SlotsPolicy, least_loaded
 from paddler.balancer.slot_guard import SlotGuard
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
@@ -399,6 +399,13 @@ class PoolAndBuffer(RuleBasedStateMachine):
         usable = [agent for agent in self.pool.agents() if agent.usable()]
         assert snapshot.usable_agents == len(usable)
         assert snapshot.slots_total == sum(agent.slots_total for agent in usable)
+        # The totals are kept by the capacity index as agents change: they must be what a walk
+        # of the fleet finds.
+        assert snapshot.slots_idle == sum(agent.free_slots() for agent in usable)
+        assert snapshot.slots_processing == sum(
+            min(agent.busy_slots(), agent.slots_total) for agent in usable
+        )
+        assert self.pool.totals().slots_idle == snapshot.slots_idle
         assert snapshot.slots_idle >= 0
         assert snapshot.slots_processing >= 0
         for agent in self.pool.agents():
@@ -412,11 +419,27 @@ class PoolAndBuffer(RuleBasedStateMachine):
             assert agent.slots_processing >= 0
 
     @invariant()
+    def the_index_picks_what_a_walk_of_the_fleet_would(self) -> None:
+        if self.prefix:
+            return
+        usable = [agent for agent in self.pool.agents() if agent.usable()]
+        for needs_slot in (True, False):
+            assert self.pool.pick(Demand(needs_slot)) is least_loaded(usable, needs_slot)
+            assert self.pool.has_free(None, needs_slot) == (
+                least_loaded(usable, needs_slot) is not None
+            )
+
+    def _queued(self) -> list[_Waiter]:
+        return [waiter for queue in self.buffer._queues.values() for waiter in queue.values()]
+
+    @invariant()
     def waiting_counts_the_queued_waiters(self) -> None:
-        queued = list(self.buffer._waiters)
+        queued = [waiter for queue in self.buffer._queues.values() for waiter in queue.values()]
         assert self.buffer.waiting == len(queued)
-        assert sum(self.buffer._per_model.values()) == len(queued)
-        assert all(count > 0 for count in self.buffer._per_model.values())
+        assert all(queue for queue in self.buffer._queues.values())
+        preferring = [w for queue in self.buffer._prefers.values() for w in queue.values()]
+        assert all(queue for queue in self.buffer._prefers.values())
+        assert {id(waiter) for waiter in preferring} <= {id(waiter) for waiter in queued}
         # A waiter whose task was just cancelled (or timed out) has a cancelled future until
         # the task resumes and takes it out of the queue; dispatch skips it meanwhile.
         assert all(not waiter.future.done() or waiter.future.cancelled() for waiter in queued)
@@ -427,14 +450,14 @@ class PoolAndBuffer(RuleBasedStateMachine):
         if self.prefix:
             # The prefix policy may choose to wait, and its choice mutates the request's record.
             awaited: dict[int, int] = {}
-            for waiter in self.buffer._waiters:
+            for waiter in self._queued():
                 if waiter.demand.waiting_for is not None:
                     key = id(waiter.demand.waiting_for)
                     awaited[key] = awaited.get(key, 0) + 1
             for agent in self.ledger.agents:
                 assert agent.awaited == awaited.get(id(agent), 0), (agent.id, agent.awaited)
             return
-        for waiter in self.buffer._waiters:
+        for waiter in self._queued():
             if waiter.future.done():
                 continue
             assert self.pool.pick(waiter.demand) is None, (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -244,3 +245,119 @@ async def test_a_waiter_is_served_at_once_when_the_removal_of_a_server_lets_it_t
     guard = waiter.result()
     assert guard.agent.name == "b"
     guard.release()
+
+
+class CountedPicks:
+    """Counts the pool's picks, which is what each step of the buffer costs."""
+
+    def __init__(self, pool: AgentControllerPool) -> None:
+        self.count = 0
+        pick = pool.pick
+
+        def counted(demand: Demand, *, spill: bool = True) -> object:
+            self.count += 1
+            return pick(demand, spill=spill)
+
+        pool.pick = counted  # type: ignore[method-assign,assignment]
+
+
+async def queue_up(buffer: RequestBuffer, demands: list[Demand]) -> list[asyncio.Task[SlotGuard]]:
+    tasks = [asyncio.create_task(buffer.acquire(demand)) for demand in demands]
+    await settle()
+    return tasks
+
+
+async def test_arrivals_while_nothing_is_free_cost_no_pick(pool: AgentControllerPool) -> None:
+    """With nothing free, a thousand arrivals only join the queue: the first one, which found
+    nobody waiting, asks the pool once, and none of the others asks at all."""
+    join(pool, "a", address(1), status(idle=0, processing=4))
+    buffer = RequestBuffer(pool, size=2000, timeout=30)
+    picks = CountedPicks(pool)
+    tasks = await queue_up(buffer, [Demand(True) for _ in range(1000)])
+    assert buffer.waiting == 1000
+    assert picks.count == 1
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert buffer.waiting == 0
+    assert picks.count == 1, "leaving the buffer walked it"
+
+
+async def test_a_freed_slot_wakes_the_oldest_waiter_with_one_pick(
+    pool: AgentControllerPool,
+) -> None:
+    """With a thousand waiting, each freed slot costs one pick (and a check that nothing else
+    is free), and goes to the oldest waiter."""
+    agent, _ = join(pool, "a", address(1), status(idle=1))
+    buffer = RequestBuffer(pool, size=2000, timeout=30)
+    holder = await buffer.acquire(Demand(True))
+    demands = [Demand(True) for _ in range(1000)]
+    tasks = await queue_up(buffer, demands)
+    picks = CountedPicks(pool)
+    served: list[int] = []
+    for _ in range(20):
+        holder.release()
+        await settle()
+        finished = [number for number, task in enumerate(tasks) if task.done()]
+        new = [number for number in finished if number not in served]
+        assert len(new) == 1
+        served.extend(new)
+        holder = tasks[new[0]].result()
+    assert served == list(range(20))
+    assert picks.count == 20
+    holder.release()
+    for task in tasks[20:]:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert agent.reserved == 0
+    assert buffer.waiting == 0
+
+
+async def test_waiters_of_two_models_leave_each_in_arrival_order(
+    pool: AgentControllerPool,
+) -> None:
+    """Interleaved waiters for two models, freed in random batches by reports, leave each
+    model's queue in the order they arrived, and no slot is handed out twice."""
+    alpha, alpha_session = join(
+        pool, "a", address(1), Status(state=LlamaCppState.OK, slots_processing=4, models=("alpha",))
+    )
+    beta, beta_session = join(
+        pool, "b", address(2), Status(state=LlamaCppState.OK, slots_processing=4, models=("beta",))
+    )
+    buffer = RequestBuffer(pool, size=500, timeout=30)
+    rng = random.Random(10)
+    models = [rng.choice(("alpha", "beta")) for _ in range(400)]
+    order: list[int] = []
+
+    async def request(number: int, model: str) -> None:
+        guard = await buffer.acquire(Demand(True, model=model))
+        order.append(number)
+        guard.release()
+
+    tasks = [asyncio.create_task(request(n, m)) for n, m in enumerate(models)]
+    await settle()
+    assert buffer.waiting == 400
+    while buffer.waiting:
+        for agent, session in ((alpha, alpha_session), (beta, beta_session)):
+            free = rng.randint(0, 4)
+            pool.report(
+                agent,
+                session,
+                Status(
+                    state=LlamaCppState.OK,
+                    slots_idle=free,
+                    slots_processing=4 - free,
+                    models=agent.status.models,
+                ),
+            )
+            pool.report(
+                agent,
+                session,
+                Status(state=LlamaCppState.OK, slots_processing=4, models=agent.status.models),
+            )
+        await settle()
+    await asyncio.gather(*tasks)
+    for model in ("alpha", "beta"):
+        mine = [number for number in order if models[number] == model]
+        assert mine == sorted(mine)
+    assert alpha.reserved == beta.reserved == 0

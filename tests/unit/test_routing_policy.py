@@ -77,8 +77,10 @@ def test_a_prompt_goes_back_to_the_agent_that_holds_its_prefix(pool: AgentContro
     first = send(pool, demand(SYSTEM + "user: hello"))
     for agent in pool.agents():
         agent.reserved = 0
+        pool.changed(agent)
     # Make the first agent the least attractive by load alone: it still wins on the prefix.
     first.reserved = 2
+    pool.changed(first)
     follow_up = demand(SYSTEM + "user: hello" + "assistant: hi" + "user: more" * 20)
     assert send(pool, follow_up) is first
     assert follow_up.match.blocks >= 12
@@ -93,6 +95,7 @@ def test_new_prefixes_spread_over_the_fleet(pool: AgentControllerPool) -> None:
     for number in range(6):
         agent = send(pool, demand(f"{number:04d}" * (BLOCK_CHARS * 2)))
         agent.reserved = 0
+        pool.changed(agent)
         chosen.append(agent.name)
     assert chosen.count("a") == 3
     assert chosen.count("b") == 3
@@ -205,8 +208,10 @@ def test_a_miss_reported_by_llamacpp_stops_predictions_for_what_it_evicted(
     for number in range(5):
         send(pool, demand(f"{number}" * len(SYSTEM)))
         a.reserved = 0
+        pool.changed(a)
     again = demand(SYSTEM + "old conversation, again")
     a.reserved = 0
+    pool.changed(a)
     send(pool, again)
     assert again.match.blocks == 12
     # llama.cpp had evicted it: nothing was cached.
@@ -215,8 +220,10 @@ def test_a_miss_reported_by_llamacpp_stops_predictions_for_what_it_evicted(
     # Five fresh prompts later, the conversation is as old as the evicted one was: no match.
     for number in range(5, 10):
         a.reserved = 0
+        pool.changed(a)
         send(pool, demand(f"{number}" * len(SYSTEM)))
     a.reserved = 0
+    pool.changed(a)
     third = demand(SYSTEM + "old conversation, third time")
     send(pool, third)
     assert third.match.blocks == 0
@@ -230,9 +237,11 @@ def test_an_agent_that_restarts_loses_its_prefixes(
     b, _ = join(pool, "b", address(2), status(idle=2))
     assert send(pool, demand(SYSTEM + "turn 1")) is a
     a.reserved = 0
+    pool.changed(a)
     pool.report(a, session, Status(state=LlamaCppState.LOADING))
     pool.report(a, session, status(idle=2))
     b.reserved = 1  # b is busier, so only a prefix match would send the request to a
+    pool.changed(b)
     request = demand(SYSTEM + "turn 1" + "turn 2")
     send(pool, request)
     assert request.match.blocks == 0
@@ -254,6 +263,7 @@ def test_only_agents_serving_the_named_model_are_candidates(pool: AgentControlle
     assert pool.pick(Demand(True, "gamma")) is None
     assert sorted(pool.models()) == ["alpha", "beta", "beta-alias"]
     alpha.reserved = 1
+    pool.changed(alpha)
     assert pool.pick(Demand(True, "alpha")) is None
 
 
@@ -363,6 +373,7 @@ def test_without_a_shared_prefix_the_less_busy_agent_wins_whatever_its_measured_
     measured(a, prefill_rate=3000.0, slot_hold=1.0)
     measured(b, prefill_rate=1000.0, slot_hold=1.0)
     a.reserved = 1
+    pool.changed(a)
     assert send(pool, demand("x" * (BLOCK_CHARS * 10))) is b
 
 

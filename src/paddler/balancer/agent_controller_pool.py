@@ -29,8 +29,17 @@ so that requests can wait for it to scale up from zero.
 A server that answered 501 for a route (llama.cpp without ``--embeddings``, say) is avoided for
 that route for ``LACKING_ROUTE_SECONDS``, or until it restarts, while other servers may have it.
 
+Cost (issue 10): nothing on the request path walks the fleet. The usable agents are kept in a
+``CapacityIndex``, ordered by the routing policy's rank, per model name; ``pick`` reads the first
+few of one list, plus, for the prefix policy, the servers the prefix index names for the
+prompt. Every change of an agent that can move it in that order (a reservation, a release, a
+report, a verification, its circuit) goes through ``_changed``, in O(log n). The fleet's totals
+for ``/health`` are kept there too. What still walks the fleet runs off the request path: the
+stale sweep (once a second) and ``snapshot`` (for the API and dashboards).
+
 Everything here runs on the event loop between awaits, so no locks are needed. Changes that may
-free capacity call the ``on_capacity`` listeners, which is how buffered requests are woken.
+free capacity call the ``on_capacity`` listeners with the agent that changed (None when the
+fleet's models or membership changed), which is how buffered requests are woken.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from paddler.balancer.agent_controller import AgentController, AgentSnapshot
+from paddler.balancer.capacity_index import CapacityIndex
 from paddler.balancer.routing import Demand, RoutingPolicy, SlotsPolicy
 from paddler.balancer.silent_servers import SilentServers
 from paddler.balancer.slot_guard import SlotGuard
@@ -97,7 +107,13 @@ class AgentControllerPool:
         self.clock = clock
         self._next_session = 0
         self._silent = SilentServers()
-        self._capacity_listeners: list[Callable[[], None]] = []
+        self._capacity_listeners: list[Callable[[AgentController | None], None]] = []
+        self._index = CapacityIndex(self.policy.tie_break)
+        self._by_cache_key: dict[int, AgentController] = {}
+        self._settling: set[AgentController] = set()
+        self.models_version = 0
+        """Changes whenever the fleet's model names change (a waiter's model may no longer be
+        accepted)."""
         self._circuit_listeners: list[Callable[[AgentController], None]] = []
 
     # -- membership -------------------------------------------------------------------------
@@ -134,14 +150,29 @@ class AgentControllerPool:
             # The agent may have restarted, and its llama.cpp with it: assume the cache is gone.
             self.policy.forget(agent.cache_key)
             agent.lacking_routes.clear()
-        agent.cache_key = next(self._cache_keys)
+        self._new_cache_key(agent)
         agent.session_id = self._next_session
         previous = agent.status
         agent.accept_report(status, now, self._circuit_cooldown)
+        self._settling.discard(agent)
         self._abort_if_gone(agent, previous, status)
-        self._index_models()
-        self._capacity_changed()
+        models_changed = self._index_models()
+        self._changed(agent)
+        self._capacity_changed(None if models_changed else agent)
         return agent, agent.session_id
+
+    def _new_cache_key(self, agent: AgentController) -> None:
+        self._by_cache_key.pop(agent.cache_key, None)
+        agent.cache_key = next(self._cache_keys)
+        self._by_cache_key[agent.cache_key] = agent
+
+    def _changed(self, agent: AgentController) -> None:
+        """Move ``agent`` where its numbers put it now in the capacity index."""
+        self._index.update(agent)
+
+    def changed(self, agent: AgentController) -> None:
+        """Say that ``agent``'s numbers were changed from outside the pool (tests do)."""
+        self._changed(agent)
 
     def report(self, agent: AgentController, session: int, status: Status) -> bool:
         """Record a status report; return False if that session no longer owns the agent."""
@@ -150,6 +181,7 @@ class AgentControllerPool:
         previous = agent.status
         was = (agent.usable(), agent.free_slots())
         agent.accept_report(status, self.clock(), self._circuit_cooldown)
+        self._settling.discard(agent)
         self._abort_if_gone(agent, previous, status)
         if (previous.state, previous.error) != (status.state, status.error):
             log.info("agent %s is now %s", agent.name, _describe(status))
@@ -157,19 +189,21 @@ class AgentControllerPool:
                 # llama.cpp may be restarting, maybe with other options: whatever it had cached,
                 # and the routes it lacked, are not to be relied on.
                 self.policy.forget(agent.cache_key)
-                agent.cache_key = next(self._cache_keys)
+                self._new_cache_key(agent)
                 agent.lacking_routes.clear()
-        if previous.models != status.models:
-            self._index_models()
+        models_changed = previous.models != status.models and self._index_models()
+        self._changed(agent)
         # Most reports change nothing a waiting request could use: only more free slots, a
         # change of usability or of models can let one through.
         was_usable, was_free = was
-        if (
+        if models_changed:
+            self._capacity_changed(None)
+        elif (
             agent.usable() != was_usable
             or agent.free_slots() > was_free
             or previous.models != status.models
         ):
-            self._capacity_changed()
+            self._capacity_changed(agent)
         return True
 
     def _abort_if_gone(self, agent: AgentController, previous: Status, status: Status) -> None:
@@ -226,10 +260,12 @@ class AgentControllerPool:
         agent.verified = True
         agent.slot_bound = slot_bound
         agent.verification = how
-        if first:
-            self._index_models()
-        if first or agent.usable() != was_usable or agent.free_slots() > was_free:
-            self._capacity_changed()
+        models_changed = first and self._index_models()
+        self._changed(agent)
+        if models_changed:
+            self._capacity_changed(None)
+        elif first or agent.usable() != was_usable or agent.free_slots() > was_free:
+            self._capacity_changed(agent)
         return True
 
     def unverified(
@@ -252,11 +288,14 @@ class AgentControllerPool:
             return False
         agent.removed = True
         del self._agents[agent.address.url]
+        self._index.remove(agent)
+        self._settling.discard(agent)
+        self._by_cache_key.pop(agent.cache_key, None)
         self.policy.forget(agent.cache_key)
         self._index_models()
         # A removal can let a waiter through: a model only this server named is, in a fleet
         # left with one model, served by any server (see the module docstring).
-        self._capacity_changed()
+        self._capacity_changed(None)
         log.info(
             "agent %s removed (%s); %d request(s) still running there will finish",
             agent.name,
@@ -274,8 +313,12 @@ class AgentControllerPool:
                 self.remove(agent, None, f"no report for {now - agent.last_report_at:.1f}s")
                 self._silent.watch(agent)
         self._silent.check(now, stale_after)
-        if any([agent.expire_settling(now) for agent in self._agents.values()]):
-            self._capacity_changed()
+        for agent in list(self._settling):
+            if agent.expire_settling(now):
+                self._changed(agent)
+                self._capacity_changed(agent)
+            if not agent.settling:
+                self._settling.discard(agent)
 
     def agents(self) -> list[AgentController]:
         return list(self._agents.values())
@@ -286,17 +329,30 @@ class AgentControllerPool:
     def snapshot(self) -> FleetSnapshot:
         now = self.clock()
         agents = tuple(agent.snapshot(now) for agent in self._agents.values())
-        usable = [agent for agent in self._agents.values() if agent.usable()]
+        index = self._index
         return FleetSnapshot(
             agents=agents,
-            slots_idle=sum(agent.free_slots() for agent in usable),
-            slots_processing=sum(min(agent.busy_slots(), agent.slots_total) for agent in usable),
-            usable_agents=len(usable),
+            slots_idle=index.slots_idle,
+            slots_processing=index.slots_processing,
+            usable_agents=index.usable_agents,
+        )
+
+    def totals(self) -> FleetSnapshot:
+        """The fleet's totals without its agents (``agents`` is empty), in O(1): for
+        ``/health``."""
+        index = self._index
+        return FleetSnapshot(
+            agents=(),
+            slots_idle=index.slots_idle,
+            slots_processing=index.slots_processing,
+            usable_agents=index.usable_agents,
         )
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    def on_capacity(self, listener: Callable[[], None]) -> None:
+    def on_capacity(self, listener: Callable[[AgentController | None], None]) -> None:
+        """Call ``listener(agent)`` whenever capacity may have grown on ``agent`` (None: anywhere,
+        or the fleet's models changed)."""
         self._capacity_listeners.append(listener)
 
     def on_circuit_open(self, listener: Callable[[AgentController], None]) -> None:
@@ -313,21 +369,64 @@ class AgentControllerPool:
         """
         if demand.model is not None and not self.accepts(demand.model):
             return None
-        model_filter = self._model_filter(demand.model)
-        candidates = [
-            agent
-            for agent in self._agents.values()
-            if agent.usable()
-            and agent.id not in demand.exclude
-            and (model_filter is None or agent.serves(model_filter))
-        ]
         now = self.clock()
-        if demand.route is not None and candidates and now < self._lacking_until:
-            capable = [agent for agent in candidates if not agent.lacks(demand.route, now)]
-            candidates = capable or candidates
+        candidates = self._candidates(demand, now)
         if not candidates:
             return None
         return self.policy.choose(candidates, demand, now, spill=spill)
+
+    def _candidates(self, demand: Demand, now: float) -> list[AgentController]:
+        """What the policy chooses among: the first ``breadth`` usable agents by rank that may
+        serve the demand, and the usable ones among those the policy names by cache key (the
+        prefix index's owners of its prompt).
+
+        Agents known to lack the demand's route are left out, unless every candidate lacks it.
+        Finding that out is the one walk of the fleet here, and happens only within a minute of
+        a 501 (``_lacking_until``).
+        """
+        model_filter = self._model_filter(demand.model)
+        breadth, keys = self.policy.shortlist(demand)
+        route = demand.route if demand.route is not None and now < self._lacking_until else None
+        exclude = demand.exclude
+        candidates: list[AgentController] = []
+        lacking: list[AgentController] = []
+        for agent in self._index.ranked(model_filter):
+            if agent.id in exclude:
+                continue
+            if route is not None and agent.lacks(route, now):
+                if len(lacking) < breadth:
+                    lacking.append(agent)
+                continue
+            candidates.append(agent)
+            if len(candidates) >= breadth:
+                break
+        for key in keys:
+            owner = self._by_cache_key.get(key)
+            if (
+                owner is None
+                or owner in candidates
+                or owner in lacking
+                or not owner.usable()
+                or owner.id in exclude
+                or (model_filter is not None and not owner.serves(model_filter))
+            ):
+                continue
+            if route is not None and owner.lacks(route, now):
+                lacking.append(owner)
+            else:
+                candidates.append(owner)
+        return candidates or lacking
+
+    def has_free(self, model: str | None, needs_slot: bool = True) -> bool:
+        """Whether some usable agent that may serve ``model`` has a free slot (any usable agent
+        will do without ``needs_slot``), in O(1): the buffer asks before it walks."""
+        model_filter = self._model_filter(model)
+        if needs_slot:
+            return self._index.has_free(model_filter)
+        return self._index.has_usable(model_filter)
+
+    def agent_with_cache_key(self, key: int) -> AgentController | None:
+        return self._by_cache_key.get(key)
 
     def _model_filter(self, model: str | None) -> str | None:
         """The name candidates must answer to: ``model`` if some agent does, else none."""
@@ -356,13 +455,19 @@ class AgentControllerPool:
     def _verified_agents(self) -> list[AgentController]:
         return [agent for agent in self._agents.values() if agent.verified]
 
-    def _index_models(self) -> None:
+    def _index_models(self) -> bool:
+        """Rebuild the fleet's model names; return whether they changed."""
         # Rebuilt whole, on membership and model changes only (not on every report). Only
         # verified agents: names claimed for an address nobody reached must not turn a
         # one-model fleet into one that refuses unknown names.
         agents = self._verified_agents()
-        self._model_names = frozenset().union(*(agent.model_names for agent in agents))
-        self._model_ids = frozenset().union(*(agent.models for agent in agents))
+        names = frozenset().union(*(agent.model_names for agent in agents))
+        ids = frozenset().union(*(agent.models for agent in agents))
+        if (names, ids) == (self._model_names, self._model_ids):
+            return False
+        self._model_names, self._model_ids = names, ids
+        self.models_version += 1
+        return True
 
     def has_candidates(
         self, exclude: Iterable[str], model: str | None = None, route: str | None = None
@@ -404,6 +509,7 @@ class AgentControllerPool:
         self.policy.dispatched(agent, demand)
         guard = SlotGuard(agent, demand.needs_slot, self.clock(), self._release)
         agent.guards.add(guard)
+        self._changed(agent)
         return guard
 
     def _release(self, guard: SlotGuard, abandoned: bool) -> None:
@@ -417,9 +523,13 @@ class AgentControllerPool:
             if abandoned:
                 if not agent.removed:
                     agent.settling.append(now + self._settle_timeout)
+                    self._settling.add(agent)
             elif guard.aborted is None:  # a request cut short says nothing of the hold time
                 agent.observe_hold(now - guard.reserved_at)
-        self._capacity_changed()
+        if agent.removed:
+            return  # nothing of it is counted any more, and nobody may be sent there
+        self._changed(agent)
+        self._capacity_changed(agent)
 
     # -- failures ---------------------------------------------------------------------------
 
@@ -428,6 +538,7 @@ class AgentControllerPool:
         agent.consecutive_failures += 1
         opening = agent.circuit_opened_at is None
         agent.circuit_opened_at = self.clock()
+        self._changed(agent)
         if opening:
             log.warning("circuit opened for agent %s: %s", agent.name, reason)
             for listener in self._circuit_listeners:
@@ -442,9 +553,9 @@ class AgentControllerPool:
     def record_success(self, agent: AgentController) -> None:
         agent.consecutive_failures = 0
 
-    def _capacity_changed(self) -> None:
+    def _capacity_changed(self, agent: AgentController | None) -> None:
         for listener in self._capacity_listeners:
-            listener()
+            listener(agent)
 
 
 def _describe(status: Status) -> str:

@@ -119,6 +119,12 @@ class PrefixIndex:
 
     # -- use --------------------------------------------------------------------------------
 
+    def owners(self, chain: tuple[int, ...]) -> tuple[int, ...]:
+        """The servers that were sent the chain's first block (at most ``MAX_OWNERS``): the only
+        ones a ``match`` can find anything on."""
+        owners = self._blocks.get(chain[0]) if chain else None
+        return tuple(owners) if owners else ()
+
     def match(self, chain: tuple[int, ...], keys: Iterable[int]) -> dict[int, Match]:
         """For each cache key, how much of the chain that server probably holds."""
         ages: dict[int, list[int]] = {key: [] for key in keys if key in self._routed}

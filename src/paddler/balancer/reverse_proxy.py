@@ -109,8 +109,9 @@ class ReverseProxy:
         self._observers.unauthorized(request.path)
 
     async def health(self, request: web.Request) -> web.Response:
-        """Aggregate slots of usable agents; 503 while no agent can serve a request."""
-        fleet = self._pool.snapshot()
+        """Aggregate slots of usable agents; 503 while no agent can serve a request. O(1): the
+        pool keeps the totals as agents change."""
+        fleet = self._pool.totals()
         ok = fleet.usable_agents > 0
         return web.json_response(
             {

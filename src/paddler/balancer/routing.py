@@ -24,10 +24,18 @@ the saving), and a hot prefix spills over to other servers (which then hold it t
 its queue makes waiting dearer than recomputing. Until a server's numbers are measured, waiting
 for it is never chosen.
 
-The buffer asks twice (``spill``): first each waiting request may only take a slot on the
-server it prefers (or one as good), then what is left may go to requests that spill. A slot
-that frees on a server thus goes to a request that wants that server before any other request
-spills onto it.
+Candidates come from indexes, not from a scan of the fleet (see ``capacity_index``): agents are
+ranked by free slots, then busy slots, then each policy's ``tie_break``; each policy says how
+many of the best-ranked it wants to compare (``shortlist``), and the prefix policy adds the
+servers its index names as holding the prompt's first block, the only ones a match can name.
+``slots`` needs only the first agent by rank: its rank is its choice. ``prefix`` compares the
+prompt's owners with the ``PREFIX_BREADTH`` best-ranked agents (its tie-break: the fewest prompt
+characters routed there), which are where a prompt nobody holds would go.
+
+The buffer asks twice (``spill``): first the waiters that hold their prefix on the server
+that freed a slot may only take a slot there (or on one as good), then queue heads may spill. A
+slot that frees on a server thus goes to a request that wants that server before any other
+request spills onto it.
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ _SMOOTHING = 0.2
 _EQUIVALENT = 0.1
 _EQUIVALENT_SECONDS = 0.005
 """Service times within 10 % (plus 5 ms) of the cheapest count as equal."""
+
+PREFIX_BREADTH = 4
+"""How many of the best-ranked agents the prefix policy compares, besides the prompt's owners."""
 
 
 @dataclass(eq=False)
@@ -95,6 +106,22 @@ class Demand:
 
 class RoutingPolicy(Protocol):
     stats: RoutingStats
+
+    def tie_break(self, agent: AgentController) -> int:
+        """What orders agents with as many free and busy slots (lower first; see
+        ``capacity_index``). It may change only when the agent is dispatched to or
+        forgotten."""
+        ...
+
+    def shortlist(self, demand: Demand) -> tuple[int, tuple[int, ...]]:
+        """How many of the best-ranked agents to compare for ``demand``, and the cache keys of
+        the others to compare them with."""
+        ...
+
+    def preferred(self, demand: Demand) -> int | None:
+        """The cache key of the server that holds the most of the demand's prompt, as of its
+        last ``choose`` (None: no server does, or the policy does not care)."""
+        ...
 
     def choose(
         self,
@@ -161,6 +188,15 @@ class SlotsPolicy:
     def __init__(self) -> None:
         self.stats = RoutingStats()
 
+    def tie_break(self, agent: AgentController) -> int:
+        return 0
+
+    def shortlist(self, demand: Demand) -> tuple[int, tuple[int, ...]]:
+        return 1, ()
+
+    def preferred(self, demand: Demand) -> int | None:
+        return None
+
     def choose(
         self,
         candidates: Sequence[AgentController],
@@ -207,6 +243,27 @@ class PrefixPolicy:
         self.stats = RoutingStats()
         self._chars_per_token = 1.0
         self._measured_chars_per_token = False
+
+    def tie_break(self, agent: AgentController) -> int:
+        return self.index.routed(agent.cache_key)
+
+    def shortlist(self, demand: Demand) -> tuple[int, tuple[int, ...]]:
+        if not demand.needs_slot or not demand.chain:
+            return 1, ()
+        return PREFIX_BREADTH, self.index.owners(demand.chain)
+
+    def preferred(self, demand: Demand) -> int | None:
+        if not demand.needs_slot or not demand.chain:
+            return None
+        owners = self.index.owners(demand.chain)
+        if not owners:
+            return None
+        best: int | None = None
+        blocks = 0
+        for key, match in self.index.match(demand.chain, owners).items():
+            if match.blocks > blocks:
+                best, blocks = key, match.blocks
+        return best
 
     def choose(
         self,
