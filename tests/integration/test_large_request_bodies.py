@@ -80,7 +80,9 @@ async def test_a_30_mb_json_body_does_not_stall_a_concurrent_stream(
     async with (
         fake_upstream(streaming(stop)) as stream_port,
         fake_upstream(counting(hits, "huge"), client_max_size=len(body)) as huge_port,
-        running_balancer(routing=routing) as running,
+        # The scripted agents report once: on a loaded machine the test may outlast the
+        # default 5 s of silence after which an agent is dropped.
+        running_balancer(routing=routing, agent_stale_after=600.0) as running,
     ):
         # A request routed without its model would go to the agent with the most free slots.
         for name, port, idle, models in (
