@@ -1,16 +1,21 @@
-"""The scale benchmark's pure parts: order checks, wrk's report, and the fake llama.cpp's bytes."""
+"""The scale benchmark's pure parts: order checks, wrk's report, percentiles, and the bytes of
+the fake llama.cpp and of the simulated agents."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 
 import pytest
 
 from bench import llamacpp_wire as wire
+from bench.fake_agents import Fleet
 from bench.order_check import check_order, inversions
+from bench.scale_measure import percentile
 from bench.wrk import MARKER, lua_script, parse
+from paddler import protocol
 
 
 def _brute_force(values: list[int]) -> int:
@@ -96,3 +101,24 @@ def test_the_fake_llamacpp_frames_each_event_as_one_http_chunk() -> None:
     assert rest.endswith(b"\n\n\r\n")
     assert int(size, 16) == len(rest) - 2
     assert json.loads(rest[len(b"data: ") : -4])["tokens_predicted"] == 3
+
+
+def test_simulated_agents_send_frames_the_balancer_parses_with_the_slots_asked() -> None:
+    """Busy reports no idle slot, free every slot idle; both are valid protocol v1 statuses."""
+    fleet = Fleet(slots=4, busy=True)
+    busy = protocol.parse_agent_message(fleet.frame())
+    assert isinstance(busy, protocol.Status)
+    assert (busy.slots_idle, busy.slots_processing) == (0, 4)
+    fleet.set_busy(False)
+    free = protocol.parse_agent_message(fleet.frame())
+    assert isinstance(free, protocol.Status)
+    assert (free.slots_idle, free.slots_processing) == (4, 0)
+    assert fleet.version == 1
+
+
+def test_percentiles_are_nearest_rank_and_nan_without_values() -> None:
+    """p50 of 1..100 is 50, p99 is 99, and an empty cell reads as NaN, not 0."""
+    values = [float(n) for n in range(100, 0, -1)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert math.isnan(percentile([], 50))
