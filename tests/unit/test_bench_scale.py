@@ -1,5 +1,5 @@
-"""The scale benchmark's pure parts: order checks, wrk's report, percentiles, and the bytes of
-the fake llama.cpp and of the simulated agents."""
+"""The scale benchmark's pure parts: order checks, wrk's report, percentiles, the bytes of the
+fake llama.cpp and of the simulated agents, and the marked sections of docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from bench import llamacpp_wire as wire
 from bench.fake_agents import Fleet
 from bench.order_check import check_order, inversions
+from bench.routing_report import marked_sections
 from bench.scale_measure import percentile
 from bench.wrk import MARKER, lua_script, parse
 from paddler import protocol
@@ -122,3 +123,16 @@ def test_percentiles_are_nearest_rank_and_nan_without_values() -> None:
     assert percentile(values, 50) == 50.0
     assert percentile(values, 99) == 99.0
     assert math.isnan(percentile([], 50))
+
+
+def test_every_benchmarks_marked_section_is_found_for_the_overhead_rewrite() -> None:
+    """The overhead benchmark rewrites docs/benchmarks.md: each marked section survives it."""
+    document = (
+        "# Benchmarks\n\nold overhead text\n"
+        "<!-- routing:begin -->\nR\n<!-- routing:end -->\n\n"
+        "<!-- scale-before:begin -->\nB\n<!-- scale-before:end -->\ntrailing\n"
+    )
+    assert marked_sections(document) == [
+        "<!-- routing:begin -->\nR\n<!-- routing:end -->",
+        "<!-- scale-before:begin -->\nB\n<!-- scale-before:end -->",
+    ]
