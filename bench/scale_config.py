@@ -85,7 +85,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ScaleConfig:
         action="append",
         default=[],
         metavar="FLAG",
-        help="an extra flag for every paddler balancer (repeatable), e.g. --paddler-flag=--workers=2",
+        help="an extra flag for every paddler balancer (repeatable), e.g. --paddler-flag=--routing=slots",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-output", action="store_true", help="print the section only")

@@ -160,7 +160,7 @@ def section(report: ScaleReport) -> str:
 Written by `{config.command}` on {report.started_at} (UTC), in \
 {report.duration_seconds / 60:.1f} minutes{" (--quick: short cells)" if config.quick else ""}. \
 Generated: run the command again rather than editing this section (each `--label` writes its \
-own). Raw results: `bench/results/scale-*.json`.
+own). Raw results: `bench/results/scale-{config.label}-*.json` (not kept in git).
 
 - Machine: {hardware.cpus} CPUs ({hardware.cpu_model}), {hardware.memory_gib:.1f} GiB, \
 {hardware.kernel}; load average {hardware.load_before:.2f} when the run started. The CPUs are \
