@@ -112,3 +112,8 @@ def _tree(pid: int) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its running descendants (for memory as well as CPU)."""
+    return _tree(pid)

@@ -29,7 +29,7 @@ from bench.load import Prompts, client_session, run_closed_loop
 from bench.nginx import nginx_version
 from bench.queue_watch import watching_queues
 from bench.report import Report, markdown_document, tables, write_json
-from bench.routing_report import existing_section
+from bench.routing_report import marked_sections
 from bench.runner import run, say
 from bench.stats import Cell, RunOutcome
 
@@ -232,11 +232,10 @@ def write_outputs(report: Report, cells: list[Cell], stamp: str) -> None:
     say(f"raw results: {json_path}")
     if config.output is not None:
         config.output.parent.mkdir(parents=True, exist_ok=True)
-        # The routing benchmark's section of the same document is kept as it is.
+        # The other benchmarks' sections of the same document are kept as they are.
         existing = config.output.read_text() if config.output.exists() else ""
-        routing = existing_section(existing)
-        document = markdown_document(report)
-        config.output.write_text(document + (f"\n{routing}\n" if routing else ""))
+        kept = "".join(f"\n{section}\n" for section in marked_sections(existing))
+        config.output.write_text(markdown_document(report) + kept)
         say(f"report: {config.output}")
 
 

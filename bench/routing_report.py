@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -251,12 +252,13 @@ def checks(report: RoutingReport) -> str:
     return "\n".join(lines)
 
 
-def existing_section(document: str) -> str:
-    """The routing section of ``document``, markers included, or "" if it has none."""
-    start, end = document.find(BEGIN), document.find(END)
-    if start == -1 or end == -1 or end < start:
-        return ""
-    return document[start : end + len(END)]
+_MARKED = re.compile(r"<!-- ([\w.-]+):begin -->.*?<!-- \1:end -->", re.S)
+
+
+def marked_sections(document: str) -> list[str]:
+    """Every section of ``document`` between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``,
+    markers included, in order: what the other benchmarks wrote, for one that rewrites the rest."""
+    return [match.group(0) for match in _MARKED.finditer(document)]
 
 
 def replace_section(document: str, body: str, begin: str = BEGIN, end_marker: str = END) -> str:
