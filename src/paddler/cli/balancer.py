@@ -231,6 +231,12 @@ from paddler.config import BalancerConfig
     help="Share of slots that the autoscaling advice (GET /api/v1/autoscaling on the management port) aims to keep busy.",
 )
 @option(
+    "--max-agents",
+    type=click.IntRange(1),
+    default=1024,
+    help="Most agents the balancer tracks at once; a registration past it is refused with an error the agent logs. The management port accepts this many connections plus 256 (the API, dashboards and reconnecting agents).",
+)
+@option(
     "--max-slots-per-agent",
     type=click.IntRange(1),
     default=256,
@@ -271,7 +277,7 @@ def balancer(
     except (ApiKeyError, TlsError) as error:
         raise click.ClickException(str(error)) from None
 
-    raise_open_file_limit(config.max_client_connections)
+    raise_open_file_limit(config.max_client_connections + config.max_agents)
     from paddler.telemetry import provider_from_environment
 
     try:
