@@ -132,7 +132,7 @@ class CallbackTimer:
             if elapsed > timer.worst[0]:
                 timer.worst = (elapsed, what)
 
-        asyncio.events.Handle._run = timed  # type: ignore[method-assign]
+        asyncio.events.Handle._run = timed  # type: ignore[method-assign, assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -179,7 +179,7 @@ class SliceTimer:
 
     def __exit__(self, *exc: object) -> None:
         if self._module is not None:
-            self._module.sliced = self._sliced
+            self._module.sliced = self._sliced  # type: ignore[attr-defined]
 
     def take(self) -> str:
         times, self.times = sorted(self.times), []

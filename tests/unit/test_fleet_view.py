@@ -186,3 +186,28 @@ async def test_the_agents_body_is_shared_but_the_buffer_is_read_per_answer() -> 
         "verified",
         "verification",
     }
+
+
+async def test_the_totals_alone_are_counted_without_a_reading() -> None:
+    """Readers of the totals get the pool's sums, and no reading is taken for them."""
+    pool = fleet(3)
+    join(pool, "loading", Address("http", "10.1.0.1", 80), Status(state=LlamaCppState.LOADING))
+    view = FleetView(pool)
+    totals = await view.totals()
+    snapshot = pool.snapshot()
+    assert (totals.slots_idle, totals.slots_processing, totals.usable_agents) == (
+        snapshot.slots_idle,
+        snapshot.slots_processing,
+        snapshot.usable_agents,
+    )
+    assert view._reading is None
+
+
+async def test_the_totals_of_a_reading_that_may_be_reused_are_its_own() -> None:
+    """While a reading is current, the totals are that reading's, as every reader sees them."""
+    pool = fleet(2)
+    clock = Clock()
+    view = reused_for_ever(pool, clock)
+    reading = await view.latest()
+    join(pool, "late", Address("http", "10.9.0.1", 80), ok(idle=1))
+    assert await view.totals() is reading.totals

@@ -140,7 +140,7 @@ async def test_samples_record_the_buffer_and_the_usable_slots(
         Address("http", "127.0.0.1", 2),
         Status(state=LlamaCppState.ERROR, slots_idle=4, error="unreachable"),
     )
-    history.sample(await FleetView(pool).latest())
+    history.sample(await FleetView(pool).totals())
     clock.now += 1
     [entry] = history.series()
     assert entry == {
@@ -161,7 +161,7 @@ async def test_buffered_requests_are_sampled(pool: AgentControllerPool, clock: C
     for _ in range(5):
         await asyncio.sleep(0)  # the waiters join the queue
     assert buffer.waiting == 2
-    history.sample(await FleetView(pool).latest())
+    history.sample(await FleetView(pool).totals())
     clock.now += 1
     assert history.series()[0]["requests_buffered"] == 2
     for waiter in waiters:
@@ -179,7 +179,7 @@ async def test_unsampled_seconds_repeat_the_last_sample(
         Address("http", "127.0.0.1", 1),
         Status(state=LlamaCppState.OK, slots_idle=2, slots_processing=2),
     )
-    history.sample(await FleetView(pool).latest())
+    history.sample(await FleetView(pool).totals())
     clock.now += 1
     history.request_finished(record())
     clock.now += 2
@@ -196,7 +196,7 @@ async def test_the_json_follows_the_published_contract(
     pool: AgentControllerPool, history: StatsHistory, clock: Clock
 ) -> None:
     """``as_json`` has exactly the fields the dashboards read."""
-    history.sample(await FleetView(pool).latest())
+    history.sample(await FleetView(pool).totals())
     clock.now += 1
     body = history.as_json()
     assert set(body) == {"interval_seconds", "window_seconds", "series"}

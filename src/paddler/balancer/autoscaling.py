@@ -82,8 +82,8 @@ def advise(
 
 
 class AutoscalingRoute:
-    """``GET /api/v1/autoscaling``: the advice for the fleet's latest reading (see
-    ``fleet_view``) and the buffer as it is now, as JSON."""
+    """``GET /api/v1/autoscaling``: the advice for the fleet view's totals (see ``fleet_view``)
+    and the buffer as it is now, as JSON."""
 
     def __init__(self, view: FleetView, buffer: RequestBuffer, target_utilization: float) -> None:
         self._view = view
@@ -91,7 +91,7 @@ class AutoscalingRoute:
         self._target_utilization = target_utilization
 
     async def handle(self, request: web.Request) -> web.Response:
-        fleet = await self._view.latest()
+        fleet = await self._view.totals()
         advice = advise(
             servers=fleet.usable_agents,
             slots_total=fleet.slots_total,

@@ -82,23 +82,51 @@ class AgentReading(NamedTuple):
     slot_hold: float | None
 
 
-@dataclass(frozen=True, eq=False)
-class FleetReading:
-    """The fleet at one moment, for readers. Totals count usable agents only. Compared by
-    identity: what is made of a reading is kept per reading."""
+@dataclass(frozen=True)
+class FleetTotals:
+    """The fleet's slots and agents, counted over usable agents only, as ``/health`` does."""
 
-    agents: tuple[AgentReading, ...]
     slots_idle: int
     slots_processing: int
     usable_agents: int
     taken_at: float
-    """The view's clock (monotonic) when the reading was taken."""
-    wall_time: float
-    """Unix time when the reading was taken."""
+    """The view's clock (monotonic) when they were counted."""
 
     @property
     def slots_total(self) -> int:
         return self.slots_idle + self.slots_processing
+
+
+@dataclass(frozen=True, eq=False)
+class FleetReading:
+    """The fleet at one moment, for readers. Compared by identity: what is made of a reading
+    is kept per reading."""
+
+    agents: tuple[AgentReading, ...]
+    totals: FleetTotals
+    """The sums over ``agents``."""
+    wall_time: float
+    """Unix time when the reading was taken."""
+
+    @property
+    def slots_idle(self) -> int:
+        return self.totals.slots_idle
+
+    @property
+    def slots_processing(self) -> int:
+        return self.totals.slots_processing
+
+    @property
+    def slots_total(self) -> int:
+        return self.totals.slots_total
+
+    @property
+    def usable_agents(self) -> int:
+        return self.totals.usable_agents
+
+    @property
+    def taken_at(self) -> float:
+        return self.totals.taken_at
 
 
 class FleetView:
@@ -122,6 +150,9 @@ class FleetView:
         self._reuse_until = float("-inf")
         self._taking_spent = 0.0
         self._taking: Shared[None, FleetReading] = Shared()
+        self._totals: FleetTotals | None = None
+        self._totals_until = float("-inf")
+        self._counting: Shared[None, FleetTotals] = Shared()
 
     async def latest(self) -> FleetReading:
         """The current reading, or a new one if it is due (see the module docstring)."""
@@ -129,6 +160,18 @@ class FleetView:
         if reading is not None and self._clock() < self._reuse_until:
             return reading
         return await self._taking.run(None, self._take)
+
+    async def totals(self) -> FleetTotals:
+        """The fleet's totals, for readers that need no agent (the stats and StatsD ticks, the
+        autoscaling advice): the current reading's while it may be reused, else counted over
+        the agents without reading each (about 1 µs an agent, where taking a reading costs 6,
+        and encoding it 8 more), under the same budget."""
+        now = self._clock()
+        if self._reading is not None and now < self._reuse_until:
+            return self._reading.totals
+        if self._totals is not None and now < self._totals_until:
+            return self._totals
+        return await self._counting.run(None, self._count)
 
     def slices(
         self, items: Sequence[T], reading: FleetReading | None = None
@@ -174,16 +217,34 @@ class FleetView:
                 )
         reading = FleetReading(
             agents=tuple(agents),
-            slots_idle=idle,
-            slots_processing=processing,
-            usable_agents=usable,
-            taken_at=self._clock(),
+            totals=FleetTotals(idle, processing, usable, self._clock()),
             wall_time=time.time(),
         )
         self._reading = reading
         self._spent = self._taking_spent
         self._reuse_from(reading)
         return reading
+
+    async def _count(self) -> FleetTotals:
+        # The sums of ``AgentControllerPool.snapshot``, without an ``AgentSnapshot`` per agent.
+        spent = 0.0
+        idle = processing = usable = 0
+
+        def charge(seconds: float) -> None:
+            nonlocal spent
+            spent += seconds
+
+        async for chunk in sliced(self._pool.agents(), charge):
+            for agent in chunk:
+                if agent.usable():
+                    idle += agent.free_slots()
+                    processing += min(agent.busy_slots(), agent.slots_total)
+                    usable += 1
+        totals = FleetTotals(idle, processing, usable, self._clock())
+        self._totals = totals
+        fresh = spent < self._fresh_below
+        self._totals_until = float("-inf") if fresh else totals.taken_at + spent / self._budget
+        return totals
 
 
 async def sliced(

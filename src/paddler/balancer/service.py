@@ -114,7 +114,7 @@ class Balancer:
                 api_key=config.llamacpp_api_key,
             )
             socket = AgentSocket(
-                self.pool, verifier, config.management_token, heartbeat=config.agent_stale_after
+                self.pool, verifier, config.management_token, stale_after=config.agent_stale_after
             )
             proxy_app = ReverseProxy(
                 config, self.pool, self.buffer, upstream, self.observers, traits, self.api_keys
@@ -187,6 +187,7 @@ class Balancer:
                     self.ready.set()
                     async with asyncio.TaskGroup() as services:
                         services.create_task(self._sweep_until(shutdown))
+                        services.create_task(socket.run(shutdown))
                         if config.statsd_enable:
                             services.create_task(self._statsd_reporter().run(shutdown))
                         services.create_task(self.stats_history.run(shutdown))

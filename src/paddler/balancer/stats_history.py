@@ -4,8 +4,8 @@ For each second: the requests that finished in it, how many of them were errors,
 the requests waiting in the buffer and of the fleet's slots (processing, and the total of usable
 agents, as in ``/health``). ``StatsHistory`` is an observer (it counts each request in the second
 it finished) and a service (``run`` samples the buffer and the fleet once a second). The slots
-come from the fleet view's latest reading, which at 1,000 agents may be up to about a second old
-(see ``fleet_view``): a one-second chart does not show the difference.
+are the fleet view's totals, which at 1,000 agents may be up to a few tenths of a second old (see
+``fleet_view``): a one-second chart does not show the difference.
 
 Memory is fixed: one bucket per second in a ring of ``window + 1`` buckets (the seconds served,
 plus the one in progress), however long the balancer runs.
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from paddler.balancer.fleet_view import FleetReading, FleetView
+from paddler.balancer.fleet_view import FleetTotals, FleetView
 from paddler.balancer.observers import Observer, RequestRecord
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.lifecycle import wait_or_shutdown
@@ -98,7 +98,7 @@ class StatsHistory(Observer):
         if is_error(record):
             bucket.errors += 1
 
-    def sample(self, fleet: FleetReading) -> None:
+    def sample(self, fleet: FleetTotals) -> None:
         """Record the buffer now and ``fleet``'s slots in the current second."""
         self._gauges = (self._buffer.waiting, fleet.slots_processing, fleet.slots_total)
         bucket = self._bucket(int(self._clock()))
@@ -107,7 +107,7 @@ class StatsHistory(Observer):
     async def run(self, shutdown: asyncio.Event) -> None:
         """Sample once a second, just after each second starts, until shutdown."""
         while True:
-            self.sample(await self._view.latest())
+            self.sample(await self._view.totals())
             until_next_second = 1.0 - self._clock() % 1.0
             if await wait_or_shutdown(shutdown, until_next_second + 0.005):
                 return

@@ -7,8 +7,8 @@ Every ``interval`` (a second by default) it sends, one datagram each, in StatsD'
 - ``<prefix>.slots_idle``: free slots on usable agents;
 - ``<prefix>.slots_processing``: busy slots on usable agents.
 
-The slots come from the fleet view's latest reading (see ``fleet_view``: at 1,000 agents it may
-be up to about a second old, a small fleet's is current); the buffer is read as it is.
+The slots are the fleet view's totals (see ``fleet_view``: at 1,000 agents they may be a few
+tenths of a second old, a small fleet's are current); the buffer is read as it is.
 
 The send is written here rather than taken from a StatsD client library: the asyncio clients on
 PyPI are unmaintained (aiodogstatsd's last release was in 2021), and the maintained ones
@@ -59,7 +59,7 @@ class StatsdReporter:
 
     async def gauges(self) -> dict[str, int]:
         """The values to send now, by full metric name."""
-        fleet = await self._view.latest()
+        fleet = await self._view.totals()
         return {
             f"{self._prefix}requests_buffered": self._buffer.waiting,
             f"{self._prefix}slots_idle": fleet.slots_idle,
