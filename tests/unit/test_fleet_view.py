@@ -7,12 +7,15 @@ import json
 from dataclasses import replace
 
 from aiohttp.test_utils import make_mocked_request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from paddler.balancer.agent_controller import AgentSnapshot
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agents_route import AgentsRoute
 from paddler.balancer.fleet_view import FleetReading, FleetView, PerReading
 from paddler.balancer.request_buffer import RequestBuffer
+from paddler.balancer.routing import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.balancer import ok
@@ -211,3 +214,43 @@ async def test_the_totals_of_a_reading_that_may_be_reused_are_its_own() -> None:
     reading = await view.latest()
     join(pool, "late", Address("http", "10.9.0.1", 80), ok(idle=1))
     assert await view.totals() is reading.totals
+
+
+agent_states = st.lists(
+    st.tuples(
+        st.sampled_from(list(LlamaCppState)),
+        st.integers(0, 8),  # idle
+        st.integers(0, 8),  # processing
+        st.integers(0, 10),  # slot bound
+        st.integers(0, 6),  # our reservations
+        st.booleans(),  # circuit open
+        st.booleans(),  # verified
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(agent_states)
+async def test_readings_and_totals_count_as_the_pool_does(
+    agents: list[tuple[LlamaCppState, int, int, int, int, bool, bool]],
+) -> None:
+    """Whatever the states, bounds, reservations and circuits, both add up as the pool's snapshot."""
+    pool = AgentControllerPool()
+    for number, (state, idle, processing, bound, reserved, tripped, verified) in enumerate(agents):
+        status = Status(state=state, slots_idle=idle, slots_processing=processing)
+        address = Address("http", f"10.0.0.{number + 1}", 80)
+        if verified:
+            agent, _ = join(pool, f"a{number}", address, status, slot_bound=bound)
+        else:
+            agent, _ = pool.register(f"a{number}", address, status)
+        for _ in range(reserved):
+            pool.reserve(agent, Demand(True))
+        if tripped:
+            pool.trip(agent, "refused")
+    snapshot = pool.snapshot()
+    expected = (snapshot.slots_idle, snapshot.slots_processing, snapshot.usable_agents)
+    reading = await FleetView(pool).latest()
+    totals = await FleetView(pool).totals()
+    assert (reading.slots_idle, reading.slots_processing, reading.usable_agents) == expected
+    assert (totals.slots_idle, totals.slots_processing, totals.usable_agents) == expected

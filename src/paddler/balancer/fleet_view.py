@@ -24,6 +24,12 @@ request that arrived meanwhile waited (numbers below). Now:
   reading that cost less than ``FRESH_BELOW`` (a fleet of a few dozen agents) is never reused:
   a small fleet is read exactly as it is, as before.
 
+Readers that need only the totals (the stats and StatsD ticks, the autoscaling advice) ask
+``totals()``: the current reading's if it may be reused, else a count over the agents that reads
+no snapshot (about 1.5 ms at 1,000 agents, where a reading costs 6 ms to take), sliced and
+budgeted in the same way. The stats tick, once a second, used to take a whole snapshot: 17 µs
+of the balancer's CPU for each of 1,000 agents' reports (see ``bench.report_load``).
+
 What is cheap and changes with every request is not part of a reading: readers add the
 buffer's ``waiting`` themselves, at the moment they answer.
 
@@ -237,8 +243,10 @@ class FleetView:
         async for chunk in sliced(self._pool.agents(), charge):
             for agent in chunk:
                 if agent.usable():
-                    idle += agent.free_slots()
-                    processing += min(agent.busy_slots(), agent.slots_total)
+                    # free_slots() and min(busy, total), each counted once.
+                    total, busy = agent.slots_total, agent.busy_slots()
+                    idle += max(0, total - busy)
+                    processing += min(busy, total)
                     usable += 1
         totals = FleetTotals(idle, processing, usable, self._clock())
         self._totals = totals
