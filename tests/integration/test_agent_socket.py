@@ -173,3 +173,23 @@ async def test_a_socket_whose_agent_registered_again_elsewhere_is_closed(
         reporting.cancel()
         await asyncio.gather(reporting, return_exceptions=True)
         await new.close()
+
+
+async def test_a_report_repeated_unchanged_still_counts_as_a_report(
+    session: aiohttp.ClientSession,
+) -> None:
+    """An idle agent sends the same frame again and again: each keeps it alive, and a change
+    after them is applied."""
+    async with running_balancer(agent_stale_after=0.5) as running:
+        agent = ScriptedAgent(session, running.management_url)
+        await agent.register("idle", 9, ok(idle=2), verified=False)
+        [controller] = running.pool.agents()
+        for _ in range(12):  # 1.2 s of reports, more than twice --agent-stale-after
+            reported_at = controller.last_report_at
+            await agent.report(ok(idle=2))
+            await wait_until(lambda at=reported_at: controller.last_report_at > at)
+            await asyncio.sleep(0.1)
+        assert running.pool.agents() == [controller]
+        await agent.report(ok(idle=1, processing=1))
+        await wait_until(lambda: controller.status.slots_processing == 1)
+        await agent.close()

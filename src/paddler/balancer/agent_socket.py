@@ -9,11 +9,15 @@ the agent is removed (unless a newer socket took it over).
 A socket whose agent the pool no longer counts (removed for silence after ``stale_after``, or
 taken over by a newer registration at its address) is closed by ``run``, which looks every
 ``stale_after / 2`` seconds: that is how a peer that vanished without closing its connection is
-let go. The sockets carry no WebSocket heartbeat of their own: aiohttp's resets a timer for
-every frame received, about 16 µs of the balancer's CPU per frame (72 against 55 µs for a bare
-aiohttp handler, ``python -m bench.report_load --server floor``), a fifth of what 1,000 agents
-reporting once a second cost, to learn what the reports already tell. (The agents ping the
-balancer themselves, to learn that it is gone; aiohttp answers those.)
+let go. The sockets carry no WebSocket heartbeat of their own: aiohttp's schedules a callback
+for every frame received, about 16 µs of the balancer's CPU per frame (a bare aiohttp handler
+costs 64-70 µs a frame with it, 50-58 without: ``python -m bench.report_load --server floor``),
+to learn what the reports already tell. (The agents ping the balancer themselves, to learn that
+it is gone; aiohttp answers those.)
+
+A status frame identical to the one before it on the same socket (an idle server's report,
+sent every second) is not parsed again: the message it parsed to is immutable, and is handed to
+the pool again. That also lets the pool compare it with what it holds by identity.
 
 Each socket also owns two guards against an agent that lies or floods:
 
@@ -114,6 +118,9 @@ class AgentSocket:
             protocol.STATUS_FRAME_BURST,
             protocol.STATUS_FLOOD_SECONDS,
         )
+        # The last status frame, as sent and as parsed: an agent whose server did not change
+        # sends the very same frame every second, and a message is immutable.
+        repeated: tuple[str, protocol.Status] | None = None
         try:
             agent, session = await self._register(request, socket)
             if agent is None:
@@ -141,12 +148,17 @@ class AgentSocket:
                         break
                     await self._refuse(socket, request, "frames must be JSON text")
                     break
-                try:
-                    message = protocol.parse_agent_message(frame.data)
-                except protocol.ProtocolError as error:
-                    await self._refuse(socket, request, f"malformed message: {error}")
-                    break
+                message: protocol.Register | protocol.Status | protocol.Deregister
+                if repeated is not None and frame.data == repeated[0]:
+                    message = repeated[1]
+                else:
+                    try:
+                        message = protocol.parse_agent_message(frame.data)
+                    except protocol.ProtocolError as error:
+                        await self._refuse(socket, request, f"malformed message: {error}")
+                        break
                 if isinstance(message, protocol.Status):
+                    repeated = (frame.data, message)
                     if not self._pool.report(agent, session, message):
                         reason = "a newer connection took it over"
                         break
