@@ -34,24 +34,25 @@ What is cheap and changes with every request is not part of a reading: readers a
 buffer's ``waiting`` themselves, at the moment they answer.
 
 Measured with ``python -m bench.fleet_readers 1000`` (1,000 agents, 100 small proxied requests
-a second, one reader polled 5 times a second, on two cores shared with other work). "Longest"
-is the longest the loop ran one callback, in CPU time; after, it is always a proxied request
-(the pool's pick, which scans the fleet, is not the readers' cost), and a reader's own longest
-slice is given beside it. Requests are the small requests' latency.
+a second, one reader polled 5 times a second, two cores shared with other work). "Longest" is
+the longest the loop ran one callback, in CPU time. After, it is always a proxied request: the
+pool's pick, which scans the fleet (not the readers' cost); the readers' own longest slice is
+given beside it. "p99" is the small requests' latency.
 
-- no reader (the stats and StatsD ticks only): longest 19 ms (the StatsD tick) before, 3.2 ms
-  after (longest slice 1.6 ms); requests p99 28 ms before, 10 ms after;
-- ``/metrics``: longest 107 ms, with garbage collections of 36 ms, before; 4.2 ms (slice 1.2 ms)
-  after; requests p99 110 ms before, 10 ms after;
-- ``/api/v1/agents``: longest 27 ms (GC 21 ms) before, 4.0 ms (slice 1.1 ms) after; requests p99
-  32 ms before, 16 ms after;
-- ``/api/v1/autoscaling``: longest 15 ms before, 7.7 ms (slice 1.9 ms) after;
-- five web dashboards: longest 46 ms (GC 42 ms) before, 7.9 ms (slice 1.1 ms) after; requests
-  p99 53 ms before, 18 ms after.
+- no reader (the stats and StatsD ticks only): longest 12 ms (the stats tick) before, 3.3 ms
+  after (slice 0.5 ms); p99 17 ms before, 9.5 ms after;
+- ``/metrics``: longest 115 ms, with garbage collections of 40 ms, before; 5.3 ms (slice
+  1.75 ms, p99 0.8 ms) after; p50 21 ms and p99 165 ms before, 4.0 and 11 ms after;
+- ``/api/v1/agents``: longest 51 ms (GC 30 ms) before, 6.3 ms (slice 1.2 ms) after; p99 49 ms
+  before, 12 ms after;
+- ``/api/v1/autoscaling``: longest 17 ms before, 6.6 ms (slice 0.55 ms) after; p99 34 ms
+  before, 9.4 ms after;
+- five web dashboards: longest 33 ms (GC 21 ms) before, 2.9 ms (slice 1.35 ms) after; p99
+  55 ms before, 11 ms after.
 
-A slice's p99 was 0.8-1.6 ms on these loaded cores, and 0.4-0.6 ms on a quiet one. The work
-per reading at 1,000 agents is about 6 ms to take it, 6 ms to encode the agents JSON and 2 ms
-for the per-agent Prometheus lines (prometheus_client took 40 ms for those; see
+A slice's p99 is 0.5-0.9 ms (the odd longer one met a garbage collection). The work per
+reading at 1,000 agents is about 6 ms to take it, 6 ms to encode the agents JSON and 2 ms for
+the per-agent Prometheus lines (prometheus_client took 40 ms for those; see
 ``prometheus_fleet``); a scrape or a poll that reuses a reading costs well under a millisecond.
 """
 
