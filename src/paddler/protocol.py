@@ -144,6 +144,7 @@ BalancerMessage = Annotated[Registered | Error, Field(discriminator="type")]
 
 _agent_message: TypeAdapter[Register | Status | Deregister] = TypeAdapter(AgentMessage)
 _balancer_message: TypeAdapter[Registered | Error] = TypeAdapter(BalancerMessage)
+_status: TypeAdapter[Status] = TypeAdapter(Status)
 
 
 class ProtocolError(ValueError):
@@ -151,6 +152,24 @@ class ProtocolError(ValueError):
 
 
 def parse_agent_message(raw: str | bytes) -> Register | Status | Deregister:
+    """A message of the agent's, or ``ProtocolError`` saying what is wrong with it.
+
+    Nearly every frame is a ``status``, one a second from every agent: it is tried first, as a
+    ``Status`` alone (2.2 µs against 3.3 for the tagged union, measured on an idle agent's
+    frame). Anything else, or a status that is not valid, is parsed as the union, so that the
+    message and the error are exactly the union's. (msgspec would take 0.7 µs, but the whole
+    report costs the balancer about 100 µs of aiohttp and asyncio per frame: not worth a second
+    schema of the protocol.)
+    """
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        try:
+            status = _status.validate_json(raw)
+        except ValidationError:
+            pass
+        else:
+            # A missing "type" takes Status' default; the union needs it to tell messages apart.
+            if "type" in status.model_fields_set:
+                return status
     return _parse(_agent_message, raw)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -129,3 +130,66 @@ async def test_an_agent_list_never_shows_secrets(session: aiohttp.ClientSession)
         await agent.register("a", 9, ok(idle=2), verified=False)
         async with session.get(f"{running.management_url}/api/v1/agents") as response:
             assert TOKEN not in await response.text()
+
+
+async def test_the_socket_of_an_agent_removed_for_silence_is_closed(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent that stops reporting is removed, and then its connection is let go."""
+    caplog.set_level(logging.INFO, logger="paddler.balancer.agent_socket")
+    async with running_balancer(agent_stale_after=0.5) as running:
+        agent = ScriptedAgent(session, running.management_url)
+        await agent.register("silent", 9, ok(idle=2), verified=False)
+        assert agent.socket is not None
+        async with asyncio.timeout(10):
+            ending = await agent.socket.receive()
+        assert ending.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+        assert running.pool.agents() == []
+        assert "closing the socket of agent silent" in caplog.text
+
+
+async def test_a_socket_whose_agent_registered_again_elsewhere_is_closed(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A newer registration at the same address takes the agent over; the old socket goes."""
+    async with running_balancer(agent_stale_after=0.5) as running:
+        old = ScriptedAgent(session, running.management_url)
+        await old.register("a", 9, ok(idle=2), verified=False)
+        new = ScriptedAgent(session, running.management_url)
+        await new.register("a", 9, ok(idle=2), verified=False)
+        assert old.socket is not None and new.socket is not None
+
+        async def keep_reporting() -> None:
+            while True:
+                await new.report(ok(idle=2))
+                await asyncio.sleep(0.1)
+
+        reporting = asyncio.create_task(keep_reporting())
+        async with asyncio.timeout(10):
+            ending = await old.socket.receive()
+        assert ending.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+        assert not new.socket.closed
+        assert [agent.name for agent in running.pool.agents()] == ["a"]
+        reporting.cancel()
+        await asyncio.gather(reporting, return_exceptions=True)
+        await new.close()
+
+
+async def test_a_report_repeated_unchanged_still_counts_as_a_report(
+    session: aiohttp.ClientSession,
+) -> None:
+    """An idle agent sends the same frame again and again: each keeps it alive, and a change
+    after them is applied."""
+    async with running_balancer(agent_stale_after=0.5) as running:
+        agent = ScriptedAgent(session, running.management_url)
+        await agent.register("idle", 9, ok(idle=2), verified=False)
+        [controller] = running.pool.agents()
+        for _ in range(12):  # 1.2 s of reports, more than twice --agent-stale-after
+            reported_at = controller.last_report_at
+            await agent.report(ok(idle=2))
+            await wait_until(lambda at=reported_at: controller.last_report_at > at)
+            await asyncio.sleep(0.1)
+        assert running.pool.agents() == [controller]
+        await agent.report(ok(idle=1, processing=1))
+        await wait_until(lambda: controller.status.slots_processing == 1)
+        await agent.close()

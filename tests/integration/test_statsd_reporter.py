@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet_view import FleetView
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.balancer.statsd_reporter import StatsdReporter
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
@@ -91,9 +92,13 @@ async def test_the_prefix_names_every_gauge() -> None:
     """--statsd-prefix comes first in every name, with one dot after it."""
     pool = AgentControllerPool()
     reporter = StatsdReporter(
-        pool, RequestBuffer(pool, size=1, timeout=1.0), host="127.0.0.1", port=1, prefix="llm.eu."
+        FleetView(pool),
+        RequestBuffer(pool, size=1, timeout=1.0),
+        host="127.0.0.1",
+        port=1,
+        prefix="llm.eu.",
     )
-    assert set(reporter.gauges()) == {
+    assert set(await reporter.gauges()) == {
         "llm.eu.requests_buffered",
         "llm.eu.slots_idle",
         "llm.eu.slots_processing",
@@ -111,7 +116,9 @@ async def test_a_statsd_server_that_is_down_or_unknown_costs_nothing(
         ("127.0.0.1", free_port(), "statsd send failed"),
         ("statsd.invalid", 8125, "cannot reach statsd at statsd.invalid:8125"),
     ]:
-        reporter = StatsdReporter(pool, buffer, host=host, port=port, prefix="p", interval=0.01)
+        reporter = StatsdReporter(
+            FleetView(pool), buffer, host=host, port=port, prefix="p", interval=0.01
+        )
         shutdown = asyncio.Event()
         task = asyncio.create_task(reporter.run(shutdown))
         await wait_until(lambda expected=complaint: caplog.text.count(expected) >= 2)

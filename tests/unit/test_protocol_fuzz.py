@@ -173,3 +173,27 @@ def test_frames_near_the_size_limit_are_handled(filler: str) -> None:
     message = {"type": "status", "state": "ok", "error": filler * 8}
     parses_or_refuses(json.dumps(message)[: protocol.MAX_MESSAGE_BYTES + 10])
     parses_or_refuses(json.dumps(message))
+
+
+def agrees_with_the_union(raw: str | bytes) -> None:
+    """The status fast path changes nothing: the same message, or the same refusal."""
+    try:
+        expected: object = protocol._parse(protocol._agent_message, raw)
+    except protocol.ProtocolError as error:
+        expected = str(error)
+    try:
+        found: object = protocol.parse_agent_message(raw)
+    except protocol.ProtocolError as error:
+        found = str(error)
+    assert found == expected
+    assert type(found) is type(expected)
+
+
+@FUZZ
+@given(valid_messages.flatmap(mutated) | valid_messages)
+def test_statuses_parse_as_the_tagged_union_parses_them(message: dict[str, Any]) -> None:
+    """Valid or mutated, a frame parses to what the union makes of it, or fails as it does."""
+    agrees_with_the_union(json.dumps(message))
+    agrees_with_the_union(
+        json.dumps({key: value for key, value in message.items() if key != "type"})
+    )

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet_view import FleetView
 from paddler.balancer.observers import Outcome, RequestRecord
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.balancer.routing import Demand
@@ -47,7 +48,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def history(pool: AgentControllerPool, clock: Clock) -> StatsHistory:
-    return StatsHistory(pool, RequestBuffer(pool, size=10, timeout=5), window=5, clock=clock)
+    return StatsHistory(
+        FleetView(pool), RequestBuffer(pool, size=10, timeout=5), window=5, clock=clock
+    )
 
 
 def test_requests_and_errors_are_counted_in_the_second_they_finish(
@@ -121,7 +124,7 @@ def test_seconds_older_than_the_window_are_not_served_after_a_quiet_spell(
     assert [entry["requests"] for entry in series] == [0, 0, 0, 0, 1]
 
 
-def test_samples_record_the_buffer_and_the_usable_slots(
+async def test_samples_record_the_buffer_and_the_usable_slots(
     pool: AgentControllerPool, history: StatsHistory, clock: Clock
 ) -> None:
     """A sample stores the buffered requests and the slots of usable agents in its second."""
@@ -137,7 +140,7 @@ def test_samples_record_the_buffer_and_the_usable_slots(
         Address("http", "127.0.0.1", 2),
         Status(state=LlamaCppState.ERROR, slots_idle=4, error="unreachable"),
     )
-    history.sample()
+    history.sample(await FleetView(pool).totals())
     clock.now += 1
     [entry] = history.series()
     assert entry == {
@@ -153,12 +156,12 @@ def test_samples_record_the_buffer_and_the_usable_slots(
 async def test_buffered_requests_are_sampled(pool: AgentControllerPool, clock: Clock) -> None:
     """Requests waiting in the buffer show up in the next sample."""
     buffer = RequestBuffer(pool, size=10, timeout=5)
-    history = StatsHistory(pool, buffer, window=5, clock=clock)
+    history = StatsHistory(FleetView(pool), buffer, window=5, clock=clock)
     waiters = [asyncio.create_task(buffer.acquire(Demand(True))) for _ in range(2)]
     for _ in range(5):
         await asyncio.sleep(0)  # the waiters join the queue
     assert buffer.waiting == 2
-    history.sample()
+    history.sample(await FleetView(pool).totals())
     clock.now += 1
     assert history.series()[0]["requests_buffered"] == 2
     for waiter in waiters:
@@ -166,7 +169,7 @@ async def test_buffered_requests_are_sampled(pool: AgentControllerPool, clock: C
     await asyncio.gather(*waiters, return_exceptions=True)
 
 
-def test_unsampled_seconds_repeat_the_last_sample(
+async def test_unsampled_seconds_repeat_the_last_sample(
     pool: AgentControllerPool, history: StatsHistory, clock: Clock
 ) -> None:
     """A second nobody sampled shows the gauges of the last sample, not zeros."""
@@ -176,7 +179,7 @@ def test_unsampled_seconds_repeat_the_last_sample(
         Address("http", "127.0.0.1", 1),
         Status(state=LlamaCppState.OK, slots_idle=2, slots_processing=2),
     )
-    history.sample()
+    history.sample(await FleetView(pool).totals())
     clock.now += 1
     history.request_finished(record())
     clock.now += 2
@@ -189,9 +192,11 @@ def test_unsampled_seconds_repeat_the_last_sample(
     assert {entry["slots_total"] for entry in series} == {4}
 
 
-def test_the_json_follows_the_published_contract(history: StatsHistory, clock: Clock) -> None:
+async def test_the_json_follows_the_published_contract(
+    pool: AgentControllerPool, history: StatsHistory, clock: Clock
+) -> None:
     """``as_json`` has exactly the fields the dashboards read."""
-    history.sample()
+    history.sample(await FleetView(pool).totals())
     clock.now += 1
     body = history.as_json()
     assert set(body) == {"interval_seconds", "window_seconds", "series"}
@@ -212,7 +217,9 @@ async def test_the_sampler_samples_at_once_and_stops_on_shutdown(
 ) -> None:
     """``run`` takes a sample when it starts and returns as soon as shutdown is set."""
     clock = Clock()
-    history = StatsHistory(pool, RequestBuffer(pool, size=1, timeout=1), window=5, clock=clock)
+    history = StatsHistory(
+        FleetView(pool), RequestBuffer(pool, size=1, timeout=1), window=5, clock=clock
+    )
     join(
         pool,
         "a",

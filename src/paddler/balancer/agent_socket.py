@@ -6,6 +6,19 @@ frame must be ``register``, within ``REGISTER_TIMEOUT``. A malformed frame is an
 must not keep feeding the balancer reports it cannot trust. When the socket closes for any reason,
 the agent is removed (unless a newer socket took it over).
 
+A socket whose agent the pool no longer counts (removed for silence after ``stale_after``, or
+taken over by a newer registration at its address) is closed by ``run``, which looks every
+``stale_after / 2`` seconds: that is how a peer that vanished without closing its connection is
+let go. The sockets carry no WebSocket heartbeat of their own: aiohttp's schedules a callback
+for every frame received, about 16 µs of the balancer's CPU per frame (a bare aiohttp handler
+costs 64-70 µs a frame with it, 50-58 without: ``python -m bench.report_load --server floor``),
+to learn what the reports already tell. (The agents ping the balancer themselves, to learn that
+it is gone; aiohttp answers those.)
+
+A status frame identical to the one before it on the same socket (an idle server's report,
+sent every second) is not parsed again: the message it parsed to is immutable, and is handed to
+the pool again. That also lets the pool compare it with what it holds by identity.
+
 Each socket also owns two guards against an agent that lies or floods:
 
 - a verification task (see ``agent_verifier``): the agent counts for nothing until the balancer
@@ -29,6 +42,7 @@ from paddler.balancer.agent_controller_pool import AgentControllerPool, FleetFul
 from paddler.balancer.agent_verifier import AgentVerifier
 from paddler.balancer.frame_budget import FrameBudget
 from paddler.config import Address
+from paddler.lifecycle import wait_or_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +67,35 @@ class AgentSocket:
         pool: AgentControllerPool,
         verifier: AgentVerifier,
         token: str | None,
-        heartbeat: float,
+        stale_after: float,
     ) -> None:
         self._pool = pool
         self._verifier = verifier
         self._token = token
-        self._heartbeat = heartbeat
+        self._stale_after = stale_after
         self._sockets: set[web.WebSocketResponse] = set()
+        self._agents: dict[web.WebSocketResponse, tuple[AgentController, int, web.Request]] = {}
+        """The sockets past registration, with their agent, its session and their request."""
+
+    async def run(self, shutdown: asyncio.Event) -> None:
+        """Close, every ``stale_after / 2`` seconds, the sockets whose agent is not counted."""
+        while not await wait_or_shutdown(shutdown, self._stale_after / 2):
+            self.close_orphans()
+
+    def close_orphans(self) -> None:
+        """Close the sockets whose session the pool no longer owns: their handlers then end.
+
+        The connection is closed without a close frame: its peer sent nothing for
+        ``stale_after`` seconds (or another socket took its agent over), and a close handshake
+        with a peer that is gone would wait for an answer that never comes.
+        """
+        for socket, (agent, session, request) in list(self._agents.items()):
+            if not self._pool.owns(agent, session) and request.transport is not None:
+                log.info(
+                    "closing the socket of agent %s: the balancer no longer counts it", agent.name
+                )
+                del self._agents[socket]
+                request.transport.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if not token_matches(request, self._token):
@@ -68,7 +104,6 @@ class AgentSocket:
             )
             return errors.unauthorized().response()
         socket = web.WebSocketResponse(
-            heartbeat=self._heartbeat,
             max_msg_size=protocol.MAX_MESSAGE_BYTES,
             timeout=CLOSE_TIMEOUT,  # for the agent's answer to our close frame
         )
@@ -83,10 +118,14 @@ class AgentSocket:
             protocol.STATUS_FRAME_BURST,
             protocol.STATUS_FLOOD_SECONDS,
         )
+        # The last status frame, as sent and as parsed: an agent whose server did not change
+        # sends the very same frame every second, and a message is immutable.
+        repeated: tuple[str, protocol.Status] | None = None
         try:
             agent, session = await self._register(request, socket)
             if agent is None:
                 return socket
+            self._agents[socket] = (agent, session, request)
             verifying = asyncio.create_task(
                 self._verifier.verify(agent, session), name=f"verify {agent.id}"
             )
@@ -109,12 +148,17 @@ class AgentSocket:
                         break
                     await self._refuse(socket, request, "frames must be JSON text")
                     break
-                try:
-                    message = protocol.parse_agent_message(frame.data)
-                except protocol.ProtocolError as error:
-                    await self._refuse(socket, request, f"malformed message: {error}")
-                    break
+                message: protocol.Register | protocol.Status | protocol.Deregister
+                if repeated is not None and frame.data == repeated[0]:
+                    message = repeated[1]
+                else:
+                    try:
+                        message = protocol.parse_agent_message(frame.data)
+                    except protocol.ProtocolError as error:
+                        await self._refuse(socket, request, f"malformed message: {error}")
+                        break
                 if isinstance(message, protocol.Status):
+                    repeated = (frame.data, message)
                     if not self._pool.report(agent, session, message):
                         reason = "a newer connection took it over"
                         break
@@ -132,6 +176,7 @@ class AgentSocket:
                 if not verifying.cancelled() and (failure := verifying.exception()) is not None:
                     log.error("verifying %s failed", verifying.get_name(), exc_info=failure)
             self._sockets.discard(socket)
+            self._agents.pop(socket, None)
             if agent is not None:
                 self._pool.remove(agent, session, reason)
             if not socket.closed:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from aiohttp import web
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet_view import FleetView
 from paddler.balancer.request_buffer import RequestBuffer
 
 RULE = (
@@ -82,17 +82,16 @@ def advise(
 
 
 class AutoscalingRoute:
-    """``GET /api/v1/autoscaling``: the advice for the fleet as it is now, as JSON."""
+    """``GET /api/v1/autoscaling``: the advice for the fleet view's totals (see ``fleet_view``)
+    and the buffer as it is now, as JSON."""
 
-    def __init__(
-        self, pool: AgentControllerPool, buffer: RequestBuffer, target_utilization: float
-    ) -> None:
-        self._pool = pool
+    def __init__(self, view: FleetView, buffer: RequestBuffer, target_utilization: float) -> None:
+        self._view = view
         self._buffer = buffer
         self._target_utilization = target_utilization
 
     async def handle(self, request: web.Request) -> web.Response:
-        fleet = self._pool.snapshot()
+        fleet = await self._view.totals()
         advice = advise(
             servers=fleet.usable_agents,
             slots_total=fleet.slots_total,

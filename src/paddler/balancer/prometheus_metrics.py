@@ -2,9 +2,9 @@
 
 Two kinds of metric, kept apart:
 
-- the fleet's state (agents, slots, buffered requests) is read from a pool snapshot at scrape
-  time by ``FleetCollector``: nothing has to be kept in step, and an agent that leaves takes its
-  series with it at the next scrape;
+- the fleet's state (agents, slots, buffered requests) is rendered from the fleet view's
+  latest reading by ``prometheus_fleet`` (see ``fleet_view`` for how fresh that is): nothing has
+  to be kept in step, and an agent that leaves takes its series with it at the next reading;
 - what happened to requests (counters, histograms) is counted as it happens by
   ``PrometheusMetrics``, an observer of the proxy that also listens for circuit openings.
 
@@ -18,85 +18,31 @@ would outlive them. Per-agent state lives in gauges, which exist only while thei
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Collection, Iterator
 
-from aiohttp.typedefs import Handler
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet_view import FleetView
 from paddler.balancer.observers import Observer, Outcome, RequestRecord
+from paddler.balancer.prometheus_fleet import Encoder, Families, FleetGauges
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.balancer.routes import route_label
 from paddler.balancer.routing import PrefixPolicy, RoutingPolicy
-from paddler.protocol import LlamaCppState
 
-_AGENT_LABELS = ("agent", "url", "model")
+_EOF = b"# EOF\n"
 
 # Seconds. Waits are bounded by --request-buffer-timeout (60 s by default); generations can
 # stream for minutes.
 _BUFFER_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _FIRST_CHUNK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-
-
-class FleetCollector:
-    """Gauges of the fleet and of each agent, computed from a snapshot at every scrape."""
-
-    def __init__(self, pool: AgentControllerPool, buffer: RequestBuffer) -> None:
-        self._pool = pool
-        self._buffer = buffer
-
-    def collect(self) -> Iterator[Metric]:
-        fleet = self._pool.snapshot()
-        yield _gauge(
-            "paddler_agents",
-            "Agents registered with the balancer, in any state.",
-            len(fleet.agents),
-        )
-        yield _gauge(
-            "paddler_agents_usable",
-            "Agents that can take requests: verified, llama.cpp ok and the circuit closed.",
-            fleet.usable_agents,
-        )
-        yield _gauge("paddler_slots", "llama.cpp slots on usable agents.", fleet.slots_total)
-        yield _gauge("paddler_slots_idle", "Free slots on usable agents.", fleet.slots_idle)
-        yield _gauge(
-            "paddler_slots_processing", "Busy slots on usable agents.", fleet.slots_processing
-        )
-        yield _gauge(
-            "paddler_requests_buffered",
-            "Requests waiting in the balancer's buffer for a free slot.",
-            self._buffer.waiting,
-        )
-        per_agent = {
-            "slots": GaugeMetricFamily(
-                "paddler_agent_slots", "llama.cpp slots of one agent.", labels=_AGENT_LABELS
-            ),
-            "idle": GaugeMetricFamily(
-                "paddler_agent_slots_idle", "Free slots of one agent.", labels=_AGENT_LABELS
-            ),
-            "processing": GaugeMetricFamily(
-                "paddler_agent_slots_processing",
-                "Busy slots of one agent (reserved by the balancer, or used by other traffic).",
-                labels=_AGENT_LABELS,
-            ),
-            "usable": GaugeMetricFamily(
-                "paddler_agent_usable",
-                "1 if the agent can take requests (verified, llama.cpp ok, circuit closed), else 0.",
-                labels=_AGENT_LABELS,
-            ),
-        }
-        for agent in fleet.agents:
-            labels = [agent.name, agent.url, ",".join(agent.models)]
-            usable = agent.verified and agent.state == LlamaCppState.OK and not agent.circuit_open
-            per_agent["slots"].add_metric(labels, agent.slots_total)
-            per_agent["idle"].add_metric(labels, agent.slots_idle)
-            per_agent["processing"].add_metric(labels, agent.slots_processing)
-            per_agent["usable"].add_metric(labels, 1 if usable else 0)
-        yield from per_agent.values()
 
 
 class RoutingCollector:
@@ -164,33 +110,15 @@ class RoutingCollector:
                 "Blocks the prefix index forgot to stay within its memory limit.",
                 value=index.evictions,
             )
-        prefill = GaugeMetricFamily(
-            "paddler_agent_prefill_tokens_per_second",
-            "Measured prompt tokens one agent's llama.cpp computes per second (running average).",
-            labels=_AGENT_LABELS,
-        )
-        hold = GaugeMetricFamily(
-            "paddler_agent_slot_hold_seconds",
-            "Measured time a request holds one of the agent's slots (running average).",
-            labels=_AGENT_LABELS,
-        )
-        for agent in self._pool.agents():
-            labels = [agent.name, agent.url, ",".join(agent.status.models)]
-            if agent.prefill_rate is not None:
-                prefill.add_metric(labels, agent.prefill_rate)
-            if agent.slot_hold is not None:
-                hold.add_metric(labels, agent.slot_hold)
-        yield prefill
-        yield hold
 
 
 class PrometheusMetrics(Observer):
     """The balancer's metrics registry: fleet gauges, request counters and histograms."""
 
-    def __init__(self, pool: AgentControllerPool, buffer: RequestBuffer) -> None:
+    def __init__(self, view: FleetView, pool: AgentControllerPool, buffer: RequestBuffer) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(FleetCollector(pool, buffer))
         self.registry.register(RoutingCollector(pool))
+        self._fleet = FleetGauges(view, buffer)
         registry = self.registry
         self._requests = Counter(
             "paddler_requests",
@@ -253,13 +181,38 @@ class PrometheusMetrics(Observer):
         self._buffered: set[RequestRecord] = set()
         pool.on_circuit_open(self._circuit_opened)
 
-    def handler(self) -> Handler:
-        """The aiohttp handler for ``GET /metrics`` (text or OpenMetrics, as Accept asks)."""
-        return make_aiohttp_handler(self.registry)
+    async def handle(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: text or OpenMetrics, as Accept asks; gzip if the scraper takes it
+        (aiohttp compresses a body this large in a thread); ``name[]`` selects families."""
+        accept = ",".join(request.headers.getall(hdrs.ACCEPT, []))
+        encoder, content_type = choose_encoder(accept)
+        names = request.query.getall("name[]", None)
+        body = await self.render(encoder, content_type, names)
+        response = web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
+        response.enable_compression()
+        return response
 
-    def exposition(self) -> str:
+    async def render(
+        self, encoder: Encoder, content_type: str, names: Collection[str] | None = None
+    ) -> bytes:
+        """Every metric, as ``encoder`` writes them: what happened, then the fleet."""
+        registry: Collector = self.registry
+        if names is not None:
+            registry = self.registry.restricted_registry(names)
+        # prometheus_client takes about 10 µs a line, and a histogram has 15 lines per route:
+        # one family at a time, letting requests run between them.
+        parts: list[bytes] = []
+        for family in registry.collect():
+            parts.append(encoder(Families([family])).removesuffix(_EOF))
+            await asyncio.sleep(0)
+        parts.append(await self._fleet.exposition(encoder, content_type, names))
+        if encoder(Families([])).endswith(_EOF):
+            parts.append(_EOF)
+        return b"".join(parts)
+
+    async def exposition(self) -> str:
         """Every metric in the Prometheus text format."""
-        return generate_latest(self.registry).decode()
+        return (await self.render(generate_latest, CONTENT_TYPE_PLAIN_0_0_4)).decode()
 
     # -- observer hooks ---------------------------------------------------------------------
 

@@ -21,9 +21,11 @@ from paddler import __version__
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
 from paddler.balancer.agent_verifier import AgentVerifier
+from paddler.balancer.agents_route import AgentsRoute
 from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.autoscaling import AutoscalingRoute
 from paddler.balancer.client_connections import ClientConnections, ClientConnectionsSite
+from paddler.balancer.fleet_view import FleetView
 from paddler.balancer.management_app import ManagementApp
 from paddler.balancer.observers import Observers
 from paddler.balancer.prometheus_metrics import PrometheusMetrics
@@ -79,12 +81,13 @@ class Balancer:
         self.buffer = RequestBuffer(
             self.pool, size=config.request_buffer_size, timeout=config.request_buffer_timeout
         )
-        self.stats_history = StatsHistory(self.pool, self.buffer)
+        self.fleet_view = FleetView(self.pool)
+        self.stats_history = StatsHistory(self.fleet_view, self.buffer)
         self.observers = Observers([RequestLog(), self.stats_history])
         if tracer_provider is not None:
             tracer = tracer_provider.get_tracer("paddler.balancer", __version__)
             self.observers.add(TracingObserver(tracer))
-        self.prometheus = PrometheusMetrics(self.pool, self.buffer)
+        self.prometheus = PrometheusMetrics(self.fleet_view, self.pool, self.buffer)
         self.observers.add(self.prometheus)
         self._on_listening = on_listening
         self.management_port: int | None = None
@@ -111,19 +114,20 @@ class Balancer:
                 api_key=config.llamacpp_api_key,
             )
             socket = AgentSocket(
-                self.pool, verifier, config.management_token, heartbeat=config.agent_stale_after
+                self.pool, verifier, config.management_token, stale_after=config.agent_stale_after
             )
             proxy_app = ReverseProxy(
                 config, self.pool, self.buffer, upstream, self.observers, traits, self.api_keys
             ).app()
             proxy_app.on_shutdown.append(self._close_buffer)
             management_app = ManagementApp(
-                self.pool,
-                self.buffer,
+                AgentsRoute(self.fleet_view, self.buffer),
                 socket,
                 self.stats_history,
                 self.prometheus,
-                AutoscalingRoute(self.pool, self.buffer, config.autoscaling_target_utilization),
+                AutoscalingRoute(
+                    self.fleet_view, self.buffer, config.autoscaling_target_utilization
+                ),
                 dashboard=config.management_dashboard_enable,
             ).app()
 
@@ -183,6 +187,7 @@ class Balancer:
                     self.ready.set()
                     async with asyncio.TaskGroup() as services:
                         services.create_task(self._sweep_until(shutdown))
+                        services.create_task(socket.run(shutdown))
                         if config.statsd_enable:
                             services.create_task(self._statsd_reporter().run(shutdown))
                         services.create_task(self.stats_history.run(shutdown))
@@ -202,7 +207,7 @@ class Balancer:
     def _statsd_reporter(self) -> StatsdReporter:
         config = self.config
         return StatsdReporter(
-            self.pool,
+            self.fleet_view,
             self.buffer,
             host=config.statsd_host,
             port=config.statsd_port,

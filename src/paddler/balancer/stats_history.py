@@ -3,7 +3,9 @@
 For each second: the requests that finished in it, how many of them were errors, and a sample of
 the requests waiting in the buffer and of the fleet's slots (processing, and the total of usable
 agents, as in ``/health``). ``StatsHistory`` is an observer (it counts each request in the second
-it finished) and a service (``run`` samples the buffer and the fleet once a second).
+it finished) and a service (``run`` samples the buffer and the fleet once a second). The slots
+are the fleet view's totals, which at 1,000 agents may be up to a few tenths of a second old (see
+``fleet_view``): a one-second chart does not show the difference.
 
 Memory is fixed: one bucket per second in a ring of ``window + 1`` buckets (the seconds served,
 plus the one in progress), however long the balancer runs.
@@ -22,12 +24,13 @@ second's start, in Unix seconds.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet_view import FleetTotals, FleetView
 from paddler.balancer.observers import Observer, RequestRecord
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.lifecycle import wait_or_shutdown
@@ -66,7 +69,7 @@ class Second:
 class StatsHistory(Observer):
     def __init__(
         self,
-        pool: AgentControllerPool,
+        view: FleetView,
         buffer: RequestBuffer,
         *,
         window: int = WINDOW_SECONDS,
@@ -74,7 +77,7 @@ class StatsHistory(Observer):
     ) -> None:
         if window < 1:
             raise ValueError("the window must hold at least one second")
-        self._pool = pool
+        self._view = view
         self._buffer = buffer
         self._window = window
         self._clock = clock
@@ -83,6 +86,7 @@ class StatsHistory(Observer):
         # The latest sample, carried into seconds that have none of their own yet (a second
         # that starts with a finished request, or one the event loop was too busy to sample).
         self._gauges = (0, 0, 0)
+        self._encoded: tuple[int, bytes] | None = None
 
     @property
     def window(self) -> int:
@@ -94,9 +98,8 @@ class StatsHistory(Observer):
         if is_error(record):
             bucket.errors += 1
 
-    def sample(self) -> None:
-        """Record the buffer and the fleet's slots in the current second."""
-        fleet = self._pool.snapshot()
+    def sample(self, fleet: FleetTotals) -> None:
+        """Record the buffer now and ``fleet``'s slots in the current second."""
         self._gauges = (self._buffer.waiting, fleet.slots_processing, fleet.slots_total)
         bucket = self._bucket(int(self._clock()))
         bucket.requests_buffered, bucket.slots_processing, bucket.slots_total = self._gauges
@@ -104,7 +107,7 @@ class StatsHistory(Observer):
     async def run(self, shutdown: asyncio.Event) -> None:
         """Sample once a second, just after each second starts, until shutdown."""
         while True:
-            self.sample()
+            self.sample(await self._view.totals())
             until_next_second = 1.0 - self._clock() % 1.0
             if await wait_or_shutdown(shutdown, until_next_second + 0.005):
                 return
@@ -132,6 +135,14 @@ class StatsHistory(Observer):
             "window_seconds": self._window,
             "series": self.series(),
         }
+
+    def encoded(self) -> bytes:
+        """``as_json()`` as JSON. The series changes only when a second ends, so it is encoded
+        at most once a second, however many dashboards poll it."""
+        now = int(self._clock())
+        if self._encoded is None or self._encoded[0] != now:
+            self._encoded = (now, json.dumps(self.as_json(), separators=(",", ":")).encode())
+        return self._encoded[1]
 
     def _bucket(self, t: int) -> Second:
         index = t % len(self._ring)
