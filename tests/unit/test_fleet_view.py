@@ -206,14 +206,18 @@ async def test_the_totals_alone_are_counted_without_a_reading() -> None:
     assert view._reading is None
 
 
-async def test_the_totals_of_a_reading_that_may_be_reused_are_its_own() -> None:
-    """While a reading is current, the totals are that reading's, as every reader sees them."""
+async def test_the_totals_are_live_while_a_reading_is_reused() -> None:
+    """The totals are the pool's own, kept as agents change: an agent that joins while a reading
+    is reused counts in them at once (it shows in the agents of the next reading)."""
     pool = fleet(2)
     clock = Clock()
     view = reused_for_ever(pool, clock)
     reading = await view.latest()
     join(pool, "late", Address("http", "10.9.0.1", 80), ok(idle=1))
-    assert await view.totals() is reading.totals
+    totals = await view.totals()
+    assert totals.usable_agents == reading.usable_agents + 1
+    assert totals.slots_idle == reading.slots_idle + 1
+    assert await view.latest() is reading
 
 
 agent_states = st.lists(
@@ -248,8 +252,12 @@ async def test_readings_and_totals_count_as_the_pool_does(
             pool.reserve(agent, Demand(True))
         if tripped:
             pool.trip(agent, "refused")
-    snapshot = pool.snapshot()
-    expected = (snapshot.slots_idle, snapshot.slots_processing, snapshot.usable_agents)
+    usable = [agent for agent in pool.agents() if agent.usable()]
+    expected = (
+        sum(agent.free_slots() for agent in usable),
+        sum(min(agent.busy_slots(), agent.slots_total) for agent in usable),
+        len(usable),
+    )
     reading = await FleetView(pool).latest()
     totals = await FleetView(pool).totals()
     assert (reading.slots_idle, reading.slots_processing, reading.usable_agents) == expected

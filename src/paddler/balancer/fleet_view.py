@@ -25,10 +25,9 @@ request that arrived meanwhile waited (numbers below). Now:
   a small fleet is read exactly as it is, as before.
 
 Readers that need only the totals (the stats and StatsD ticks, the autoscaling advice) ask
-``totals()``: the current reading's if it may be reused, else a count over the agents that reads
-no snapshot (about 1.5 ms at 1,000 agents, where a reading costs 6 ms to take), sliced and
-budgeted in the same way. The stats tick, once a second, used to take a whole snapshot: 17 µs
-of the balancer's CPU for each of 1,000 agents' reports (see ``bench.report_load``).
+``totals()``: the pool's own, live, which its capacity index keeps as agents change (O(1), as
+for ``/health``). The stats tick, once a second, used to take a whole snapshot: 17 µs of the
+balancer's CPU for each of 1,000 agents' reports (see ``bench.report_load``).
 
 What is cheap and changes with every request is not part of a reading: readers add the
 buffer's ``waiting`` themselves, at the moment they answer.
@@ -157,9 +156,6 @@ class FleetView:
         self._reuse_until = float("-inf")
         self._taking_spent = 0.0
         self._taking: Shared[None, FleetReading] = Shared()
-        self._totals: FleetTotals | None = None
-        self._totals_until = float("-inf")
-        self._counting: Shared[None, FleetTotals] = Shared()
 
     async def latest(self) -> FleetReading:
         """The current reading, or a new one if it is due (see the module docstring)."""
@@ -170,15 +166,11 @@ class FleetView:
 
     async def totals(self) -> FleetTotals:
         """The fleet's totals, for readers that need no agent (the stats and StatsD ticks, the
-        autoscaling advice): the current reading's while it may be reused, else counted over
-        the agents without reading each (about 1 µs an agent, where taking a reading costs 6,
-        and encoding it 8 more), under the same budget."""
-        now = self._clock()
-        if self._reading is not None and now < self._reuse_until:
-            return self._reading.totals
-        if self._totals is not None and now < self._totals_until:
-            return self._totals
-        return await self._counting.run(None, self._count)
+        autoscaling advice): the pool's, live and O(1)."""
+        fleet = self._pool.totals()
+        return FleetTotals(
+            fleet.slots_idle, fleet.slots_processing, fleet.usable_agents, self._clock()
+        )
 
     def slices(
         self, items: Sequence[T], reading: FleetReading | None = None
@@ -231,29 +223,6 @@ class FleetView:
         self._spent = self._taking_spent
         self._reuse_from(reading)
         return reading
-
-    async def _count(self) -> FleetTotals:
-        # The sums of ``AgentControllerPool.snapshot``, without an ``AgentSnapshot`` per agent.
-        spent = 0.0
-        idle = processing = usable = 0
-
-        def charge(seconds: float) -> None:
-            nonlocal spent
-            spent += seconds
-
-        async for chunk in sliced(self._pool.agents(), charge):
-            for agent in chunk:
-                if agent.usable():
-                    # free_slots() and min(busy, total), each counted once.
-                    total, busy = agent.slots_total, agent.busy_slots()
-                    idle += max(0, total - busy)
-                    processing += min(busy, total)
-                    usable += 1
-        totals = FleetTotals(idle, processing, usable, self._clock())
-        self._totals = totals
-        fresh = spent < self._fresh_below
-        self._totals_until = float("-inf") if fresh else totals.taken_at + spent / self._budget
-        return totals
 
 
 async def sliced(
