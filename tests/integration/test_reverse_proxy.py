@@ -16,6 +16,8 @@ from paddler.balancer.routing import Demand
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import closing_keepalive_upstream, fake_upstream
 
+pytestmark = pytest.mark.both_event_loops
+
 _agents: list[ScriptedAgent] = []
 
 

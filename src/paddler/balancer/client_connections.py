@@ -42,7 +42,7 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -169,7 +169,7 @@ class _Guard(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connections = self._connections
-        assert isinstance(transport, asyncio.Transport)
+        transport = _stream(transport)
         cap = connections.max_connections
         if cap is not None and connections.open >= cap:
             refusal = _Refusal(connections)
@@ -251,7 +251,7 @@ class _Refusal(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = _stream(transport)
         connections = self._connections
         connections.refused += 1
         connections._closed(
@@ -278,6 +278,12 @@ class _Refusal(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._connections._lingering_refusals -= 1
+
+
+def _stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """A stream server's transport, as what it is. Not checked with ``isinstance``: uvloop's
+    transports have every method of ``asyncio.Transport`` without deriving from it."""
+    return cast(asyncio.Transport, transport)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

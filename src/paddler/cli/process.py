@@ -106,8 +106,10 @@ def run_until_signalled(
     main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
     fatal: tuple[type[Exception], ...] = (),
     on_hangup: Callable[[], object] | None = None,
+    event_loop: str = "uvloop",
 ) -> None:
-    """Run ``main(shutdown)``; SIGINT or SIGTERM sets ``shutdown``, a second one exits at once.
+    """Run ``main(shutdown)`` on an ``event_loop`` loop (``cli.event_loop``); SIGINT or SIGTERM
+    sets ``shutdown``, a second one exits at once.
 
     With ``on_hangup``, SIGHUP calls it (to re-read a file) instead of ending the process.
 
@@ -140,8 +142,10 @@ def run_until_signalled(
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await main(shutdown)
 
+    from paddler.cli import event_loop as loops
+
     try:
-        asyncio.run(runner())
+        loops.run(runner(), event_loop)
     except KeyboardInterrupt:
         sys.exit(130)
     except fatal as error:
