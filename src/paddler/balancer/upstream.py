@@ -316,19 +316,39 @@ async def relay(
 ) -> Relayed:
     """Copy the upstream response to the client as it arrives, never buffering it whole.
 
+    An answer that has arrived whole with its head (a non-streamed completion, an embedding, a
+    small error: the body lies complete in the response's buffer) goes out in one write, head
+    and body together, instead of a write for the head and another for the body. On loopback a
+    write costs about 25 us of the balancer's CPU, the kernel's delivery to the reader included:
+    a tenth of a small request.
+
     If the server fails mid-answer (``read_timeout``: the upstream's, to name it when it
     passes), an event stream gets a clean end with an error event and any other body is cut
     off, so that the client sees it incomplete.
     """
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    whole = _arrived_whole(request, upstream)
+    response: web.StreamResponse
+    if whole is not None:
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=whole)
+    else:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
     response.headers.update(_forwardable(upstream.headers))
     if extra_headers:
         response.headers.update(extra_headers)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
     outcome = Relayed(response)
     finished = False
     try:
+        if whole is not None:
+            if on_first_chunk is not None:
+                on_first_chunk()
+            if on_chunk is not None:
+                on_chunk(whole)
+            await response.prepare(request)  # a Response holds its head until its body
+            await response.write_eof()
+            finished = True
+            return outcome
         await response.prepare(request)
         while True:
             try:
@@ -360,6 +380,23 @@ async def relay(
             # make the next request fail on it first.
             upstream.close()
     return outcome
+
+
+def _arrived_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The whole body, if it arrived with the head and is not empty; None otherwise: a stream,
+    a body still on its way, or an answer without a body (to a HEAD, a 1xx, 204 or 304), whose
+    head a ``Response`` would rewrite."""
+    content = upstream.content
+    if (
+        not upstream.content_length
+        or request.method == "HEAD"
+        or upstream.status < 200
+        or upstream.status in (204, 304)
+        or not content.is_eof()  # aiohttp ends a body at its Content-Length
+        or content.exception() is not None
+    ):
+        return None
+    return content.read_nowait()
 
 
 def _mid_response_cause(error: BaseException, read_timeout: float | None) -> str:
