@@ -46,7 +46,7 @@ import signal
 import statistics
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,21 +232,23 @@ class _Balancer:
 
 
 @contextlib.asynccontextmanager
-async def _balancer(workdir: Path, tree: str, *flags: str) -> AsyncIterator[_Balancer]:
-    """``paddler balancer`` on free ports (from the sources in ``tree``, if given), its log in a
-    file as a service manager would keep it. Its ports are read from ``/proc``, so that any
-    ``--log-level`` works."""
+async def _balancer(
+    workdir: Path, tree: str, *flags: str, prefix: Sequence[str] = ()
+) -> AsyncIterator[_Balancer]:
+    """``paddler balancer`` on free ports (from the sources in ``tree``, if given; run by
+    ``prefix``, valgrind for one), its log in a file as a service manager would keep it. Its
+    ports are read from ``/proc``, so that any ``--log-level`` works."""
     env = child_env()
     if tree:
         env["PYTHONPATH"] = f"{tree}/src"
     with (workdir / "balancer.log").open("ab") as log:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "paddler", "balancer",
+            *prefix, sys.executable, "-m", "paddler", "balancer",
             "--management-port=0", "--reverseproxy-port=0", *flags,
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env,
         )  # fmt: skip
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(300 if prefix else 30):
             while len(ports := _listening_ports(process.pid)) < 2:
                 if process.returncode is not None:
                     raise RuntimeError(f"the balancer exited with code {process.returncode}")
@@ -533,12 +535,141 @@ async def measure(args: argparse.Namespace) -> None:
             print(json.dumps({"contestant": name, **summary}), flush=True)
 
 
+# -- instructions: callgrind's count, for comparing builds on a shared machine -------------------
+
+
+async def instructions(args: argparse.Namespace) -> None:
+    """User-space instructions per small request and per relayed chunk of each contestant,
+    counted by callgrind: unlike CPU seconds, the count does not move with what else runs on
+    the machine (0.2% between runs), so a cut of 2% shows. What the kernel does for the
+    process's system calls is not in it (``strace -c`` counts those)."""
+    what = set(args.what.split(","))
+    with tempfile.TemporaryDirectory(prefix="paddler-instructions-") as temporary:
+        workdir = Path(temporary)
+        async with fake_upstream(workdir) as upstream:
+            for name in args.contestants.split(","):
+                directory = workdir / name.replace("/", "_")
+                directory.mkdir()
+                result: dict[str, object] = {"contestant": name}
+                async with _under_callgrind(name, upstream, directory, args) as (hop, count):
+                    if "small" in what:
+                        await _small_load(hop, 200)
+                        per_request = await count(_small_load(hop, args.requests)) / args.requests
+                        result["k_instructions_per_request"] = round(per_request / 1000, 1)
+                    if "chunks" in what:
+                        costs = []
+                        for chunks, requests in ((10, 64), (100, 32)):
+                            path = f"/v1/chat/completions?chunks={chunks}&interval=20"
+                            load = _streams_load(hop, path, requests)
+                            costs.append(await count(load) / requests)
+                        result["k_instructions_per_chunk"] = round(
+                            (costs[1] - costs[0]) / 90 / 1000, 2
+                        )
+                print(json.dumps(result), flush=True)
+
+
+def _dumps(workdir: Path) -> set[Path]:
+    return set(workdir.glob("callgrind.out*"))
+
+
+def _totals(dump: Path) -> int:
+    for line in dump.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {dump}")
+
+
+async def _small_load(hop: Hop, requests: int, concurrency: int = 4) -> None:
+    async with aiohttp.ClientSession() as session:
+
+        async def client() -> None:
+            for _ in range(requests // concurrency):
+                async with session.post(
+                    hop.url + "/completion",
+                    data=SMALL_BODY,
+                    headers={"Content-Type": "application/json"},
+                ) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"answered {response.status}")
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+
+
+async def _streams_load(hop: Hop, path: str, requests: int, concurrency: int = 16) -> None:
+    await asyncio.gather(
+        *(_stream_requests(hop, path, requests // concurrency) for _ in range(concurrency))
+    )
+
+
+@contextlib.asynccontextmanager
+async def _under_callgrind(
+    name: str, upstream: Hop, workdir: Path, args: argparse.Namespace
+) -> AsyncIterator[tuple[Hop, Callable[[Awaitable[None]], Awaitable[int]]]]:
+    """The contestant under ``valgrind --tool=callgrind``, counting nothing until asked; yields
+    it and a function that counts the instructions it spends while an awaitable runs."""
+    output = workdir / "callgrind.out"
+    prefix = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={output}",
+    ]
+
+    async def control(pid: int, *options: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            "callgrind_control", *options, str(pid),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        if await process.wait():
+            raise RuntimeError(f"callgrind_control {' '.join(options)} failed")
+
+    def counter(pid: int) -> Callable[[Awaitable[None]], Awaitable[int]]:
+        async def count(load: Awaitable[None]) -> int:
+            await control(pid, "--instr=on")
+            await control(pid, "--zero")
+            await load
+            await control(pid, "--instr=off")
+            before = _dumps(workdir)
+            await control(pid, "--dump")
+            (dump,) = _dumps(workdir) - before
+            return _totals(dump)
+
+        return count
+
+    kind, _, tree = name.partition("@")
+    if kind == "paddler":
+        async with (
+            _balancer(
+                workdir, tree, "--routing=slots", "--agent-stale-after=1h", *args.flags,
+                prefix=prefix,
+            ) as paddler,
+            _registered(paddler, upstream),
+        ):  # fmt: skip
+            yield Hop(paddler.proxy_url, paddler.pid), counter(paddler.pid)
+    elif kind == "prototype":
+        port = free_port()
+        argv = [*prefix, *shlex.split(args.prototype), str(port), upstream.url.rsplit(":", 1)[1]]
+        process = await spawn(*argv, log_path=workdir / "prototype.log")
+        try:
+            async with asyncio.timeout(300):
+                await _wait_port(port)
+            yield Hop(f"http://127.0.0.1:{port}", process.pid), counter(process.pid)
+        finally:
+            await stop(process)
+    else:
+        raise SystemExit(f"instructions: {name!r} is not paddler[@TREE] or prototype")
+
+
 def main(argv: Sequence[str]) -> None:
     if argv[:1] == ["upstream"]:
         import uvloop
 
         uvloop.run(serve_upstream(int(argv[1])))
         return
+    counting = argv[:1] == ["instructions"]
+    if counting:
+        argv = argv[1:]
     parser = argparse.ArgumentParser(prog="python -m bench.profile_proxy")
     parser.add_argument("--contestants", default="direct,nginx,paddler")
     parser.add_argument("--what", default="small,latency,chunks,memory")
@@ -547,11 +678,12 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--prototype", default=None)
+    parser.add_argument("--requests", type=int, default=400, help="instructions: small requests")
     parser.add_argument("flags", nargs="*", help="after --: flags for paddler balancer")
     args = parser.parse_args(argv)
     import uvloop
 
-    uvloop.run(measure(args))
+    uvloop.run(instructions(args) if counting else measure(args))
 
 
 if __name__ == "__main__":
