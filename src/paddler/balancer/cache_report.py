@@ -50,9 +50,13 @@ class ResponseTail:
 
     def cache_report(self) -> CacheReport | None:
         """The last ``timings`` object in the tail, or None if there is none (or it is cut)."""
+        tail = self._tail
+        # From the end: the report is at the end of the answer, and a regex search from the
+        # start walks the whole tail (16 KiB after a long stream) to find it.
+        start = tail.rfind(b'"timings"')
         found = None
-        for found in _TIMINGS.finditer(self._tail):  # noqa: B007 - the last one counts
-            pass
+        while start >= 0 and (found := _TIMINGS.match(tail, start)) is None:
+            start = tail.rfind(b'"timings"', 0, start)
         if found is None:
             return None
         fields = {name.decode(): value for name, value in _FIELD.findall(found.group(1))}
