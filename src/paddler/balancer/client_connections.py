@@ -118,8 +118,13 @@ class ClientConnections:
             guard.request_ended()
 
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        """Called on the loop that will serve the port; each guard keeps that loop, so that
+        arming a timer per request does not look it up (in Python 3.11 each look-up is a
+        getpid system call)."""
+        loop = asyncio.get_running_loop()
+
         def make() -> asyncio.Protocol:
-            return _Guard(self, server)
+            return _Guard(self, server, loop)
 
         return make
 
@@ -153,15 +158,22 @@ class _Guard(asyncio.Protocol):
         "_heard",
         "_in_request",
         "_inner",
+        "_loop",
         "_server",
         "_timer",
         "_transport",
     )
     _inner: RequestHandler  # built in connection_made, and only under the cap
 
-    def __init__(self, connections: ClientConnections, server: web.Server) -> None:
+    def __init__(
+        self,
+        connections: ClientConnections,
+        server: web.Server,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self._connections = connections
         self._server = server
+        self._loop = loop
         self._timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self._heard = False
@@ -221,9 +233,7 @@ class _Guard(asyncio.Protocol):
         self._heard = False
 
     def _arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(
-            self._connections.header_timeout, self._head_late
-        )
+        self._timer = self._loop.call_later(self._connections.header_timeout, self._head_late)
 
     def _head_late(self) -> None:
         self._timer = None

@@ -190,8 +190,8 @@ class Upstream:
         if extra_headers:
             headers.update(extra_headers)
         # No deadline of its own: it exists to be moved to now by an abort. The read timeout
-        # is sock_read's.
-        waiting = asyncio.timeout(None)
+        # is sock_read's. (timeout_at: timeout() looks the loop up, a getpid in Python 3.11.)
+        waiting = asyncio.timeout_at(None)
         try:
             async with waiting:
                 if guard is not None:
