@@ -5,7 +5,7 @@ Usage (inside the venv; needs ``wrk`` and ``nginx`` from Debian, and ``py-spy`` 
 ``--profile``)::
 
     python -m bench.profile_proxy [--contestants direct,nginx,paddler] [--rounds 3]
-        [--what small,latency,chunks,memory] [--seconds 6] [--streams 1000]
+        [--what small,latency,chunks,memory,memory-long] [--seconds 6] [--streams 1000]
         [--profile DIR] [--prototype 'python proto.py'] [-- balancer flags]
 
 Every contestant proxies to the same fast fake llama.cpp (``upstream`` below: a raw
@@ -25,7 +25,9 @@ the sources of another checkout, to compare two builds in one run.
   every 5 ms; CPU per chunk is the difference per request divided by the 90 extra chunks, so
   that what each request costs anyway cancels out.
 - ``memory``: ``--streams`` slow streams (one chunk a second) held open at once; the growth of
-  the contestant's resident memory divided by their number.
+  the contestant's resident memory divided by their number; ``memory-long``: the same with at
+  most 250 streams that sent 200 events (19 KiB) first, at 50 a second, as a long generation
+  has. Each in a contestant process of its own.
 
 ``--profile DIR`` runs the small requests once more under ``py-spy record --native`` and prints
 the functions with the most samples (own and with their callees); the raw stacks stay in DIR.
@@ -120,11 +122,20 @@ class _FakeLlamaCpp(asyncio.Protocol):
             query = dict(
                 part.split(b"=", 1) for part in target.partition(b"?")[2].split(b"&") if part
             )
-            self._stream(int(query.get(b"chunks", 10)), float(query.get(b"interval", 0)) / 1000)
+            self._stream(
+                int(query.get(b"chunks", 10)),
+                float(query.get(b"interval", 0)) / 1000,
+                int(query.get(b"first", 0)),
+                float(query.get(b"first_interval", 0)) / 1000,
+            )
         else:
             transport.write(_answer(_SMALL))
 
-    def _stream(self, chunks: int, interval: float) -> None:
+    def _stream(
+        self, chunks: int, interval: float, first: int = 0, first_interval: float = 0.0
+    ) -> None:
+        """``chunks`` events, one every ``interval``; the ``first`` of them one every
+        ``first_interval``."""
         transport = self._transport
         assert transport is not None
         transport.write(_SSE_HEAD)
@@ -134,17 +145,17 @@ class _FakeLlamaCpp(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
 
-        def step(left: int) -> None:
+        def step(sent: int) -> None:
             if transport.is_closing():
                 return
-            if not left:
+            if sent == chunks:
                 transport.write(_chunk(_LAST) + b"0\r\n\r\n")
                 transport.close()  # as llama.cpp does after a stream
                 return
             transport.write(_chunk(_EVENT))
-            loop.call_later(interval, step, left - 1)
+            loop.call_later(first_interval if sent < first else interval, step, sent + 1)
 
-        step(chunks)
+        step(0)
 
 
 async def serve_upstream(port: int) -> None:
@@ -387,11 +398,13 @@ def resident_kib(pid: int) -> int:
     return total
 
 
-async def memory_per_stream(hop: Hop, streams: int) -> float:
-    """KiB of resident memory per open slow stream (a chunk a second)."""
+async def memory_per_stream(hop: Hop, streams: int, first: int = 0) -> float:
+    """KiB of resident memory per open slow stream (a chunk a second, after ``first`` chunks at
+    50 a second: 200 make a stream that has sent 19 KiB, as a long generation has)."""
     host, port = hop.url.removeprefix("http://").rsplit(":", 1)
+    query = f"chunks=600&interval=1000&first={first}&first_interval=20"
     request = (
-        f"POST /v1/chat/completions?chunks=600&interval=1000 HTTP/1.1\r\nHost: {host}\r\n"
+        f"POST /v1/chat/completions?{query} HTTP/1.1\r\nHost: {host}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(STREAM_BODY)}\r\n\r\n"
     ).encode() + STREAM_BODY
     opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -418,7 +431,7 @@ async def memory_per_stream(hop: Hop, streams: int) -> float:
         for start in range(0, streams, 100):
             await asyncio.gather(*(open_one() for _ in range(min(100, streams - start))))
         drains = [asyncio.create_task(drain(reader)) for reader, _ in opened]
-        await asyncio.sleep(3.0)  # a few chunks on every stream
+        await asyncio.sleep(3.0 + first / 50)  # a few chunks on every stream, after the first
         grown = resident_kib(hop.pid) - before
         for task in drains:
             task.cancel()
@@ -494,45 +507,67 @@ async def measure(args: argparse.Namespace) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     what = set(args.what.split(","))
-    results: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    results: dict[str, list[dict[str, object]]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="paddler-profile-") as temporary:
         workdir = Path(temporary)
         async with fake_upstream(workdir) as upstream:
             for round_number in range(args.rounds):
                 for name in args.contestants.split(","):
-                    directory = workdir / f"{name.replace('/', '_')}-{round_number}"
-                    directory.mkdir()
-                    async with contestant(
-                        name, upstream, directory, args.flags, args.prototype
-                    ) as hop:
-                        await wrk(hop.url + "/completion", 16, 1, directory)  # warm-up
-                        result: dict[str, object] = {"contestant": name, "round": round_number}
-                        if "small" in what:
-                            result["cpu_ms_per_request"] = round(
-                                await small_requests(hop, args.seconds, directory), 4
-                            )
-                        if "latency" in what:
-                            _, p50 = await wrk(hop.url + "/completion", 1, 3, directory)
-                            result["p50_ms_one_connection"] = round(p50, 3)
-                        if "chunks" in what:
-                            result["cpu_us_per_chunk"] = round(await chunk_cost(hop), 2)
-                        if "memory" in what:
-                            kib = await memory_per_stream(hop, args.streams)
-                            result["kib_per_stream"] = round(kib, 2)
-                        print(json.dumps(result), flush=True)
-                        results[name].append(result)  # type: ignore[arg-type]
-                        if args.profile is not None and name != "direct":
-                            args.profile.mkdir(parents=True, exist_ok=True)
-                            await profile(hop, args.seconds, directory, args.profile, name)
+                    result = await _measure_one(name, round_number, upstream, workdir, what, args)
+                    print(json.dumps(result), flush=True)
+                    results[name].append(result)
     if args.rounds > 1:
         for name, rounds in results.items():
             summary = {
                 key: f"median {statistics.median(values):g}, min {min(values):g}"
                 for key in rounds[0]
                 if key not in ("contestant", "round")
-                for values in [[float(one[key]) for one in rounds]]
+                for values in [[float(one[key]) for one in rounds]]  # type: ignore[arg-type]
             }
             print(json.dumps({"contestant": name, **summary}), flush=True)
+
+
+async def _measure_one(
+    name: str,
+    round_number: int,
+    upstream: Hop,
+    workdir: Path,
+    what: set[str],
+    args: argparse.Namespace,
+) -> dict[str, object]:
+    """One round of one contestant. Each memory measurement gets a contestant of its own: a
+    process keeps the memory it freed, and a second measurement in it would reuse that."""
+    result: dict[str, object] = {"contestant": name, "round": round_number}
+    memory = [(key, first) for key, first in _MEMORY if key in what]
+    for instance, measuring in enumerate([None, *memory]):
+        directory = workdir / f"{name.replace('/', '_')}-{round_number}-{instance}"
+        directory.mkdir()
+        async with contestant(name, upstream, directory, args.flags, args.prototype) as hop:
+            await wrk(hop.url + "/completion", 16, 1, directory)  # warm-up
+            if measuring is not None:
+                key, first = measuring
+                streams = args.streams if not first else min(args.streams, 250)
+                kib = await memory_per_stream(hop, streams, first)
+                result[_MEMORY_RESULTS[key]] = round(kib, 2)
+                continue
+            if "small" in what:
+                cpu = await small_requests(hop, args.seconds, directory)
+                result["cpu_ms_per_request"] = round(cpu, 4)
+            if "latency" in what:
+                _, p50 = await wrk(hop.url + "/completion", 1, 3, directory)
+                result["p50_ms_one_connection"] = round(p50, 3)
+            if "chunks" in what:
+                result["cpu_us_per_chunk"] = round(await chunk_cost(hop), 2)
+            if args.profile is not None and name != "direct":
+                args.profile.mkdir(parents=True, exist_ok=True)
+                await profile(hop, args.seconds, directory, args.profile, name)
+    return result
+
+
+_MEMORY = (("memory", 0), ("memory-long", 200))
+"""``--what`` keys of the memory measurements, and the events each stream sends first, at 50 a
+second (250 streams at most then: 12,500 chunks a second)."""
+_MEMORY_RESULTS = {"memory": "kib_per_stream", "memory-long": "kib_per_stream_after_19_kib"}
 
 
 # -- instructions: callgrind's count, for comparing builds on a shared machine -------------------
@@ -633,6 +668,10 @@ async def _under_callgrind(
             before = _dumps(workdir)
             await control(pid, "--dump")
             (dump,) = _dumps(workdir) - before
+            if os.environ.get("PROFILE_KEEP_DUMPS"):
+                import shutil
+
+                shutil.copy(dump, os.environ["PROFILE_KEEP_DUMPS"] + "-" + dump.name)
             return _totals(dump)
 
         return count
@@ -672,7 +711,7 @@ def main(argv: Sequence[str]) -> None:
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="python -m bench.profile_proxy")
     parser.add_argument("--contestants", default="direct,nginx,paddler")
-    parser.add_argument("--what", default="small,latency,chunks,memory")
+    parser.add_argument("--what", default="small,latency,chunks,memory,memory-long")
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--streams", type=int, default=1000)
