@@ -1,22 +1,31 @@
 """One proxy hop, measured from outside: CPU per small request and per relayed chunk, memory per
-open stream, and where the balancer's CPU goes.
+open stream, where the balancer's CPU goes, and its instructions per request.
 
-Usage (inside the venv; needs ``wrk`` and ``nginx`` from Debian, and ``py-spy`` for
-``--profile``)::
+Usage (inside the venv; needs ``wrk`` and ``nginx`` from Debian, ``py-spy`` for ``--profile``,
+``valgrind`` for ``instructions``)::
 
     python -m bench.profile_proxy [--contestants direct,nginx,paddler] [--rounds 3]
         [--what small,latency,chunks,memory,memory-long] [--seconds 6] [--streams 1000]
-        [--profile DIR] [--prototype 'python proto.py'] [-- balancer flags]
+        [--profile DIR] [--prototype NAME='python proto.py' ...] [-- balancer flags]
+    python -m bench.profile_proxy instructions [--contestants paddler,paddler@TREE]
+        [--what small,chunks] [--requests 400] [--prototype NAME=COMMAND ...]
 
-Every contestant proxies to the same fast fake llama.cpp (``upstream`` below: a raw
+Every contestant proxies to the same fast fake llama.cpp (``_FakeLlamaCpp``: a raw
 ``asyncio.Protocol`` on uvloop that answers a small JSON body on a kept-alive connection, or a
 chunked SSE stream paced by ``?chunks=N&interval=MS`` that ends with llama.cpp's closing of the
-connection), so that what is measured is the hop, not the server. Contestants: ``direct`` (no
-hop: the fake itself), ``nginx`` (``bench.nginx``, one worker), ``paddler`` (a ``paddler
-balancer`` process with its defaults, logs at INFO included, plus the flags after ``--``, and one
-registered agent with 4096 slots), ``paddler-asyncio`` (the same on ``--event-loop asyncio``) and
-``prototype`` (any program started as ``PROTOTYPE PORT UPSTREAM_PORT``). ``paddler@TREE`` runs
-the sources of another checkout, to compare two builds in one run.
+connection), so that what is measured is the hop, not the server. Contestants:
+
+- ``direct``: no hop, the fake itself;
+- ``nginx``: ``bench.nginx``, one worker;
+- ``paddler``: a ``paddler balancer`` process with its defaults (a log line per request at
+  INFO, to a file), the flags after ``--``, and one agent with 4096 slots registered over the
+  socket; ``paddler-asyncio`` adds ``--event-loop asyncio``, ``paddler-quiet``
+  ``--log-level warning``; ``paddler@TREE`` (or ``paddler-asyncio@TREE``, ...) runs the sources
+  of another checkout, to compare two builds in one run;
+- any ``--prototype NAME=COMMAND``: a program started as ``COMMAND PORT UPSTREAM_PORT``, named
+  NAME in ``--contestants``.
+
+What is measured, each round, contestant after contestant:
 
 - ``small``: ``wrk -t1 -c16`` POSTs a small JSON body to ``/completion`` for ``--seconds``; the
   contestant's CPU (``/proc``, its process and children) divided by the requests served.
@@ -29,8 +38,11 @@ the sources of another checkout, to compare two builds in one run.
   most 250 streams that sent 200 events (19 KiB) first, at 50 a second, as a long generation
   has. Each in a contestant process of its own.
 
-``--profile DIR`` runs the small requests once more under ``py-spy record --native`` and prints
-the functions with the most samples (own and with their callees); the raw stacks stay in DIR.
+CPU seconds on a shared 2-core machine move by 10-30% between rounds with what else runs.
+``instructions`` counts the contestant's user-space instructions under callgrind instead: the
+count moves by 0.2%, so that a 2% cut shows (system calls are not in it: ``strace -c -f -p``).
+``--profile DIR`` runs small requests and paced streams once more under ``py-spy record
+--native`` and prints the functions with the most samples; the raw stacks stay in DIR.
 """
 
 from __future__ import annotations
@@ -200,9 +212,17 @@ async def _wait_port(port: int) -> None:
                 await asyncio.sleep(0.05)
 
 
+_PADDLERS = {
+    "paddler": [],
+    "paddler-asyncio": ["--event-loop=asyncio"],
+    "paddler-quiet": ["--log-level=warning"],
+}
+"""Paddler contestants, and the flags each adds (a line per request is logged at INFO)."""
+
+
 @contextlib.asynccontextmanager
 async def contestant(
-    name: str, upstream: Hop, workdir: Path, flags: Sequence[str], prototype: str | None
+    name: str, upstream: Hop, workdir: Path, flags: Sequence[str], prototypes: dict[str, str]
 ) -> AsyncIterator[Hop]:
     if name == "direct":
         yield upstream
@@ -210,9 +230,9 @@ async def contestant(
         backend = Backend("fake", upstream.url, upstream.pid)
         async with running_nginx([backend], workdir) as nginx:
             yield Hop(nginx.url, nginx.pid)
-    elif name.partition("@")[0] in ("paddler", "paddler-asyncio"):
+    elif name.partition("@")[0] in _PADDLERS:
         kind, _, tree = name.partition("@")
-        extra = ["--event-loop=asyncio"] if kind == "paddler-asyncio" else []
+        extra = _PADDLERS[kind]
         async with (
             _balancer(
                 workdir, tree, "--routing=slots", "--agent-stale-after=1h", *extra, *flags
@@ -220,11 +240,10 @@ async def contestant(
             _registered(paddler, upstream),
         ):  # fmt: skip
             yield Hop(paddler.proxy_url, paddler.pid)
-    elif name == "prototype":
-        assert prototype is not None, "--prototype names the command"
+    elif name in prototypes:
         port = free_port()
         port_arg, upstream_port = str(port), upstream.url.rsplit(":", 1)[1]
-        argv = [*shlex.split(prototype), port_arg, upstream_port]
+        argv = [*shlex.split(prototypes[name]), port_arg, upstream_port]
         process = await spawn(*argv, log_path=workdir / "prototype.log")
         try:
             await _wait_port(port)
@@ -542,7 +561,7 @@ async def _measure_one(
     for instance, measuring in enumerate([None, *memory]):
         directory = workdir / f"{name.replace('/', '_')}-{round_number}-{instance}"
         directory.mkdir()
-        async with contestant(name, upstream, directory, args.flags, args.prototype) as hop:
+        async with contestant(name, upstream, directory, args.flags, args.prototypes) as hop:
             await wrk(hop.url + "/completion", 16, 1, directory)  # warm-up
             if measuring is not None:
                 key, first = measuring
@@ -668,10 +687,6 @@ async def _under_callgrind(
             before = _dumps(workdir)
             await control(pid, "--dump")
             (dump,) = _dumps(workdir) - before
-            if os.environ.get("PROFILE_KEEP_DUMPS"):
-                import shutil
-
-                shutil.copy(dump, os.environ["PROFILE_KEEP_DUMPS"] + "-" + dump.name)
             return _totals(dump)
 
         return count
@@ -686,9 +701,10 @@ async def _under_callgrind(
             _registered(paddler, upstream),
         ):  # fmt: skip
             yield Hop(paddler.proxy_url, paddler.pid), counter(paddler.pid)
-    elif kind == "prototype":
+    elif name in args.prototypes:
         port = free_port()
-        argv = [*prefix, *shlex.split(args.prototype), str(port), upstream.url.rsplit(":", 1)[1]]
+        command = shlex.split(args.prototypes[name])
+        argv = [*prefix, *command, str(port), upstream.url.rsplit(":", 1)[1]]
         process = await spawn(*argv, log_path=workdir / "prototype.log")
         try:
             async with asyncio.timeout(300):
@@ -697,7 +713,7 @@ async def _under_callgrind(
         finally:
             await stop(process)
     else:
-        raise SystemExit(f"instructions: {name!r} is not paddler[@TREE] or prototype")
+        raise SystemExit(f"instructions: {name!r} is not paddler[@TREE] or a --prototype")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -716,10 +732,11 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--profile", type=Path, default=None)
-    parser.add_argument("--prototype", default=None)
+    parser.add_argument("--prototype", action="append", default=[], metavar="NAME=COMMAND")
     parser.add_argument("--requests", type=int, default=400, help="instructions: small requests")
     parser.add_argument("flags", nargs="*", help="after --: flags for paddler balancer")
     args = parser.parse_args(argv)
+    args.prototypes = dict(entry.split("=", 1) for entry in args.prototype)
     import uvloop
 
     uvloop.run(instructions(args) if counting else measure(args))
