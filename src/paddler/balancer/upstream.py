@@ -321,7 +321,7 @@ async def relay(
     An answer that has arrived whole with its head (a non-streamed completion, an embedding, a
     small error: the body lies complete in the response's buffer) goes out in one write, head
     and body together, instead of a write for the head and another for the body. On loopback a
-    write costs about 25 us of the balancer's CPU, the kernel's delivery to the reader included:
+    write costs about 25 µs of the balancer's CPU, the kernel's delivery to the reader included:
     a tenth of a small request.
 
     If the server fails mid-answer (``read_timeout``: the upstream's, to name it when it
