@@ -13,6 +13,9 @@ from pathlib import Path
 ROUTING_POLICIES = ("prefix", "slots")
 """``--routing`` choices; see ``paddler.balancer.routing``."""
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+"""``--event-loop`` choices, the default first; see ``paddler.cli.event_loop``."""
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -87,6 +90,8 @@ class BalancerConfig:
     client_body_timeout: float = 30.0
     client_keepalive_timeout: float = 75.0
     max_client_connections: int = 2048
+    event_loop: str = "uvloop"
+    """Which event loop the process runs on (``--event-loop``); the CLI makes it."""
 
     @property
     def reverseproxy_scheme(self) -> str:
@@ -136,6 +141,8 @@ class BalancerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.max_client_connections < 1:
             raise ValueError("--max-client-connections must be 1 or more")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}")
         if any(character in self.statsd_prefix for character in ":|@# \t\n"):
             raise ValueError("--statsd-prefix may not contain ':', '|', '@', '#' or whitespace")
 
@@ -179,6 +186,8 @@ class AgentConfig:
     shutdown_drain_timeout: float = 30.0
     """On shutdown, how long requests running on our own llama.cpp may take to finish."""
     launch: LlamaCppLaunch | None = None
+    event_loop: str = "uvloop"
+    """Which event loop the process runs on (``--event-loop``); the CLI makes it."""
 
     @property
     def management_url(self) -> str:

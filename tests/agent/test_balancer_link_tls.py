@@ -7,11 +7,15 @@ import contextlib
 import logging
 from pathlib import Path
 
+import pytest
+
 from paddler.config import AgentConfig
 from tests.agent.test_balancer_link import IDLE, LINK_LOGGER, agent_config, board_with, linked
 from tests.support.balancer import RunningBalancer, running_balancer, wait_until
 from tests.support.logs import watching
 from tests.support.tls import Pki, make_pki
+
+pytestmark = pytest.mark.both_event_loops
 
 TOKEN = "tls-token-77"
 

@@ -24,6 +24,8 @@ from tests.support.llamacpp import LlamaCppServer, running_llamacpp
 from tests.support.logs import LogWatcher, watching
 from tests.support.tls import Pki, make_pki
 
+pytestmark = pytest.mark.both_event_loops
+
 CLIENT_KEY = "client-key-0123456789abcdef"
 LLAMACPP_KEY = "llamacpp-own-key-fedcba9876543210"
 TOKEN = "management-token-5555"

@@ -14,6 +14,8 @@ from paddler import protocol
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import fake_upstream, not_found
 
+pytestmark = pytest.mark.both_event_loops
+
 TOKEN = "socket-secret"
 
 

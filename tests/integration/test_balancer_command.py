@@ -27,6 +27,36 @@ async def test_a_taken_port_ends_the_balancer_with_one_clear_line() -> None:
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in error
 
 
+async def _startup_lines(*flags: str) -> list[str]:
+    """The balancer's log lines up to the proxy port's "listening" line; then it is stopped."""
+    process = await paddler_process(
+        "balancer", "--management-port=0", "--reverseproxy-port=0", *flags
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not lines or "reverseproxy listening" not in lines[-1]:
+                line = await process.stderr.readline()
+                assert line, f"the balancer exited: {lines}"
+                lines.append(line.decode())
+    finally:
+        await stop_process(process)
+    return lines
+
+
+async def test_a_balancer_started_with_defaults_runs_on_uvloop() -> None:
+    """Its first line names the loop it runs on: uvloop, with its version."""
+    lines = await _startup_lines()
+    assert "INFO paddler: event loop: uvloop 0." in lines[0]
+
+
+async def test_event_loop_asyncio_runs_the_balancer_on_asyncio_s_own_loop() -> None:
+    """``--event-loop asyncio`` (``PADDLER_EVENT_LOOP``) is the way out of uvloop."""
+    lines = await _startup_lines("--event-loop", "asyncio")
+    assert lines[0].rstrip().endswith("INFO paddler: event loop: asyncio")
+
+
 async def test_the_balancer_tells_its_supervisor_when_it_listens(tmp_path: Path) -> None:
     """With NOTIFY_SOCKET set (systemd, paddler cluster), READY=1 arrives once both ports
     listen, and STOPPING=1 when it stops."""

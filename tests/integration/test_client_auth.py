@@ -18,6 +18,8 @@ from tests.support.balancer import ScriptedAgent, ok, running_balancer
 from tests.support.logs import watching
 from tests.support.upstream import Handler, fake_upstream
 
+pytestmark = pytest.mark.both_event_loops
+
 CLIENT_KEY = "sk-client-key-42"
 _agents: list[ScriptedAgent] = []
 

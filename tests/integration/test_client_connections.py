@@ -16,12 +16,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from paddler.balancer.service import MANAGEMENT_CONNECTION_HEADROOM
 from tests.support.balancer import RunningBalancer, ScriptedAgent, ok, running_balancer
 from tests.support.logs import watching
 from tests.support.upstream import fake_upstream
+
+pytestmark = pytest.mark.both_event_loops
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 

@@ -14,11 +14,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from paddler.protocol import LlamaCppState, Status
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import fake_upstream
+
+pytestmark = pytest.mark.both_event_loops
 
 _agents: list[ScriptedAgent] = []
 

@@ -20,6 +20,8 @@ from aiohttp import web
 from tests.support.balancer import ScriptedAgent, ok, running_balancer
 from tests.support.upstream import fake_upstream
 
+pytestmark = pytest.mark.both_event_loops
+
 OBJECTS = 2_000_000
 """Small objects in a large body: the densest work for a JSON parser per byte."""
 

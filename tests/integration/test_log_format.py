@@ -17,10 +17,11 @@ async def test_json_log_lines_parse_and_carry_the_standard_fields() -> None:
     assert process.stderr is not None
     try:
         async with asyncio.timeout(20):
-            lines = [json.loads(await process.stderr.readline()) for _ in range(2)]
+            lines = [json.loads(await process.stderr.readline()) for _ in range(3)]
     finally:
         await stop_process(process)
-    assert [line["message"].split(" listening")[0] for line in lines] == [
+    assert [line["message"].split(" listening")[0].split(":")[0] for line in lines] == [
+        "event loop",
         "management",
         "reverseproxy",
     ]

@@ -18,6 +18,8 @@ from aiohttp import web
 from tests.support.balancer import ScriptedAgent, ok, running_balancer
 from tests.support.upstream import fake_upstream
 
+pytestmark = pytest.mark.both_event_loops
+
 _agents: list[ScriptedAgent] = []
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -16,6 +16,8 @@ from paddler.balancer.routing import Demand
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import closing_keepalive_upstream, fake_upstream
 
+pytestmark = pytest.mark.both_event_loops
+
 _agents: list[ScriptedAgent] = []
 
 
@@ -173,6 +175,45 @@ async def test_requests_pass_through_unchanged_minus_hop_by_hop_headers(
         assert "X-Dropped" not in seen["headers"]
         assert "Proxy-Authorization" not in seen["headers"]
         assert seen["headers"]["Host"] == running.proxy_url.removeprefix("http://")
+
+
+async def test_a_whole_answer_and_one_still_arriving_reach_the_client_alike(
+    session: aiohttp.ClientSession,
+) -> None:
+    """An answer whose body came with its head goes out in one write, one whose body is still
+    arriving goes out piece by piece: the client gets the same status, head and body."""
+    body = b'{"content": "hi", "stop": true}'
+    headers = {"Content-Type": "application/json", "X-Upstream": "kept"}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.path == "/whole":
+            return web.Response(status=201, body=body, headers=headers)
+        response = web.StreamResponse(status=201, headers=headers)
+        response.content_length = len(body)
+        await response.prepare(request)  # the head leaves first, the body after it
+        for start in range(0, len(body), 8):
+            await response.write(body[start : start + 8])
+        await response.write_eof()
+        return response
+
+    async with fake_upstream(answer) as port, running_balancer() as running:
+        await keep(ScriptedAgent(session, running.management_url)).register("u", port, ok(idle=1))
+        seen = []
+        for path in ("/whole", "/pieces"):
+            async with session.post(f"{running.proxy_url}{path}", data=b"{}") as response:
+                head = {
+                    name: value
+                    for name, value in response.headers.items()
+                    if name.lower() not in ("date", "x-request-id")
+                }
+                seen.append((response.status, head, await response.read()))
+    assert seen[0] == seen[1]
+    status, head, received = seen[0]
+    assert (status, received) == (201, body)
+    assert head["Content-Length"] == str(len(body))
+    assert head["X-Upstream"] == "kept"
+    assert head["X-Paddler-Agent"] == "u"
 
 
 async def test_rewrite_host_header_sends_the_agent_address(session: aiohttp.ClientSession) -> None:

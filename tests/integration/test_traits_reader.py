@@ -17,6 +17,8 @@ from paddler.balancer.traits_reader import TraitsReader
 from tests.support.balancer import wait_until
 from tests.unit.test_request_traits_properties import DOCUMENT, PATHS
 
+pytestmark = pytest.mark.both_event_loops
+
 CHAT = "/v1/chat/completions"
 
 

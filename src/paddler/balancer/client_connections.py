@@ -42,7 +42,7 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -118,8 +118,13 @@ class ClientConnections:
             guard.request_ended()
 
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        """Called on the loop that will serve the port; each guard keeps that loop, so that
+        arming a timer per request does not look it up (in Python 3.11 each look-up is a
+        getpid system call)."""
+        loop = asyncio.get_running_loop()
+
         def make() -> asyncio.Protocol:
-            return _Guard(self, server)
+            return _Guard(self, server, loop)
 
         return make
 
@@ -153,15 +158,22 @@ class _Guard(asyncio.Protocol):
         "_heard",
         "_in_request",
         "_inner",
+        "_loop",
         "_server",
         "_timer",
         "_transport",
     )
     _inner: RequestHandler  # built in connection_made, and only under the cap
 
-    def __init__(self, connections: ClientConnections, server: web.Server) -> None:
+    def __init__(
+        self,
+        connections: ClientConnections,
+        server: web.Server,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self._connections = connections
         self._server = server
+        self._loop = loop
         self._timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self._heard = False
@@ -169,7 +181,7 @@ class _Guard(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connections = self._connections
-        assert isinstance(transport, asyncio.Transport)
+        transport = _stream(transport)
         cap = connections.max_connections
         if cap is not None and connections.open >= cap:
             refusal = _Refusal(connections)
@@ -221,9 +233,7 @@ class _Guard(asyncio.Protocol):
         self._heard = False
 
     def _arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(
-            self._connections.header_timeout, self._head_late
-        )
+        self._timer = self._loop.call_later(self._connections.header_timeout, self._head_late)
 
     def _head_late(self) -> None:
         self._timer = None
@@ -251,7 +261,7 @@ class _Refusal(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = _stream(transport)
         connections = self._connections
         connections.refused += 1
         connections._closed(
@@ -278,6 +288,12 @@ class _Refusal(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._connections._lingering_refusals -= 1
+
+
+def _stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """A stream server's transport, as what it is. Not checked with ``isinstance``: uvloop's
+    transports have every method of ``asyncio.Transport`` without deriving from it."""
+    return cast(asyncio.Transport, transport)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -114,54 +114,77 @@ class Observer:
         """A request without a valid client key got 401 (it has no record: it never started)."""
 
 
+_HOOKS = (
+    "request_started",
+    "buffer_wait_started",
+    "buffer_wait_ended",
+    "upstream_started",
+    "upstream_headers",
+    "upstream_failed",
+    "retried",
+    "first_chunk",
+    "request_finished",
+    "unauthorized",
+)
+
+
 class Observers(Observer):
-    """Fans every hook out to each observer; one that raises is logged, not propagated."""
+    """Fans every hook out to each observer; one that raises is logged, not propagated.
+
+    Each hook calls only the observers that override it: most hooks of most observers do
+    nothing, and a request passes through every hook (without tracing, 3 of the 7 a request
+    calls have a listener).
+    """
 
     def __init__(self, observers: Iterable[Observer] = ()) -> None:
-        self._observers = list(observers)
+        self._listeners: dict[str, list[Callable[..., None]]] = {hook: [] for hook in _HOOKS}
+        for observer in observers:
+            self.add(observer)
 
     def add(self, observer: Observer) -> None:
-        self._observers.append(observer)
+        for hook, listeners in self._listeners.items():
+            if getattr(type(observer), hook) is not getattr(Observer, hook):
+                listeners.append(getattr(observer, hook))
 
     def request_started(self, record: RequestRecord) -> None:
-        for observer in self._observers:
-            _safely(observer.request_started, record)
+        for hook in self._listeners["request_started"]:
+            _safely(hook, record)
 
     def buffer_wait_started(self, record: RequestRecord) -> None:
-        for observer in self._observers:
-            _safely(observer.buffer_wait_started, record)
+        for hook in self._listeners["buffer_wait_started"]:
+            _safely(hook, record)
 
     def buffer_wait_ended(self, record: RequestRecord) -> None:
-        for observer in self._observers:
-            _safely(observer.buffer_wait_ended, record)
+        for hook in self._listeners["buffer_wait_ended"]:
+            _safely(hook, record)
 
     def upstream_started(self, record: RequestRecord, agent: AgentController) -> None:
-        for observer in self._observers:
-            _safely(observer.upstream_started, record, agent)
+        for hook in self._listeners["upstream_started"]:
+            _safely(hook, record, agent)
 
     def upstream_headers(self, record: RequestRecord, headers: MutableMapping[str, str]) -> None:
-        for observer in self._observers:
-            _safely(observer.upstream_headers, record, headers)
+        for hook in self._listeners["upstream_headers"]:
+            _safely(hook, record, headers)
 
     def upstream_failed(self, record: RequestRecord, agent: AgentController, reason: str) -> None:
-        for observer in self._observers:
-            _safely(observer.upstream_failed, record, agent, reason)
+        for hook in self._listeners["upstream_failed"]:
+            _safely(hook, record, agent, reason)
 
     def retried(self, record: RequestRecord, agent: AgentController) -> None:
-        for observer in self._observers:
-            _safely(observer.retried, record, agent)
+        for hook in self._listeners["retried"]:
+            _safely(hook, record, agent)
 
     def first_chunk(self, record: RequestRecord) -> None:
-        for observer in self._observers:
-            _safely(observer.first_chunk, record)
+        for hook in self._listeners["first_chunk"]:
+            _safely(hook, record)
 
     def request_finished(self, record: RequestRecord) -> None:
-        for observer in self._observers:
-            _safely(observer.request_finished, record)
+        for hook in self._listeners["request_finished"]:
+            _safely(hook, record)
 
     def unauthorized(self, path: str) -> None:
-        for observer in self._observers:
-            _safely(observer.unauthorized, path)
+        for hook in self._listeners["unauthorized"]:
+            _safely(hook, path)
 
 
 def _safely(hook: object, *arguments: object) -> None:

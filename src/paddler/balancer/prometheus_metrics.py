@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Iterator
+from typing import Any
 
 from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -179,6 +180,10 @@ class PrometheusMetrics(Observer):
         # Requests that reached the buffer; those refused before it (body too large, client gone
         # while sending it) have no wait to observe.
         self._buffered: set[RequestRecord] = set()
+        self._requests_by = _Children(self._requests)
+        self._buffer_wait_by = _Children(self._buffer_wait)
+        self._first_chunk_by = _Children(self._first_chunk)
+        self._duration_by = _Children(self._duration)
         pool.on_circuit_open(self._circuit_opened)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -227,27 +232,45 @@ class PrometheusMetrics(Observer):
 
     def first_chunk(self, record: RequestRecord) -> None:
         if record.time_to_first_chunk is not None:
-            self._first_chunk.labels(record.route).observe(record.time_to_first_chunk)
+            self._first_chunk_by(record.route).observe(record.time_to_first_chunk)
 
     def request_finished(self, record: RequestRecord) -> None:
         outcome = record.outcome.value if record.outcome is not None else "unknown"
         status = str(record.status) if record.status is not None else "none"
-        self._requests.labels(record.route, status, outcome).inc()
+        self._requests_by(record.route, status, outcome).inc()
         if record.outcome is Outcome.BUFFER_FULL:
             self._buffer_overflows.inc()
         elif record.outcome is Outcome.BUFFER_TIMEOUT:
             self._buffer_timeouts.inc()
         if record in self._buffered:
             self._buffered.discard(record)
-            self._buffer_wait.labels(record.route).observe(record.buffer_wait)
+            self._buffer_wait_by(record.route).observe(record.buffer_wait)
         if record.duration is not None:
-            self._duration.labels(record.route).observe(record.duration)
+            self._duration_by(record.route).observe(record.duration)
 
     def unauthorized(self, path: str) -> None:
         self._requests.labels(route_label(path), "401", Outcome.UNAUTHORIZED.value).inc()
 
     def _circuit_opened(self, agent: AgentController) -> None:
         self._circuit_openings.inc()
+
+
+class _Children:
+    """A metric's children by label values, from a dict. ``labels()`` checks its arguments,
+    converts them and takes a lock at every call; the proxy asks for the same few children for
+    every request (label values are bounded: routes, statuses, outcomes)."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

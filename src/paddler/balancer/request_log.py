@@ -20,6 +20,9 @@ def _milliseconds(seconds: float | None) -> float | None:
 
 class RequestLog(Observer):
     def request_finished(self, record: RequestRecord) -> None:
+        level = logging.WARNING if record.failed else logging.INFO
+        if not log.isEnabledFor(level):
+            return  # nothing formatted for a line nobody reads (--log-level warning)
         agent = record.agent.name if record.agent is not None else None
         fields = {
             "request_id": record.id,
@@ -35,7 +38,6 @@ class RequestLog(Observer):
             "time_to_first_chunk_ms": _milliseconds(record.time_to_first_chunk),
             "duration_ms": _milliseconds(record.duration),
         }
-        level = logging.WARNING if record.failed else logging.INFO
         outcome = str(fields["outcome"])
         if record.fault is Fault.REQUEST and (record.status or 0) >= 400:
             outcome += " (the request's own fault)"

@@ -89,6 +89,9 @@ class ReverseProxy:
         self._upstream = upstream
         self._budget = BodyBudget(config.request_body_memory)
         self._index_prompts = config.routing == "prefix"
+        # Made on the loop that serves it, and kept: Python 3.11 looks the running loop up with
+        # a getpid system call.
+        self._loop = asyncio.get_running_loop()
 
     def app(self) -> web.Application:
         keys = self._api_keys
@@ -174,7 +177,7 @@ class ReverseProxy:
     async def _dispatch(
         self, request: web.Request, body: bytes, record: RequestRecord, demand: Demand
     ) -> web.StreamResponse:
-        deadline = asyncio.get_running_loop().time() + self._buffer.timeout
+        deadline = self._loop.time() + self._buffer.timeout
         attempts = Attempts()
         for attempt in range(self._config.max_retries + 1):
             is_last = attempt == self._config.max_retries

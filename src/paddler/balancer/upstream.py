@@ -100,18 +100,20 @@ def interrupt(response: aiohttp.ClientResponse, reason: str) -> None:
     response.close()
 
 
-def _forwardable(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The end-to-end headers: hop-by-hop ones, and any the Connection header names, dropped."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
-    }
-    return CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in HOP_BY_HOP and name.lower() not in named
-    )
+def end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The end-to-end headers: hop-by-hop ones, and any the Connection header names, dropped.
+
+    A copy with the few hop-by-hop names taken out, in multidict's C code: rebuilding the
+    headers pair by pair in Python, twice a request, cost 3% of a small request's
+    instructions."""
+    forwarded = headers.copy()
+    for name in HOP_BY_HOP:
+        if name in forwarded:
+            del forwarded[name]
+    for value in headers.getall("Connection", ()):
+        for token in value.split(","):
+            forwarded.popall(token.strip(), None)
+    return forwarded
 
 
 class Upstream:
@@ -177,7 +179,7 @@ class Upstream:
         assert self._pooled is not None and self._fresh is not None, "use as a context manager"
         # encoded=True: the path and query go out byte for byte as the client sent them.
         url = URL(agent.url + request.raw_path, encoded=True)
-        headers = _forwardable(request.headers)
+        headers = end_to_end(request.headers)
         if self._rewrite_host_header:
             headers["Host"] = agent.address.authority
         if self._drop_client_keys:
@@ -188,8 +190,8 @@ class Upstream:
         if extra_headers:
             headers.update(extra_headers)
         # No deadline of its own: it exists to be moved to now by an abort. The read timeout
-        # is sock_read's.
-        waiting = asyncio.timeout(None)
+        # is sock_read's. (timeout_at: timeout() looks the loop up, a getpid in Python 3.11.)
+        waiting = asyncio.timeout_at(None)
         try:
             async with waiting:
                 if guard is not None:
@@ -316,19 +318,39 @@ async def relay(
 ) -> Relayed:
     """Copy the upstream response to the client as it arrives, never buffering it whole.
 
+    An answer that has arrived whole with its head (a non-streamed completion, an embedding, a
+    small error: the body lies complete in the response's buffer) goes out in one write, head
+    and body together, instead of a write for the head and another for the body. On loopback a
+    write costs about 25 µs of the balancer's CPU, the kernel's delivery to the reader included:
+    a tenth of a small request.
+
     If the server fails mid-answer (``read_timeout``: the upstream's, to name it when it
     passes), an event stream gets a clean end with an error event and any other body is cut
     off, so that the client sees it incomplete.
     """
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.update(_forwardable(upstream.headers))
+    whole = _arrived_whole(request, upstream)
+    response: web.StreamResponse
+    if whole is not None:
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=whole)
+    else:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+    response.headers.update(end_to_end(upstream.headers))
     if extra_headers:
         response.headers.update(extra_headers)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
     outcome = Relayed(response)
     finished = False
     try:
+        if whole is not None:
+            if on_first_chunk is not None:
+                on_first_chunk()
+            if on_chunk is not None:
+                on_chunk(whole)
+            await response.prepare(request)  # a Response holds its head until its body
+            await response.write_eof()
+            finished = True
+            return outcome
         await response.prepare(request)
         while True:
             try:
@@ -360,6 +382,23 @@ async def relay(
             # make the next request fail on it first.
             upstream.close()
     return outcome
+
+
+def _arrived_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The whole body, if it arrived with the head and is not empty; None otherwise: a stream,
+    a body still on its way, or an answer without a body (to a HEAD, a 1xx, 204 or 304), whose
+    head a ``Response`` would rewrite."""
+    content = upstream.content
+    if (
+        not upstream.content_length
+        or request.method == "HEAD"
+        or upstream.status < 200
+        or upstream.status in (204, 304)
+        or not content.is_eof()  # aiohttp ends a body at its Content-Length
+        or content.exception() is not None
+    ):
+        return None
+    return content.read_nowait()
 
 
 def _mid_response_cause(error: BaseException, read_timeout: float | None) -> str:
@@ -442,7 +481,7 @@ async def hold(
         response.close()
     body = b"".join(chunks)
     answer = HeldAnswer(
-        agent_name, response.status, response.reason, _forwardable(response.headers), body
+        agent_name, response.status, response.reason, end_to_end(response.headers), body
     )
     description = f"answered {response.status}: {answer.message}"
     return (answer if complete else None), description

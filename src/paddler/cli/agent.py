@@ -9,7 +9,14 @@ from typing import Any
 import click
 
 from paddler.cli.launch import checked_llamacpp_args, launch_options, require_llamacpp
-from paddler.cli.options import DURATION, PORT, READABLE_FILE, logging_options, option
+from paddler.cli.options import (
+    DURATION,
+    PORT,
+    READABLE_FILE,
+    event_loop_option,
+    logging_options,
+    option,
+)
 from paddler.cli.process import configure_logging, resolve_host, run_until_signalled
 from paddler.config import Address, AgentConfig, LlamaCppLaunch
 
@@ -104,6 +111,7 @@ from paddler.config import Address, AgentConfig, LlamaCppLaunch
     "watching an external server; the options below and any after -- are llama.cpp's.",
     threads_default=0,
 )
+@event_loop_option
 @logging_options
 def agent(
     log_level: str,
@@ -151,7 +159,7 @@ def agent(
     async def main(shutdown: asyncio.Event) -> None:
         await Agent(config).run(shutdown)
 
-    run_until_signalled(main, fatal=(LlamaCppGaveUp,))
+    run_until_signalled(main, fatal=(LlamaCppGaveUp,), event_loop=config.event_loop)
 
 
 def _agent_config(options: dict[str, Any], launch: LlamaCppLaunch | None) -> AgentConfig:
@@ -188,4 +196,5 @@ def _agent_config(options: dict[str, Any], launch: LlamaCppLaunch | None) -> Age
         monitoring_interval=options["monitoring_interval"],
         shutdown_drain_timeout=options["shutdown_drain_timeout"],
         launch=launch,
+        event_loop=options["event_loop"],
     )

@@ -14,6 +14,7 @@ from paddler.cli.options import (
     PORT,
     READABLE_FILE,
     buffer_options,
+    event_loop_option,
     flag,
     logging_options,
     option,
@@ -243,6 +244,7 @@ from paddler.config import BalancerConfig
     help="Most slots counted for one llama.cpp server whose /props the balancer cannot read; otherwise its /props total_slots bounds them.",
 )
 @routing_options
+@event_loop_option
 @logging_options
 def balancer(
     log_level: str,
@@ -307,6 +309,7 @@ def balancer(
             main,
             fatal=(ListenFailed,),
             on_hangup=api_keys.reload if config.api_keys_file is not None else None,
+            event_loop=config.event_loop,
         )
     finally:
         if tracer_provider is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -10,11 +11,13 @@ from typing import Any
 
 import click
 
+from paddler.cli import event_loop
 from paddler.cli.launch import checked_llamacpp_args, launch_options, require_llamacpp
 from paddler.cli.options import (
     DURATION,
     PORT,
     buffer_options,
+    event_loop_option,
     logging_options,
     option,
     routing_options,
@@ -44,6 +47,7 @@ from paddler.cli.process import configure_logging, require
     default="30s",
     help="On Ctrl-C, how long requests in flight may run before the servers stop.",
 )
+@event_loop_option
 @logging_options
 def cluster(
     log_level: str,
@@ -84,7 +88,7 @@ def cluster(
         return await Cluster(config).run(shutdown, hurry)
 
     try:
-        code = asyncio.run(main())
+        code = event_loop.run(main(), config.event_loop, level=logging.DEBUG)
     except ClusterFailed as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:  # before the handlers were installed

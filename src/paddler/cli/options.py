@@ -158,6 +158,20 @@ def logging_options(function: Callable[..., Any]) -> Callable[..., Any]:
     )(function)
 
 
+def event_loop_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``--event-loop``: ``balancer``, ``agent`` and ``cluster`` (see ``cli.event_loop``)."""
+    from paddler.config import EVENT_LOOPS
+
+    return option(
+        "--event-loop",
+        type=click.Choice(EVENT_LOOPS),
+        default=EVENT_LOOPS[0],
+        help="The event loop to run on. uvloop (the default) costs the balancer less CPU per "
+        "request and per streamed chunk; where it cannot be imported, asyncio's loop runs "
+        "instead and the startup log line says why. asyncio: the standard library's loop.",
+    )(function)
+
+
 def buffer_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """How many requests may wait for a slot, and how long: ``balancer`` and ``cluster``."""
     function = option(

@@ -163,6 +163,7 @@ class Cluster:
             PADDLER_MANAGEMENT_TOKEN=secrets.token_urlsafe(24),
             PADDLER_LOG_LEVEL=config.log_level,
             PADDLER_LOG_FORMAT=config.log_format,
+            PADDLER_EVENT_LOOP=config.event_loop,
         )
         return env
 

@@ -28,6 +28,8 @@ class ClusterConfig:
     """On stop, how long the balancer lets running requests finish before the servers stop."""
     log_level: str = "info"
     log_format: str = "text"
+    event_loop: str = "uvloop"
+    """The cluster's own event loop, and that of the balancer and agents it starts."""
 
     @property
     def alias(self) -> str:
