@@ -242,8 +242,9 @@ no slot idle; `bench/held_requests.py` opens the connections, {WINDOW} at a time
 sends one request on each. Admission: from just before the connections open to the first \
 `/health` answer (proxy port, one probe every {config.probe_interval * 1000:.0f} ms throughout) \
 that counts them all buffered, capped at {config.fill_cap:g} s. "SYNs dropped": connections the \
-kernel refused at the balancer's full listen queue (backlog 128, aiohttp's default): each costs \
-its client a 1 s retransmit. Then the agents report every slot idle and the fast upstream records \
+kernel refused at the balancer's full listen queue (its backlog follows \
+`--max-client-connections`, within the kernel's `net.core.somaxconn`): each costs its client a 1 s \
+retransmit. Then the agents report every slot idle and the fast upstream records \
 the order requests reach it (capped at {config.drain_cap:g} s); inversions and displacements \
 compare it with the order they were sent, {2 * config.buffer_slots} being served at once.
 
