@@ -28,7 +28,8 @@ connection), so that what is measured is the hop, not the server. Contestants:
 What is measured, each round, contestant after contestant:
 
 - ``small``: ``wrk -t1 -c16`` POSTs a small JSON body to ``/completion`` for ``--seconds``; the
-  contestant's CPU (``/proc``, its process and children) divided by the requests served.
+  contestant's CPU (``/proc``, its process and children) divided by the requests served, the
+  requests per second and wrk's p99.
 - ``latency``: ``wrk -c1``'s p50 of the same request, one connection.
 - ``chunks``: 32 clients each stream 10 requests of 10 chunks, then 4 of 100 chunks, a chunk
   every 5 ms; CPU per chunk is the difference per request divided by the 90 extra chunks, so
@@ -338,8 +339,15 @@ async def _read_all(socket: aiohttp.ClientWebSocketResponse) -> None:
 # -- measurements --------------------------------------------------------------------------------
 
 
-async def wrk(url: str, connections: int, seconds: int, workdir: Path) -> tuple[int, float]:
-    """Requests served and p50 latency in ms, for small POSTs to ``url``."""
+@dataclass(frozen=True)
+class WrkRun:
+    served: int
+    p50_ms: float
+    p99_ms: float
+
+
+async def wrk(url: str, connections: int, seconds: int, workdir: Path) -> WrkRun:
+    """Requests served and latency percentiles, for small POSTs to ``url``."""
     script = workdir / "post.lua"
     script.write_text(
         f"wrk.method = 'POST'\nwrk.body = '{SMALL_BODY}'\n"
@@ -353,18 +361,23 @@ async def wrk(url: str, connections: int, seconds: int, workdir: Path) -> tuple[
     if "Non-2xx" in output or "Socket errors" in output:
         raise RuntimeError(f"wrk saw errors:\n{output}")
     served = re.search(r"(\d+) requests in", output)
-    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", output)
-    if served is None or p50 is None:
+    if served is None:
         raise RuntimeError(f"cannot read wrk's output:\n{output}")
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p50.group(2)]
-    return int(served.group(1)), float(p50.group(1)) * scale
+    return WrkRun(int(served.group(1)), _percentile(output, 50), _percentile(output, 99))
 
 
-async def small_requests(hop: Hop, seconds: int, workdir: Path) -> float:
-    """CPU ms per small request."""
+def _percentile(output: str, percent: int) -> float:
+    found = re.search(rf"\b{percent}%\s+([\d.]+)(us|ms|s)\b", output)
+    if found is None:
+        raise RuntimeError(f"no {percent}% in wrk's output:\n{output}")
+    return float(found.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[found.group(2)]
+
+
+async def small_requests(hop: Hop, seconds: int, workdir: Path) -> tuple[float, WrkRun]:
+    """CPU ms per small request, and wrk's run."""
     before = process_seconds(hop.pid)
-    served, _ = await wrk(hop.url + "/completion", 16, seconds, workdir)
-    return (process_seconds(hop.pid) - before) / served * 1000
+    run = await wrk(hop.url + "/completion", 16, seconds, workdir)
+    return (process_seconds(hop.pid) - before) / run.served * 1000, run
 
 
 async def _stream_requests(hop: Hop, path: str, count: int) -> None:
@@ -570,11 +583,13 @@ async def _measure_one(
                 result[_MEMORY_RESULTS[key]] = round(kib, 2)
                 continue
             if "small" in what:
-                cpu = await small_requests(hop, args.seconds, directory)
+                cpu, run = await small_requests(hop, args.seconds, directory)
                 result["cpu_ms_per_request"] = round(cpu, 4)
+                result["requests_per_second"] = round(run.served / args.seconds)
+                result["p99_ms_16_connections"] = round(run.p99_ms, 3)
             if "latency" in what:
-                _, p50 = await wrk(hop.url + "/completion", 1, 3, directory)
-                result["p50_ms_one_connection"] = round(p50, 3)
+                run = await wrk(hop.url + "/completion", 1, 3, directory)
+                result["p50_ms_one_connection"] = round(run.p50_ms, 3)
             if "chunks" in what:
                 result["cpu_us_per_chunk"] = round(await chunk_cost(hop), 2)
             if args.profile is not None and name != "direct":

@@ -26,6 +26,7 @@ from paddler.cli.process import (
     raise_open_file_limit,
     resolve_host,
     run_until_signalled,
+    settle_garbage_collector,
 )
 from paddler.config import BalancerConfig
 
@@ -293,6 +294,7 @@ def balancer(
         ready = asyncio.create_task(service.ready.wait())
         await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
+            settle_garbage_collector()
             notify(
                 f"READY=1\nSTATUS=proxy on port {service.reverseproxy_port}, "
                 f"management on port {service.management_port}"
