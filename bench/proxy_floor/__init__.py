@@ -1,0 +1,1 @@
+"""Proxy hops with no Paddler logic, measured beside Paddler to find the floor (issue 10)."""
