@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytest
-
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.prefix_index import BLOCK_CHARS, PrefixIndex
@@ -24,40 +22,30 @@ def status(idle: int, processing: int = 0, models: tuple[str, ...] = ()) -> Stat
     )
 
 
-class CountingSlots(SlotsPolicy):
-    """The slots policy, keeping how many candidates each choice was given."""
+Shown = list[list[AgentController]]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.shown: list[int] = []
 
-    def choose(
-        self,
+def counting(policy: SlotsPolicy | PrefixPolicy) -> Shown:
+    """Keep, for each choice ``policy`` makes from now on, the candidates it was shown."""
+    shown: Shown = []
+    choose = policy.choose
+
+    def counted(
         candidates: Sequence[AgentController],
         demand: Demand,
         now: float,
         *,
         spill: bool = True,
     ) -> AgentController | None:
-        self.shown.append(len(candidates))
-        return super().choose(candidates, demand, now, spill=spill)
+        shown.append(list(candidates))
+        return choose(candidates, demand, now, spill=spill)
+
+    policy.choose = counted  # type: ignore[method-assign]
+    return shown
 
 
-class CountingPrefix(PrefixPolicy):
-    def __init__(self) -> None:
-        super().__init__(PrefixIndex(16 * 1024 * 1024))
-        self.shown: list[list[AgentController]] = []
-
-    def choose(
-        self,
-        candidates: Sequence[AgentController],
-        demand: Demand,
-        now: float,
-        *,
-        spill: bool = True,
-    ) -> AgentController | None:
-        self.shown.append(list(candidates))
-        return super().choose(candidates, demand, now, spill=spill)
+def prefix_policy() -> PrefixPolicy:
+    return PrefixPolicy(PrefixIndex(16 * 1024 * 1024))
 
 
 def fleet(pool: AgentControllerPool, size: int = FLEET) -> list[AgentController]:
@@ -74,14 +62,11 @@ def fleet(pool: AgentControllerPool, size: int = FLEET) -> list[AgentController]
     return agents
 
 
-@pytest.fixture
-def slots() -> CountingSlots:
-    return CountingSlots()
-
-
-def test_a_pick_among_a_thousand_agents_shows_the_policy_one(slots: CountingSlots) -> None:
+def test_a_pick_among_a_thousand_agents_shows_the_policy_one() -> None:
     """The slots policy's choice is the first agent of the index: a pick hands it that one
     candidate, and it is the agent a walk of the whole fleet would have chosen."""
+    slots = SlotsPolicy()
+    shown = counting(slots)
     pool = AgentControllerPool(policy=slots)
     agents = fleet(pool)
     for number, agent in enumerate(agents[:300]):
@@ -93,13 +78,13 @@ def test_a_pick_among_a_thousand_agents_shows_the_policy_one(slots: CountingSlot
         assert picked is least_loaded(pool.agents(), True)
         assert picked is not None
         pool.reserve(picked, Demand(True))
-    assert set(slots.shown) == {1}
+    assert {len(candidates) for candidates in shown} == {1}
 
 
-def test_a_report_moves_its_agent_in_the_order(slots: CountingSlots) -> None:
+def test_a_report_moves_its_agent_in_the_order() -> None:
     """An agent whose report shows more free slots than anyone's becomes the next pick, and
     one whose report shows none falls behind every agent with room."""
-    pool = AgentControllerPool(policy=slots)
+    pool = AgentControllerPool()
     agents = fleet(pool, 10)
     roomy, _ = join(pool, "roomy", Address("http", "127.0.0.1", 99), status(1))
     assert pool.pick(Demand(True)) is not roomy
@@ -113,10 +98,10 @@ def test_a_report_moves_its_agent_in_the_order(slots: CountingSlots) -> None:
     assert pool.pick(Demand(True)) is agents[7]
 
 
-def test_a_pick_for_a_model_looks_only_at_the_agents_that_serve_it(slots: CountingSlots) -> None:
+def test_a_pick_for_a_model_looks_only_at_the_agents_that_serve_it() -> None:
     """Agents are indexed by each model name they answer to: a request for "odd" goes to an
     odd agent even when every even agent has more room."""
-    pool = AgentControllerPool(policy=slots)
+    pool = AgentControllerPool()
     agents = fleet(pool, 20)
     for agent in agents[1::2]:
         pool.reserve(agent, Demand(True))
@@ -162,7 +147,8 @@ def test_the_totals_follow_reservations_releases_reports_and_removals() -> None:
 def test_the_prefix_policy_compares_the_prompts_owners_with_the_best_ranked() -> None:
     """A follow-up turn is compared across the server that holds its conversation and a few of
     the best-ranked others, not across the fleet, and still goes back to its server."""
-    policy = CountingPrefix()
+    policy = prefix_policy()
+    shown_all = counting(policy)
     pool = AgentControllerPool(policy=policy)
     agents = fleet(pool)
     conversation = "c" * (BLOCK_CHARS * 8)
@@ -172,7 +158,7 @@ def test_the_prefix_policy_compares_the_prompts_owners_with_the_best_ranked() ->
         pool.reserve(agent, Demand(True))
     follow_up = Demand.of(True, None, conversation + "next turn" * 40)
     assert pool.pick(follow_up) is holder
-    shown = policy.shown[-1]
+    shown = shown_all[-1]
     assert holder in shown
     assert len(shown) <= PREFIX_BREADTH + 1
 
@@ -180,7 +166,7 @@ def test_the_prefix_policy_compares_the_prompts_owners_with_the_best_ranked() ->
 def test_new_prefixes_spread_over_a_large_idle_fleet() -> None:
     """Prompts nobody holds go where the fewest prompt characters were sent, so that on an idle
     fleet of a thousand servers a hundred new conversations land on a hundred servers."""
-    pool = AgentControllerPool(policy=CountingPrefix())
+    pool = AgentControllerPool(policy=prefix_policy())
     fleet(pool)
     chosen = set()
     for number in range(100):

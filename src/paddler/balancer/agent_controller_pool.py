@@ -444,6 +444,11 @@ class AgentControllerPool:
         """The ids of the models the fleet serves, sorted."""
         return sorted(self._model_ids)
 
+    @property
+    def models_served(self) -> int:
+        """How many models the fleet serves (``len(model_ids())`` without sorting them)."""
+        return len(self._model_ids)
+
     def models(self) -> dict[str, list[AgentController]]:
         """Every model the fleet serves, by id, with the (verified) agents that serve it."""
         served: dict[str, list[AgentController]] = {}

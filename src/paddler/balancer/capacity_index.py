@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from sortedcontainers import SortedList
 
@@ -30,58 +31,72 @@ _Entry = tuple[int, int, int, str, str, int]
 agent's serial keeps entries of equal rank distinct."""
 
 
+class _Placed(NamedTuple):
+    """Where an agent stands: its entry in the lists of ``names``, and its share of the
+    totals."""
+
+    entry: _Entry
+    names: frozenset[str]
+    idle: int
+    processing: int
+
+
 class CapacityIndex:
     def __init__(self, tie_break: Callable[[AgentController], int]) -> None:
         self._tie_break = tie_break
         self._lists: dict[str | None, SortedList[_Entry]] = {None: SortedList()}
-        self._entries: dict[AgentController, tuple[_Entry, frozenset[str]]] = {}
-        self._serials: dict[AgentController, int] = {}
+        self._placed: dict[AgentController, _Placed] = {}
         self._agents: dict[int, AgentController] = {}
+        """The placed agents by serial, which is the last element of their entry."""
         self._next_serial = itertools.count()
-        self._shares: dict[AgentController, tuple[int, int]] = {}
         self.slots_idle = 0
         self.slots_processing = 0
 
     @property
     def usable_agents(self) -> int:
-        return len(self._entries)
+        return len(self._placed)
 
     def update(self, agent: AgentController) -> None:
         """Place ``agent`` where its numbers put it now (nowhere if it is not usable)."""
         if agent.removed or not agent.usable():
             self.remove(agent)
             return
-        serial = self._serials.get(agent)
-        if serial is None:
-            serial = self._serials[agent] = next(self._next_serial)
+        previous = self._placed.get(agent)
+        if previous is None:
+            serial = next(self._next_serial)
             self._agents[serial] = agent
+        else:
+            serial = previous.entry[-1]
+            self.slots_idle -= previous.idle
+            self.slots_processing -= previous.processing
         total = agent.slots_total
         busy = agent.busy_slots()
         free = max(0, total - busy)
         entry: _Entry = (-free, busy, self._tie_break(agent), agent.name, agent.url, serial)
         names = agent.model_names
-        previous = self._entries.get(agent)
-        if previous is None or previous != (entry, names):
+        if previous is None or (previous.entry, previous.names) != (entry, names):
             if previous is not None:
-                self._unlist(*previous)
-            self._entries[agent] = (entry, names)
+                self._unlist(previous)
             self._lists[None].add(entry)
             for name in names:
                 listed = self._lists.get(name)
                 if listed is None:
                     listed = self._lists[name] = SortedList()
                 listed.add(entry)
-        self._share(agent, (free, min(busy, total)))
+        placed = _Placed(entry, names, free, min(busy, total))
+        self._placed[agent] = placed
+        self.slots_idle += placed.idle
+        self.slots_processing += placed.processing
 
     def remove(self, agent: AgentController) -> None:
-        """Take ``agent`` out of every list, if it is in them."""
-        previous = self._entries.pop(agent, None)
-        if previous is not None:
-            self._unlist(*previous)
-        self._share(agent, None)
-        serial = self._serials.pop(agent, None)
-        if serial is not None:
-            del self._agents[serial]
+        """Take ``agent`` out of every list and out of the totals, if it is in them."""
+        previous = self._placed.pop(agent, None)
+        if previous is None:
+            return
+        self._unlist(previous)
+        self.slots_idle -= previous.idle
+        self.slots_processing -= previous.processing
+        del self._agents[previous.entry[-1]]
 
     def ranked(self, model: str | None) -> Iterator[AgentController]:
         """The usable agents that answer to ``model`` (every usable agent for None), best
@@ -100,21 +115,10 @@ class CapacityIndex:
     def has_usable(self, model: str | None) -> bool:
         return bool(self._lists.get(model))
 
-    def _unlist(self, entry: _Entry, names: frozenset[str]) -> None:
-        self._lists[None].remove(entry)
-        for name in names:
+    def _unlist(self, placed: _Placed) -> None:
+        self._lists[None].remove(placed.entry)
+        for name in placed.names:
             listed = self._lists[name]
-            listed.remove(entry)
+            listed.remove(placed.entry)
             if not listed:
                 del self._lists[name]
-
-    def _share(self, agent: AgentController, share: tuple[int, int] | None) -> None:
-        """Count ``agent``'s idle and processing slots in the totals as ``share`` (None: not)."""
-        previous = self._shares.pop(agent, None)
-        if previous is not None:
-            self.slots_idle -= previous[0]
-            self.slots_processing -= previous[1]
-        if share is not None:
-            self._shares[agent] = share
-            self.slots_idle += share[0]
-            self.slots_processing += share[1]

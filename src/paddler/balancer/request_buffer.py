@@ -159,7 +159,7 @@ class RequestBuffer:
                 return self._pool.reserve(agent, demand)
         waiter = _Waiter(demand, next(self._seq))
         if self._per_model[waiter.model] >= self._size or self._waiting >= self._size * max(
-            1, len(self._pool.model_ids())
+            1, self._pool.models_served
         ):
             self._policy.abandoned(demand)
             whose = f" for model {demand.model!r}" if demand.model else ""
