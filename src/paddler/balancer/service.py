@@ -25,6 +25,7 @@ from paddler.balancer.agents_route import AgentsRoute
 from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.autoscaling import AutoscalingRoute
 from paddler.balancer.client_connections import ClientConnections, ClientConnectionsSite
+from paddler.balancer.fleet import LocalFleet
 from paddler.balancer.fleet_view import FleetView
 from paddler.balancer.management_app import ManagementApp
 from paddler.balancer.observers import Observers
@@ -117,7 +118,12 @@ class Balancer:
                 self.pool, verifier, config.management_token, stale_after=config.agent_stale_after
             )
             proxy_app = ReverseProxy(
-                config, self.pool, self.buffer, upstream, self.observers, traits, self.api_keys
+                config,
+                LocalFleet(self.pool, self.buffer),
+                upstream,
+                self.observers,
+                traits,
+                self.api_keys,
             ).app()
             proxy_app.on_shutdown.append(self._close_buffer)
             management_app = ManagementApp(
