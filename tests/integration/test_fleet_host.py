@@ -249,3 +249,26 @@ async def test_a_malformed_message_closes_only_that_workers_link(fleet: Host) ->
     await wait_until(lambda: agent.reserved == 0)
     guard = await good.acquire(Demand(True), deadline())
     guard.release()
+
+
+async def test_waiters_from_different_workers_leave_in_arrival_order(fleet: Host) -> None:
+    """One buffer orders every worker's waiters: as the one slot frees up again and again, it
+    goes to the oldest waiter, whichever worker sent it."""
+    join(fleet.pool, "a", Address("http", "127.0.0.1", 1), status(idle=1))
+    one, two = await fleet.link(1), await fleet.link(2)
+    held = await one.acquire(Demand(True), deadline())
+    order: list[str] = []
+
+    async def wait(name: str, link: RemoteFleet) -> None:
+        guard = await link.acquire(Demand(True), deadline())
+        order.append(name)
+        await asyncio.sleep(0)
+        guard.release()
+
+    waiters = []
+    for number, link in enumerate([one, two, one, two, two, one]):
+        waiters.append(asyncio.create_task(wait(f"w{number}", link)))
+        await wait_until(lambda count=number + 1: fleet.buffer.waiting == count)
+    held.release()
+    await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    assert order == [f"w{number}" for number in range(6)]
