@@ -80,7 +80,8 @@ class LineProtocol(asyncio.Protocol):
         start = 0
         try:
             while (end := incoming.find(b"\n", start)) >= 0:
-                line = bytes(incoming[start:end])
+                # Decoded first: json.loads of bytes guesses their encoding, 0.5 µs a message.
+                line = incoming[start:end].decode()
                 start = end + 1
                 try:
                     message = _loads(line)
