@@ -104,6 +104,7 @@ class Balancer:
                 rewrite_host_header=config.rewrite_host_header,
                 llamacpp_api_key=config.llamacpp_api_key,
                 drop_client_keys=self.api_keys.enabled,
+                client=config.upstream_client,
             ) as upstream,
             TraitsReader() as traits,
         ):

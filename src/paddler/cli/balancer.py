@@ -28,7 +28,7 @@ from paddler.cli.process import (
     run_until_signalled,
     settle_garbage_collector,
 )
-from paddler.config import BalancerConfig
+from paddler.config import UPSTREAM_CLIENTS, BalancerConfig
 
 
 @click.command()
@@ -117,6 +117,13 @@ from paddler.config import BalancerConfig
     "llama.cpp sends the headers of a stream only after the prompt is processed (a long prompt "
     "on a CPU can take minutes), and those of a non-streamed answer only once it is complete. "
     "A frozen server is usually caught sooner, by its agent's report.",
+)
+@option(
+    "--upstream-client",
+    type=click.Choice(UPSTREAM_CLIENTS),
+    default="httptools",
+    help="The HTTP client that relays requests to llama.cpp: httptools, a small hand-written "
+    "one (about half the CPU per request of aiohttp's, docs/benchmarks.md), or aiohttp's.",
 )
 @option(
     "--shutdown-drain-timeout",
