@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -193,6 +194,34 @@ async def test_a_refused_connection_is_connect_failed() -> None:
             await connections.exchange(
                 address, get("/", address), b"", head_only=False, fresh=False
             )
+
+
+async def test_a_connection_not_accepted_within_the_connect_timeout_is_connect_failed() -> None:
+    """A server whose accept queue is full (SYNs dropped): ConnectFailed after the connect
+    timeout, naming it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # past what the queue holds (its length is the backlog + 1)
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        address = Address("http", "127.0.0.1", port)
+        connections = ConnectionPool(connect_timeout=0.3, keepalive_timeout=2, read_timeout=5)
+        async with asyncio.timeout(5):
+            with pytest.raises(ConnectFailed, match=r"within 0\.3s"):
+                await connections.exchange(
+                    address, get("/", address), b"", head_only=False, fresh=False
+                )
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 async def test_a_server_that_answers_nothing_times_out_before_its_head() -> None:

@@ -35,6 +35,32 @@ _WHOLE_BYTES = 1024 * 1024
 class Connection(asyncio.Protocol):
     """A connection and the response it is reading. ``idle_since``: when it last went idle."""
 
+    # An open stream holds one: slots keep it small (issue 10 counts the memory per stream).
+    __slots__ = (
+        "_body",
+        "_done",
+        "_drained",
+        "_framed",
+        "_head",
+        "_head_only",
+        "_headers",
+        "_idle",
+        "_last_read",
+        "_loop",
+        "_on_idle",
+        "_on_lost",
+        "_parser",
+        "_paused",
+        "_read_timeout",
+        "_reason",
+        "_reusable",
+        "_timer",
+        "address",
+        "closed",
+        "idle_since",
+        "transport",
+    )
+
     def __init__(
         self,
         address: Address,
