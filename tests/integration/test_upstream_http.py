@@ -319,3 +319,21 @@ async def test_a_large_body_is_sent_whole_in_pieces() -> None:
         )
         assert response.status == 204
         assert await received == body
+
+
+async def test_a_server_that_closes_while_a_large_body_is_sent_is_disconnected() -> None:
+    """The server going away mid-body ends the send with Disconnected, not a write to a closed
+    connection."""
+    body = b"x" * (8 * 1024 * 1024)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(64 * 1024)
+        writer.transport.abort()
+
+    async with scripted_server(script) as (address, _), pool() as connections:
+        async with asyncio.timeout(10):
+            with pytest.raises(Disconnected):
+                await connections.exchange(
+                    address, post("/", address, body), body, head_only=False, fresh=False
+                )

@@ -166,15 +166,17 @@ class Connection(asyncio.Protocol):
             return await head_future
         except BaseException:
             self.close()
+            if head_future.done() and not head_future.cancelled():
+                head_future.exception()  # told by the exception raised here instead
             raise
         finally:
             self._head = None
 
     async def _drain(self) -> None:
-        if self.closed:
-            raise Disconnected("the server closed the connection while the request was sent")
         if self._drained is not None:
             await self._drained
+        if self.closed:
+            raise Disconnected("the server closed the connection while the request was sent")
 
     def _release(self) -> None:
         """The response is done with: the connection goes idle if it may carry another request,
