@@ -20,7 +20,7 @@ connection), so that what is measured is the hop, not the server. Contestants:
 - ``paddler``: a ``paddler balancer`` process with its defaults (a log line per request at
   INFO, to a file), the flags after ``--``, and one agent with 4096 slots registered over the
   socket; ``paddler-asyncio`` adds ``--event-loop asyncio``, ``paddler-quiet``
-  ``--log-level warning``; ``paddler@TREE`` (or ``paddler-asyncio@TREE``, ...) runs the sources
+  ``--log-level warning``, ``paddler-aiohttp`` ``--upstream-client aiohttp``; ``paddler@TREE`` (or ``paddler-asyncio@TREE``, ...) runs the sources
   of another checkout, to compare two builds in one run;
 - any ``--prototype NAME=COMMAND``: a program started as ``COMMAND PORT UPSTREAM_PORT``, named
   NAME in ``--contestants``.
@@ -217,6 +217,7 @@ _PADDLERS = {
     "paddler": [],
     "paddler-asyncio": ["--event-loop=asyncio"],
     "paddler-quiet": ["--log-level=warning"],
+    "paddler-aiohttp": ["--upstream-client=aiohttp"],
 }
 """Paddler contestants, and the flags each adds (a line per request is logged at INFO)."""
 
@@ -707,11 +708,11 @@ async def _under_callgrind(
         return count
 
     kind, _, tree = name.partition("@")
-    if kind == "paddler":
+    if kind in _PADDLERS:
         async with (
             _balancer(
-                workdir, tree, "--routing=slots", "--agent-stale-after=1h", *args.flags,
-                prefix=prefix,
+                workdir, tree, "--routing=slots", "--agent-stale-after=1h", *_PADDLERS[kind],
+                *args.flags, prefix=prefix,
             ) as paddler,
             _registered(paddler, upstream),
         ):  # fmt: skip

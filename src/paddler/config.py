@@ -14,6 +14,9 @@ ROUTING_POLICIES = ("prefix", "slots")
 """``--routing`` choices; see ``paddler.balancer.routing``."""
 
 EVENT_LOOPS = ("uvloop", "asyncio")
+
+UPSTREAM_CLIENTS = ("httptools", "aiohttp")
+"""``--upstream-client`` choices; see ``paddler.balancer.upstream``."""
 """``--event-loop`` choices, the default first; see ``paddler.cli.event_loop``."""
 
 
@@ -64,6 +67,8 @@ class BalancerConfig:
     upstream_connect_timeout: float = 5.0
     upstream_keepalive_timeout: float = 2.0
     upstream_read_timeout: float = 600.0
+    upstream_client: str = "httptools"
+    """Which HTTP client relays requests to llama.cpp (``--upstream-client``)."""
     max_retries: int = 2
     circuit_breaker_cooldown: float = 5.0
     circuit_breaker_failure_threshold: int = 3
@@ -147,6 +152,8 @@ class BalancerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.max_client_connections < 1:
             raise ValueError("--max-client-connections must be 1 or more")
+        if self.upstream_client not in UPSTREAM_CLIENTS:
+            raise ValueError(f"--upstream-client must be one of {', '.join(UPSTREAM_CLIENTS)}")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}")
         if not 1 <= self.workers <= MAX_WORKERS:

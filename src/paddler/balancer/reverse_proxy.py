@@ -21,7 +21,6 @@ import functools
 import logging
 import time
 
-import aiohttp
 from aiohttp import web
 
 from paddler.balancer import errors
@@ -55,6 +54,7 @@ from paddler.balancer.upstream import (
     interrupt,
     relay,
 )
+from paddler.balancer.upstream_http.response import UpstreamResponse
 from paddler.balancer.verdict import NOT_IMPLEMENTED, Action, Fault, judge
 from paddler.config import BalancerConfig
 
@@ -280,7 +280,7 @@ class ReverseProxy:
         request: web.Request,
         record: RequestRecord,
         guard: SlotGuard,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         demand: Demand,
     ) -> web.StreamResponse:
         agent = guard.agent

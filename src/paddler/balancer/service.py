@@ -311,6 +311,7 @@ def upstream_for(config: BalancerConfig, api_keys: ApiKeys) -> Upstream:
         rewrite_host_header=config.rewrite_host_header,
         llamacpp_api_key=config.llamacpp_api_key,
         drop_client_keys=api_keys.enabled,
+        client=config.upstream_client,
     )
 
 

@@ -22,13 +22,19 @@ A server that stops making progress (frozen, swapping, deadlocked) is caught two
   response being relayed fails its next read with ``Interrupted``, which ends a stream with the
   SSE error event. Both cost nothing per chunk: a deadline that the abort moves to now, and an
   exception set on the response's stream;
-- as a backstop, ``read_timeout`` (``--upstream-read-timeout``): aiohttp's ``sock_read``, an idle
-  timeout on each read of the socket, from the end of the request body to the response headers
-  and then between chunks (aiohttp 3.14 restarts it on every packet, and stops it while the
-  client's own slowness pauses reading). A timeout is the server's fault, never the pooled
+- as a backstop, ``read_timeout`` (``--upstream-read-timeout``): an idle timeout on each read of
+  the socket, from the end of the request body to the response headers and then between chunks,
+  restarted on every packet and stopped while the client's own slowness pauses reading
+  (``upstream_http.connection``; with ``--upstream-client aiohttp``, aiohttp 3.14's
+  ``sock_read``). A timeout is the server's fault, never the pooled
   connection's: it is not resent on a fresh connection, where it would wait as long again.
   Sending the body is not bounded by it: a frozen server whose socket buffer is full blocks that
   write until its agent reports it.
+
+Two clients send the requests (``--upstream-client``): the hand-written ``upstream_http`` (the
+default, for what it saves: see its docstring) and aiohttp's ``ClientSession``. Both keep every
+promise above; their responses are read alike (``upstream_http.response.UpstreamResponse``).
+``fetch`` (the balancer's own checks of a server) always uses aiohttp.
 
 Keys: when the balancer checks client keys, or has a key of the llama.cpp servers' own
 (``--llamacpp-api-key``), the client's ``Authorization`` and ``X-Api-Key`` never reach llama.cpp;
@@ -52,6 +58,10 @@ from yarl import URL
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.api_error import stream_interrupted
 from paddler.balancer.slot_guard import SlotGuard
+from paddler.balancer.upstream_http.failures import ConnectFailed as ConnectFailed
+from paddler.balancer.upstream_http.pool import ConnectionPool, request_head
+from paddler.balancer.upstream_http.response import UpstreamResponse
+from paddler.config import UPSTREAM_CLIENTS
 from paddler.llamacpp_error import error_message
 
 log = logging.getLogger(__name__)
@@ -81,10 +91,6 @@ _WHOLE_BODY_BYTES = 1024 * 1024
 _PIECE_BYTES = 256 * 1024
 
 
-class ConnectFailed(Exception):
-    """No connection to the llama.cpp server could be opened."""
-
-
 class UpstreamBroken(Exception):
     """The server accepted the request but failed before or while answering."""
 
@@ -93,7 +99,7 @@ class Interrupted(aiohttp.ClientConnectionError):
     """A response ended from outside: its server is known to be gone (see ``interrupt``)."""
 
 
-def interrupt(response: aiohttp.ClientResponse, reason: str) -> None:
+def interrupt(response: UpstreamResponse, reason: str) -> None:
     """Make the pending and every later read of ``response`` fail with ``Interrupted(reason)``,
     and drop its connection."""
     response.content.set_exception(Interrupted(reason))
@@ -128,7 +134,12 @@ class Upstream:
         read_timeout: float | None = None,
         llamacpp_api_key: str | None = None,
         drop_client_keys: bool = False,
+        client: str = "httptools",
     ) -> None:
+        """``client``: which sends the requests to relay, one of ``UPSTREAM_CLIENTS``."""
+        if client not in UPSTREAM_CLIENTS:
+            raise ValueError(f"--upstream-client must be one of {', '.join(UPSTREAM_CLIENTS)}")
+        self._client = client
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._llamacpp_api_key = llamacpp_api_key
@@ -137,15 +148,25 @@ class Upstream:
         self._rewrite_host_header = rewrite_host_header
         self._pooled: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
+        self._connections: ConnectionPool | None = None
 
     async def __aenter__(self) -> Upstream:
-        self._pooled = self._session(
-            aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive_timeout)
-        )
+        if self._client == "httptools":
+            self._connections = ConnectionPool(
+                connect_timeout=self._connect_timeout,
+                keepalive_timeout=self._keepalive_timeout,
+                read_timeout=self.read_timeout,
+            )
+        else:
+            self._pooled = self._session(
+                aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive_timeout)
+            )
         self._fresh = self._session(aiohttp.TCPConnector(limit=0, force_close=True))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._connections is not None:
+            self._connections.close()
         for session in (self._pooled, self._fresh):
             if session is not None:
                 await session.close()
@@ -170,15 +191,13 @@ class Upstream:
         body: bytes,
         extra_headers: Mapping[str, str] | None = None,
         guard: SlotGuard | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the client's request to ``agent``; return once the response headers arrived.
 
         ``extra_headers`` (trace context) replace the client's headers of the same name.
         Aborting ``guard`` meanwhile ends the wait with ``UpstreamBroken`` and its reason.
         """
-        assert self._pooled is not None and self._fresh is not None, "use as a context manager"
-        # encoded=True: the path and query go out byte for byte as the client sent them.
-        url = URL(agent.url + request.raw_path, encoded=True)
+        assert self._fresh is not None, "use as a context manager"
         headers = end_to_end(request.headers)
         if self._rewrite_host_header:
             headers["Host"] = agent.address.authority
@@ -197,7 +216,7 @@ class Upstream:
                 if guard is not None:
                     guard.on_abort(lambda _reason: waiting.reschedule(0))
                 try:
-                    return await self._send(agent, request.method, url, headers, body)
+                    return await self._send(agent, request.method, request.raw_path, headers, body)
                 finally:
                     if guard is not None:
                         guard.on_abort(None)  # the deadline ends with this block
@@ -209,11 +228,15 @@ class Upstream:
             raise UpstreamBroken(f"{agent.name} timed out: {error!r}") from error
 
     async def _send(
-        self, agent: AgentController, method: str, url: URL, headers: CIMultiDict[str], body: bytes
-    ) -> aiohttp.ClientResponse:
-        assert self._pooled is not None and self._fresh is not None
+        self,
+        agent: AgentController,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+    ) -> UpstreamResponse:
         try:
-            return await self._request(self._pooled, method, url, headers, body)
+            return await self._request(agent, method, target, headers, body, fresh=False)
         except (ConnectFailed, aiohttp.ServerTimeoutError):
             raise
         except (aiohttp.ClientConnectionError, ConnectionResetError) as first:
@@ -221,7 +244,7 @@ class Upstream:
                 "pooled connection to %s failed (%r); resending on a fresh one", agent.name, first
             )
         try:
-            return await self._request(self._fresh, method, url, headers, body)
+            return await self._request(agent, method, target, headers, body, fresh=True)
         except aiohttp.ServerTimeoutError:
             raise
         except (aiohttp.ClientConnectionError, ConnectionResetError) as second:
@@ -253,12 +276,26 @@ class Upstream:
 
     async def _request(
         self,
-        session: aiohttp.ClientSession,
+        agent: AgentController,
         method: str,
-        url: URL,
+        target: str,
         headers: CIMultiDict[str],
         body: bytes,
-    ) -> aiohttp.ClientResponse:
+        *,
+        fresh: bool,
+    ) -> UpstreamResponse:
+        """One attempt, on a pooled connection or (``fresh``) on one opened for it alone."""
+        if self._connections is not None:
+            if "Host" not in headers:
+                headers["Host"] = agent.address.authority
+            head = request_head(method, target, headers, len(body))
+            return await self._connections.exchange(
+                agent.address, head, body, head_only=method == "HEAD", fresh=fresh
+            )
+        session = self._fresh if fresh else self._pooled
+        assert session is not None
+        # encoded=True: the path and query go out byte for byte as the client sent them.
+        url = URL(agent.url + target, encoded=True)
         try:
             return await session.request(
                 method, url, headers=headers, data=_payload(body), allow_redirects=False
@@ -294,7 +331,7 @@ class _Pieces(aiohttp.payload.Payload):
             await asyncio.sleep(0)
 
 
-def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+def is_event_stream(response: UpstreamResponse) -> bool:
     return response.content_type == "text/event-stream"
 
 
@@ -309,7 +346,7 @@ class Relayed:
 
 async def relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     *,
     extra_headers: Mapping[str, str] | None = None,
     on_first_chunk: Callable[[], None] | None = None,
@@ -384,7 +421,7 @@ async def relay(
     return outcome
 
 
-def _arrived_whole(request: web.Request, upstream: aiohttp.ClientResponse) -> bytes | None:
+def _arrived_whole(request: web.Request, upstream: UpstreamResponse) -> bytes | None:
     """The whole body, if it arrived with the head and is not empty; None otherwise: a stream,
     a body still on its way, or an answer without a body (to a HEAD, a 1xx, 204 or 304), whose
     head a ``Response`` would rewrite."""
@@ -455,7 +492,7 @@ HELD_ANSWER_LIMIT = 64 * 1024
 
 
 async def hold(
-    response: aiohttp.ClientResponse,
+    response: UpstreamResponse,
     agent_name: str,
     *,
     limit: int = HELD_ANSWER_LIMIT,
