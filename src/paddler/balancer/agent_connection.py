@@ -40,10 +40,13 @@ from typing import cast
 
 from paddler.balancer.frame_budget import FrameBudget
 from paddler.balancer.websocket_frames import (
+    BINARY,
+    CLOSE,
+    PING,
+    TEXT,
     CloseCode,
     FrameError,
     FrameParser,
-    Opcode,
     close_frame,
     close_reason,
     pong_frame,
@@ -91,7 +94,7 @@ class AgentConnection(asyncio.Protocol):
         self._on_text: OnText | None = None
         self._first: asyncio.Future[str | None] | None = None
         self._pauses = {"consumer"}
-        self._held: tuple[Opcode, bytes] | None = None
+        self._held: tuple[int, bytes] | None = None
         """A frame read while the budget had no token, applied when one is due."""
         self._timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Future[None] | None = None
@@ -216,10 +219,10 @@ class AgentConnection(asyncio.Protocol):
                 return
             opcode = message[0]
             if self._closing is not None:
-                if opcode is Opcode.CLOSE and not self._closing.done():
+                if opcode == CLOSE and not self._closing.done():
                     self._closing.set_result(None)
                 continue
-            if opcode is not Opcode.CLOSE and (wait := budget.take()) > 0:
+            if opcode != CLOSE and (wait := budget.take()) > 0:
                 self._held = message
                 self._pause("budget")
                 self._timer = self._loop.call_later(wait, self._token_due)
@@ -236,8 +239,8 @@ class AgentConnection(asyncio.Protocol):
             self._apply(*held)
         self._unpause("budget")
 
-    def _apply(self, opcode: Opcode, payload: bytes) -> None:
-        if opcode is Opcode.TEXT:
+    def _apply(self, opcode: int, payload: bytes) -> None:
+        if opcode == TEXT:
             try:
                 text = payload.decode()
             except UnicodeDecodeError:
@@ -262,9 +265,9 @@ class AgentConnection(asyncio.Protocol):
                 return
             if ended is not None:
                 self._end(ended)
-        elif opcode is Opcode.PING:
+        elif opcode == PING:
             self._transport.write(pong_frame(payload))
-        elif opcode is Opcode.CLOSE:
+        elif opcode == CLOSE:
             try:
                 close_reason(payload)
             except FrameError as error:
@@ -273,7 +276,7 @@ class AgentConnection(asyncio.Protocol):
             self._transport.write(close_frame(CloseCode.NORMAL, ""))
             self._end(Ended("its connection closed"))
             self._transport.close()
-        elif opcode is Opcode.BINARY:
+        elif opcode == BINARY:
             self._end(Ended("it sent a binary frame", refusal="frames must be JSON text"))
 
     def _end(self, ended: Ended) -> None:

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import Final
 
-
-class Opcode(IntEnum):
-    CONTINUATION = 0x0
-    TEXT = 0x1
-    BINARY = 0x2
-    CLOSE = 0x8
-    PING = 0x9
-    PONG = 0xA
+CONTINUATION: Final = 0x0
+TEXT: Final = 0x1
+BINARY: Final = 0x2
+CLOSE: Final = 0x8
+PING: Final = 0x9
+PONG: Final = 0xA
+"""The opcodes, as plain ints: an enum's constructor costs more than a frame's header."""
 
 
 class CloseCode(IntEnum):
@@ -37,7 +37,7 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009
 
 
-_OPCODES = frozenset(Opcode)
+_KNOWN = tuple(code in (CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG) for code in range(16))
 _CONTROL_MAX = 125
 
 
@@ -80,7 +80,7 @@ class FrameParser:
         self._position = 0
         self._fragments: list[bytes] | None = None
         """The payloads so far of a fragmented message, whose opcode is ``_fragmented``."""
-        self._fragmented = Opcode.TEXT
+        self._fragmented = TEXT
         self._fragments_size = 0
 
     def feed(self, data: bytes) -> None:
@@ -94,8 +94,9 @@ class FrameParser:
         """Bytes received and not yet returned as part of a message."""
         return len(self._buffer) - self._position + self._fragments_size
 
-    def next(self) -> tuple[Opcode, bytes] | None:
-        """The next whole message (control frames included), or None until more bytes come.
+    def next(self) -> tuple[int, bytes] | None:
+        """The next whole message (control frames included) as its opcode and payload, or
+        None until more bytes come.
 
         Raises ``FrameError``; after that the parser is not to be used again.
         """
@@ -105,66 +106,68 @@ class FrameParser:
             available = len(buffer) - start
             if available < 2:
                 return None
-            first, second = buffer[start], buffer[start + 1]
-            if first & 0x70:
-                raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved bits set (no extension)")
-            if not second & 0x80:
-                raise FrameError(CloseCode.PROTOCOL_ERROR, "a client's frame must be masked")
-            opcode = first & 0x0F
-            if opcode not in _OPCODES:
-                raise FrameError(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
-            final = bool(first & 0x80)
+            first = buffer[start]
+            second = buffer[start + 1]
+            if first & 0x70 or not second & 0x80 or not _KNOWN[first & 0x0F]:
+                raise _bad_header(first, second)
             size = second & 0x7F
-            header = 6
-            if size == 126:
+            if size < 126:
+                mask_at = start + 2
+            elif size == 126:
                 if available < 4:
                     return None
                 (size,) = struct.unpack_from("!H", buffer, start + 2)
-                header = 8
-            elif size == 127:
+                mask_at = start + 4
+            else:
                 if available < 10:
                     return None
                 (size,) = struct.unpack_from("!Q", buffer, start + 2)
-                header = 14
-            if opcode >= Opcode.CLOSE:
-                if not final or size > _CONTROL_MAX:
+                mask_at = start + 10
+            opcode = first & 0x0F
+            if opcode >= CLOSE:
+                if not first & 0x80 or size > _CONTROL_MAX:
                     raise FrameError(
                         CloseCode.PROTOCOL_ERROR, "a control frame must be whole and ≤ 125 bytes"
                     )
             elif self._fragments_size + size > self._max_message:
                 raise FrameError(
-                    CloseCode.MESSAGE_TOO_BIG,
-                    f"message is larger than {self._max_message} bytes",
+                    CloseCode.MESSAGE_TOO_BIG, f"message is larger than {self._max_message} bytes"
                 )
-            end = start + header + size
+            end = mask_at + 4 + size
             if len(buffer) < end:
                 return None
-            payload = unmask(
-                buffer[start + header - 4 : start + header], buffer[start + header : end]
-            )
             self._position = end
-            if opcode >= Opcode.CLOSE:
-                return Opcode(opcode), payload
+            payload = unmask(buffer[mask_at : mask_at + 4], buffer[mask_at + 4 : end])
+            if opcode >= CLOSE:
+                return opcode, payload
             fragments = self._fragments
-            if opcode == Opcode.CONTINUATION:
-                if fragments is None:
+            if fragments is None:
+                if opcode == CONTINUATION:
                     raise FrameError(CloseCode.PROTOCOL_ERROR, "a continuation of nothing")
-                fragments.append(payload)
-                self._fragments_size += size
-                if not final:
-                    continue
-                self._fragments = None
-                self._fragments_size = 0
-                return self._fragmented, b"".join(fragments)
-            if fragments is not None:
+                if first & 0x80:
+                    return opcode, payload
+                self._fragmented = opcode
+                self._fragments = [payload]
+                self._fragments_size = size
+                continue
+            if opcode != CONTINUATION:
                 raise FrameError(
                     CloseCode.PROTOCOL_ERROR, "a new message before the last one ended"
                 )
-            if final:
-                return Opcode(opcode), payload
-            self._fragmented = Opcode(opcode)
-            self._fragments = [payload]
-            self._fragments_size = size
+            fragments.append(payload)
+            self._fragments_size += size
+            if first & 0x80:
+                self._fragments = None
+                self._fragments_size = 0
+                return self._fragmented, b"".join(fragments)
+
+
+def _bad_header(first: int, second: int) -> FrameError:
+    if first & 0x70:
+        return FrameError(CloseCode.PROTOCOL_ERROR, "reserved bits set (no extension)")
+    if not second & 0x80:
+        return FrameError(CloseCode.PROTOCOL_ERROR, "a client's frame must be masked")
+    return FrameError(CloseCode.PROTOCOL_ERROR, f"unknown opcode {first & 0x0F:#x}")
 
 
 def close_reason(payload: bytes) -> tuple[int, str]:
@@ -179,7 +182,7 @@ def close_reason(payload: bytes) -> tuple[int, str]:
         raise FrameError(CloseCode.INVALID_TEXT, "a close reason that is not UTF-8") from None
 
 
-def _frame(opcode: Opcode, payload: bytes) -> bytes:
+def _frame(opcode: int, payload: bytes) -> bytes:
     size = len(payload)
     if size < 126:
         return bytes((0x80 | opcode, size)) + payload
@@ -189,14 +192,14 @@ def _frame(opcode: Opcode, payload: bytes) -> bytes:
 
 
 def text_frame(text: str) -> bytes:
-    return _frame(Opcode.TEXT, text.encode())
+    return _frame(TEXT, text.encode())
 
 
 def pong_frame(payload: bytes) -> bytes:
-    return _frame(Opcode.PONG, payload)
+    return _frame(PONG, payload)
 
 
 def close_frame(code: int, reason: str) -> bytes:
     """A close frame; the reason is cut to fit a control frame's 125 bytes."""
     encoded = reason.encode()[: _CONTROL_MAX - 2].decode(errors="ignore").encode()
-    return _frame(Opcode.CLOSE, code.to_bytes(2, "big") + encoded)
+    return _frame(CLOSE, code.to_bytes(2, "big") + encoded)
