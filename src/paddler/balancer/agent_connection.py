@@ -100,6 +100,8 @@ class AgentConnection(asyncio.Protocol):
         self._closing: asyncio.Future[None] | None = None
         """Set once our close frame is written: done when the peer's answers it."""
         self._lost = False
+        self._broken = False
+        """Whether the peer broke the protocol: what follows can no longer be parsed."""
         self.ended: asyncio.Future[Ended] = self._loop.create_future()
 
     @classmethod
@@ -153,8 +155,7 @@ class AgentConnection(asyncio.Protocol):
             return
         self._transport.write(close_frame(code, reason))
         closing = self._closing = self._loop.create_future()
-        broken = self.ended.done() and self.ended.result().broken is not None
-        if hang_up or broken:
+        if hang_up or self._broken:
             self._transport.close()
             return
         self._end(Ended("the balancer closed its connection"))
@@ -281,6 +282,8 @@ class AgentConnection(asyncio.Protocol):
 
     def _end(self, ended: Ended) -> None:
         self._pause("ended")
+        if ended.broken is not None:
+            self._broken = True
         if not self.ended.done():
             self.ended.set_result(ended)
         first = self._first

@@ -1,23 +1,26 @@
 """The management endpoint that agents connect to: one WebSocket per agent (see ``protocol``).
 
-The token is checked before the upgrade; a wrong or missing one gets 401 and a log line. The first
-frame must be ``register``, within ``REGISTER_TIMEOUT``. A malformed frame is answered with an
-``error`` message naming the problem, and the socket is closed with code 1008: a confused agent
-must not keep feeding the balancer reports it cannot trust. When the socket closes for any reason,
-the agent is removed (unless a newer socket took it over).
+The token is checked before the upgrade; a wrong or missing one gets 401 and a log line. aiohttp
+answers the upgrade; from then on the socket's frames are read by an ``AgentConnection`` (see
+there, and ``websocket_frames``), which hands each text message to this module in
+``data_received``. The first message must be ``register``, within ``REGISTER_TIMEOUT``. A
+malformed message is answered with an ``error`` message naming the problem, and the socket is
+closed with code 1008: a confused agent must not keep feeding the balancer reports it cannot
+trust. A frame that breaks RFC 6455 closes it with the RFC's code (1002, 1007, 1009) and a log
+line. When the socket closes for any reason, the agent is removed (unless a newer socket took it
+over).
 
 A socket whose agent the pool no longer counts (removed for silence after ``stale_after``, or
 taken over by a newer registration at its address) is closed by ``run``, which looks every
 ``stale_after / 2`` seconds: that is how a peer that vanished without closing its connection is
-let go. The sockets carry no WebSocket heartbeat of their own: aiohttp's schedules a callback
-for every frame received, about 16 µs of the balancer's CPU per frame (a bare aiohttp handler
-costs 64-70 µs a frame with it, 50-58 without: ``python -m bench.report_load --server floor``),
-to learn what the reports already tell. (The agents ping the balancer themselves, to learn that
-it is gone; aiohttp answers those.)
+let go. The sockets carry no WebSocket heartbeat of their own: aiohttp's scheduled a callback
+for every frame received, about 16 µs of the balancer's CPU per frame, to learn what the reports
+already tell. (The agents ping the balancer themselves, to learn that it is gone; the
+connection answers those.)
 
-A status frame identical to the one before it on the same socket (an idle server's report,
+A status message identical to the one before it on the same socket (an idle server's report,
 sent every second) is not parsed again: the message it parsed to is immutable, and is handed to
-the pool again. That also lets the pool compare it with what it holds by identity.
+the pool again, which sees by identity that nothing but the report's time changed.
 
 Each socket also owns two guards against an agent that lies or floods:
 
