@@ -110,6 +110,7 @@ class AgentSocket:
         socket = web.WebSocketResponse(
             max_msg_size=protocol.MAX_MESSAGE_BYTES,
             compress=False,  # the connection reads frames itself, and inflates none
+            timeout=CLOSE_TIMEOUT,  # were aiohttp's close to wait for an answer: as ours does
         )
         await socket.prepare(request)
         assert request.transport is not None  # prepare() has just written to it
