@@ -24,12 +24,17 @@ Measured on two cores shared with other work (medians of three runs of 20 s, 1,0
 - after: 75 µs a frame (7-8% of a core) on asyncio, 58 µs (5.8%) on uvloop; of that, 0.8% of
   a core is the fleet's periodic work, frames or not (``--silent``): the stats tick counting
   the totals (about 0.5%) and the pool's sweep (about 0.3%);
-- aiohttp alone: 50-58 µs a frame on asyncio without a heartbeat, 64-70 with aiohttp's.
+- aiohttp alone: 50-58 µs a frame on asyncio without a heartbeat, 64-70 with aiohttp's;
+- then, with the frames read on the connection (``agent_connection``): 42 µs a frame (4.2% of
+  a core) where the same run measured 73.5 (7.3%) before it; medians of three rounds, before
+  and after taking turns (docs/benchmarks.md, ``report-path``).
 
 What went: a fleet snapshot every second for the stats tick (17 µs a frame, see
 ``fleet_view``), aiohttp's per-socket heartbeat (16 µs, see ``agent_socket``), parsing a frame
 identical to the one before it (and the pool's work on a new, cold status object: together
-about 20 µs), and a third of the parse of a changed one (see ``protocol``).
+about 20 µs), and a third of the parse of a changed one (see ``protocol``); then aiohttp's
+WebSocket read path (its reader, its message queue and a task woken per frame) and the pool's
+index update for a report identical to the one it holds (9 µs in process; 1 µs now).
 """
 
 from __future__ import annotations

