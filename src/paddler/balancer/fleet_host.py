@@ -80,7 +80,9 @@ class FleetHost:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _WorkerLink(self), str(self._path))
+        self._server = await loop.create_unix_server(
+            lambda: _WorkerLink(self, self._pool, self._buffer, self._observers), str(self._path)
+        )
 
     async def drained(self, timeout: float) -> None:
         """Wait until every worker disconnected (they exit once drained), for ``timeout``."""
@@ -111,8 +113,8 @@ class FleetHost:
 
     def left(self, link: _WorkerLink) -> None:
         self._links.discard(link)
-        if link.index is not None and self._listening.get(link.index) is not None:
-            del self._listening[link.index]
+        if link.index is not None:
+            self._listening.pop(link.index, None)
 
     def listening(self, index: int, port: int) -> None:
         self._listening[index] = port
@@ -121,11 +123,18 @@ class FleetHost:
 
 
 class _WorkerLink(LineProtocol):
-    def __init__(self, host: FleetHost) -> None:
+    def __init__(
+        self,
+        host: FleetHost,
+        pool: AgentControllerPool,
+        buffer: RequestBuffer,
+        observers: Observers,
+    ) -> None:
         super().__init__()
         self._host = host
-        self._pool = host._pool
-        self._buffer = host._buffer
+        self._pool = pool
+        self._buffer = buffer
+        self._observers = observers
         self.index: int | None = None
         self._guards: dict[int, SlotGuard] = {}
         self._demands: dict[int, Demand] = {}
@@ -136,7 +145,7 @@ class _WorkerLink(LineProtocol):
             "cancel": self._cancel,
             "trip": self._on_agent(self._pool.trip),
             "failure": self._on_agent(self._pool.record_failure),
-            "success": self._on_agent(lambda agent: self._pool.record_success(agent)),
+            "success": self._on_agent(self._pool.record_success),
             "lacks_route": self._on_agent(self._pool.lacks_route),
             "offers_route": self._on_agent(self._pool.offers_route),
             "learn": self._learn,
@@ -290,10 +299,10 @@ class _WorkerLink(LineProtocol):
     # -- the workers' own news --------------------------------------------------------------
 
     def _done(self, message: list[Any]) -> None:
-        replay(self._host._observers, message[1])
+        replay(self._observers, message[1])
 
     def _unauthorized(self, message: list[Any]) -> None:
-        self._host._observers.unauthorized(str(message[1]))
+        self._observers.unauthorized(str(message[1]))
 
     def _hello(self, message: list[Any]) -> None:
         self.index = int(message[1])
