@@ -140,12 +140,14 @@ def scrape(text: str, name: str) -> float:
     raise AssertionError(f"{name} is not in the metrics")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_prefix_routing_keeps_each_conversation_where_llamacpp_caches_it(
-    session: aiohttp.ClientSession, slow_model: Path
+    session: aiohttp.ClientSession, slow_model: Path, workers: int
 ) -> None:
     """Four conversations with long, distinct system prompts, three turns each, on two servers
     of two slots: each conversation stays on one server, llama.cpp reports its system prompt
-    cached on every later turn, and /metrics counts exactly what llama.cpp reported."""
+    cached on every later turn, and /metrics counts exactly what llama.cpp reported; with two
+    worker processes too, whose turns the one fleet host routes and learns from."""
     rng = random.Random(7)
     systems = ["".join(rng.choices("abcdefghij klmno", k=1200)) for _ in range(4)]
     histories: list[list[dict[str, str]]] = [
@@ -154,7 +156,9 @@ async def test_prefix_routing_keeps_each_conversation_where_llamacpp_caches_it(
     served_by: list[set[str]] = [set() for _ in systems]
     reported = {"cached": 0, "total": 0}
     later_turn_cached: list[int] = []
-    async with fleet([None, None], model=slow_model, slots=2, routing="prefix") as cluster:
+    async with fleet(
+        [None, None], model=slow_model, slots=2, routing="prefix", workers=workers
+    ) as cluster:
         proxy = cluster.balancer.proxy_url
 
         async def turn(index: int, number: int) -> None:
@@ -173,8 +177,17 @@ async def test_prefix_routing_keeps_each_conversation_where_llamacpp_caches_it(
         for number in range(3):
             await asyncio.gather(*(turn(index, number) for index in range(len(systems))))
 
-        async with session.get(f"{cluster.balancer.management_url}/metrics") as response:
-            metrics = await response.text()
+        metrics = ""
+
+        async def learned_everything() -> bool:
+            # A worker tells the fleet host what llama.cpp cached as its answer ends: the last
+            # report may land just after the client read that answer.
+            nonlocal metrics
+            async with session.get(f"{cluster.balancer.management_url}/metrics") as response:
+                metrics = await response.text()
+            return scrape(metrics, "paddler_prompt_tokens_total") == reported["total"]
+
+        await wait_until(learned_everything)
 
     assert all(len(agents) == 1 for agents in served_by), served_by
     assert {agent for agents in served_by for agent in agents} == {"agent-0", "agent-1"}
