@@ -23,6 +23,9 @@ from paddler.safe_text import escape_unprintable
 
 log = logging.getLogger("paddler")
 
+LAYOUT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""The text log line: time, level, logger, message."""
+
 
 class OneLineFormatter(logging.Formatter):
     """Text log lines that nothing logged can break or forge.
@@ -36,6 +39,16 @@ class OneLineFormatter(logging.Formatter):
 
     _second: int | None = None
     _stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """``LAYOUT``'s line, made with one f-string when the record carries no traceback (a
+        request logs a line: ``logging.Formatter.format`` spends half of it on the general
+        case, a ``%`` of the record's whole dictionary)."""
+        if self._fmt != LAYOUT or record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        record.message = message = record.getMessage()
+        record.asctime = asctime = self.formatTime(record, self.datefmt)
+        return escape_unprintable(f"{asctime} {record.levelname} {record.name}: {message}")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_unprintable(super().formatMessage(record))
@@ -80,7 +93,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
             )
         )
     else:
-        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(OneLineFormatter(LAYOUT))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
