@@ -25,8 +25,10 @@ _PER_LINE = ("msg", "args", "levelname", "levelno", "created", "msecs", "relativ
 aside); the rest is the same for every line, and is copied from one record made at the first."""
 
 
-def _milliseconds(seconds: float) -> float:
-    return round(seconds * 1000, 1)
+def _milliseconds(seconds: float) -> str:
+    """Milliseconds to one decimal, as ``round(ms, 1)`` prints (below 10^15 ms): formatted
+    once, where ``round`` and then ``%s`` would convert the number to decimal twice."""
+    return f"{seconds * 1000:.1f}"
 
 
 class RequestLog(Observer):
@@ -50,10 +52,10 @@ class RequestLog(Observer):
         buffered = _milliseconds(record.buffer_wait)
         first_chunk_at = record.first_chunk_at
         first_chunk = (
-            None if first_chunk_at is None else _milliseconds(first_chunk_at - record.started)
+            "-" if first_chunk_at is None else _milliseconds(first_chunk_at - record.started)
         )
         ended = record.ended
-        duration = None if ended is None else _milliseconds(ended - record.started)
+        duration = "None" if ended is None else _milliseconds(ended - record.started)
         own_fault = (
             " (the request's own fault)"
             if record.fault is Fault.REQUEST and (status or 0) >= 400
@@ -64,7 +66,7 @@ class RequestLog(Observer):
             f"request {record.id} {record.method} {record.path} -> "
             f"{status if status is not None else '-'} {outcome}{own_fault} "
             f"via {agent or 'no agent'}: {duration} ms (buffered {buffered} ms, "
-            f"first chunk {first_chunk if first_chunk_at is not None else '-'} ms, "
+            f"first chunk {first_chunk} ms, "
             f"{record.attempts:d} attempt(s){key})"
         )
         entry = logging.LogRecord.__new__(logging.LogRecord)
@@ -87,9 +89,9 @@ class RequestLog(Observer):
         fields["agent"] = agent
         fields["key_id"] = key_id
         fields["attempts"] = record.attempts
-        fields["buffer_wait_ms"] = buffered
-        fields["time_to_first_chunk_ms"] = first_chunk
-        fields["duration_ms"] = duration
+        fields["buffer_wait_ms"] = float(buffered)
+        fields["time_to_first_chunk_ms"] = None if first_chunk_at is None else float(first_chunk)
+        fields["duration_ms"] = None if ended is None else float(duration)
         if self._task_names:
             task = asyncio.current_task()
             fields["taskName"] = task.get_name() if task is not None else None
