@@ -23,17 +23,27 @@ log = logging.getLogger("paddler.requests")
 _PER_LINE = ("msg", "args", "levelname", "levelno", "created", "msecs", "relativeCreated")
 """What a record of this logger holds that changes from line to line (the request's fields
 aside); the rest is the same for every line, and is copied from one record made at the first."""
-
-
-def _milliseconds(seconds: float) -> str:
-    """Milliseconds to one decimal, as ``round(ms, 1)`` prints (below 10^15 ms): formatted
-    once, where ``round`` and then ``%s`` would convert the number to decimal twice."""
-    return f"{seconds * 1000:.1f}"
+_FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "outcome",
+    "fault",
+    "agent",
+    "key_id",
+    "attempts",
+    "buffer_wait_ms",
+    "time_to_first_chunk_ms",
+    "duration_ms",
+)
+"""The request's facts, as attributes of its record (``--log-format json``'s keys)."""
 
 
 class RequestLog(Observer):
     def __init__(self) -> None:
-        self._constant: dict[str, object] | None = None
+        self._template: dict[str, object] | None = None
+        """Every attribute of a line's record, those of the line set to None."""
         self._start = 0.0
         """``logging``'s start, in seconds: a record's ``relativeCreated`` counts from it."""
         self._task_names = False
@@ -49,13 +59,14 @@ class RequestLog(Observer):
         fault = record.fault.value if record.fault is not None else None
         status = record.status
         key_id = record.key_id
-        buffered = _milliseconds(record.buffer_wait)
+        started = record.started
         first_chunk_at = record.first_chunk_at
-        first_chunk = (
-            "-" if first_chunk_at is None else _milliseconds(first_chunk_at - record.started)
-        )
         ended = record.ended
-        duration = "None" if ended is None else _milliseconds(ended - record.started)
+        # Milliseconds to one decimal, as round(ms, 1) prints them (below 10^15 ms): formatted
+        # once, where round() and then %s would convert each number to decimal twice.
+        buffered = f"{record.buffer_wait * 1000:.1f}"
+        first_chunk = "-" if first_chunk_at is None else f"{(first_chunk_at - started) * 1000:.1f}"
+        duration = "None" if ended is None else f"{(ended - started) * 1000:.1f}"
         own_fault = (
             " (the request's own fault)"
             if record.fault is Fault.REQUEST and (status or 0) >= 400
@@ -69,12 +80,11 @@ class RequestLog(Observer):
             f"first chunk {first_chunk} ms, "
             f"{record.attempts:d} attempt(s){key})"
         )
-        entry = logging.LogRecord.__new__(logging.LogRecord)
-        fields = entry.__dict__
-        fields.update(self._constant if self._constant is not None else self._first())
+        # A copy of a dictionary that has every key already: no key is added, so it is never
+        # grown (adding the 20 keys below to the shared ones grew it twice).
+        fields = (self._template if self._template is not None else self._first()).copy()
         now = time.time()
         fields["msg"] = line
-        fields["args"] = ()
         fields["levelname"] = "WARNING" if failed else "INFO"
         fields["levelno"] = level
         fields["created"] = now
@@ -95,6 +105,8 @@ class RequestLog(Observer):
         if self._task_names:
             task = asyncio.current_task()
             fields["taskName"] = task.get_name() if task is not None else None
+        entry = logging.LogRecord.__new__(logging.LogRecord)
+        entry.__dict__ = fields
         log.handle(entry)
 
     def _first(self) -> dict[str, object]:
@@ -102,7 +114,12 @@ class RequestLog(Observer):
         the first line, so that ``logging``'s settings of the process apply)."""
         first = log.makeRecord(log.name, logging.INFO, "(unknown file)", 0, "", (), None)
         self._start = first.created - first.relativeCreated / 1000
-        constant = {name: value for name, value in first.__dict__.items() if name not in _PER_LINE}
-        self._task_names = constant.get("taskName") is not None
-        self._constant = constant
-        return constant
+        template: dict[str, object] = dict.fromkeys(_PER_LINE)
+        template.update(
+            (name, value) for name, value in first.__dict__.items() if name not in _PER_LINE
+        )
+        template["args"] = ()
+        template.update(dict.fromkeys(_FIELDS))
+        self._task_names = template.get("taskName") is not None
+        self._template = template
+        return template
