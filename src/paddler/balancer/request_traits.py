@@ -47,8 +47,11 @@ class RequestTraits:
 NO_TRAITS = RequestTraits()
 
 
-def inspect(method: str, path: str, query: Mapping[str, str], body: bytes) -> RequestTraits:
-    """The model (from a JSON body, or ``?model=`` for other requests) and the prompt text."""
+def inspect(
+    method: str, path: str, query: Mapping[str, str], body: bytes, prompts: bool = True
+) -> RequestTraits:
+    """The model (from a JSON body, or ``?model=`` for other requests) and the prompt text;
+    without ``prompts``, the model alone (no routing policy but the prefix one reads prompts)."""
     if method != "POST" or not body:
         model = query.get("model")
         return RequestTraits(model=model or None)
@@ -59,6 +62,8 @@ def inspect(method: str, path: str, query: Mapping[str, str], body: bytes) -> Re
         model = document.get("model")
         if not isinstance(model, str) or not model:
             model = query.get("model") or None
+        if not prompts:
+            return NO_TRAITS if model is None else RequestTraits(model=model)
         prompt = _prompt_text(path.rstrip("/"), document)
     except (ValueError, UnicodeDecodeError, RecursionError):
         # RecursionError: a body nested deeper than the parser goes (about a thousand levels).

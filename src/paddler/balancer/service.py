@@ -106,7 +106,7 @@ class Balancer:
                 llamacpp_api_key=config.llamacpp_api_key,
                 drop_client_keys=self.api_keys.enabled,
             ) as upstream,
-            TraitsReader() as traits,
+            TraitsReader(prompts=config.routing == "prefix") as traits,
         ):
             verifier = AgentVerifier(
                 self.pool,
