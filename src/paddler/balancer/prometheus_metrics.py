@@ -238,7 +238,9 @@ class PrometheusMetrics(Observer):
             (
                 route,
                 _STATUSES.get(status) or _status(status),
-                outcome.value if outcome is not None else "unknown",
+                # The member itself: a StrEnum is its value (as a label and as a key), and
+                # ``.value`` is a Python-level descriptor.
+                outcome if outcome is not None else "unknown",
             )
         )
         if outcome is Outcome.BUFFER_FULL:
