@@ -11,6 +11,11 @@ names, labels, buckets (``le``), ``_sum``, ``_count`` and ``_created``, series i
 first counted.
 
 A series is created by its first count; label values are the caller's to bound (``routes``).
+
+Measured with callgrind: the Prometheus observer's three hooks of a request took 50 k
+instructions with prometheus_client's metrics and take 18 k with these (in process); in the
+balancer, 54 k of a small request's instructions before, 18 k after
+(``python -m bench.profile_proxy instructions``, with and without the observer).
 """
 
 from __future__ import annotations
