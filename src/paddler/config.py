@@ -6,6 +6,7 @@ constructor.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,9 @@ class Address:
     host: str
     port: int
 
-    @property
+    @functools.cached_property
     def url(self) -> str:
+        """Made once: the capacity index and the pick read an agent's URL for every request."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 

@@ -148,3 +148,21 @@ def test_generated_text_that_looks_like_timings_is_not_mistaken_for_them() -> No
     echo = content_event('"timings": {"cache_n": 99, "prompt_n": 1, "prompt_ms": 2}')
     assert report_of(echo) is None
     assert_report(report_of(echo, STREAM_END), cached=1592, computed=1, seconds=0.009855)
+
+
+def test_timings_in_another_order_or_spacing_report_the_same() -> None:
+    """llama.cpp writes cache_n, prompt_n, prompt_ms first; any order or spacing reads alike."""
+    for timings in (
+        b'"timings":{"cache_n":7,"prompt_n":3,"prompt_ms":12.5,"predicted_n":4}',
+        b'"timings" : { "prompt_ms" : 12.5 , "prompt_n" : 3, "cache_n" : 7 }',
+        b'"timings":{"predicted_n":4,"prompt_n":3,"cache_n":7,"prompt_ms":1.25e1}',
+    ):
+        assert_report(report_of(b'{"content":"x",' + timings + b"}"), 7, 3, 0.0125)
+
+
+def test_a_first_chunk_is_kept_whole_and_later_ones_after_it() -> None:
+    """The first chunk is kept without a copy; what follows is appended to it."""
+    assert_report(
+        report_of(b'{"timings":{"cache_n":1,', b'"prompt_n":2,"prompt_ms":3}}'), 1, 2, 0.003
+    )
+    assert_report(report_of(b"x" * 20_000 + CHAT_BODY), 0, 1593, 1.025734)

@@ -178,3 +178,32 @@ async def test_a_scraper_can_ask_for_some_families_only() -> None:
         "paddler_agent_usable",
         "paddler_buffer_overflows",
     }
+
+
+async def test_request_histograms_read_as_prometheus_clients_own() -> None:
+    """Buckets (a value on a bound counts in it), sums, counts and series order are those of a
+    ``prometheus_client.Histogram`` fed the same values."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from paddler.balancer.request_counts import RequestHistogram
+
+    bounds = (0.01, 0.1, 1, 10)
+    values = [("/a", 0.0), ("/b", 0.01), ("/a", 0.1000001), ("/a", 10), ("/b", 11.5), ("/a", 1)]
+    theirs = CollectorRegistry()
+    reference = Histogram("h_seconds", "H.", ["route"], buckets=bounds, registry=theirs)
+    ours = CollectorRegistry()
+    counted = RequestHistogram("h_seconds", "H.", ["route"], bounds)
+    ours.register(counted)
+    for route, value in values:
+        reference.labels(route).observe(value)
+        counted.observe((route,), value)
+
+    def samples(registry: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (found.name, found.labels, found.value)
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for found in family.samples
+            if not found.name.endswith("_created")
+        ]
+
+    assert samples(ours) == samples(theirs)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paddler.balancer.prefix_index import PROMPT_CHARS
-from paddler.balancer.request_traits import NO_TRAITS, RequestTraits, inspect
+from paddler.balancer.request_traits import NO_TRAITS, RequestTraits, _parsed, inspect
 
 PATHS = st.sampled_from(
     ["/v1/chat/completions", "/completion", "/v1/completions", "/v1/responses", "/v1/messages"]
@@ -133,3 +133,42 @@ def test_many_small_messages_are_read_whole(count: int) -> None:
     well_formed(traits)
     assert traits.model == "m"
     assert traits.prompt_chars == 2 * count
+
+
+def _loaded(read: Any, body: bytes) -> tuple[str, Any]:
+    try:
+        return "document", read(body)
+    except (ValueError, RecursionError):
+        return "refused", None
+
+
+@given(
+    document=JSON,
+    before=st.sampled_from(["", " ", "\n"]),
+    after=st.sampled_from(["", " \r\n\t", " x", "\x0b", "}", "{}"]),
+    encoding=st.sampled_from(["utf-8", "utf-16-le", "utf-32-be"]),
+)
+def test_a_body_is_read_as_json_loads_reads_it(
+    document: Any, before: str, after: str, encoding: str
+) -> None:
+    """The quick parse of a ``{`` body accepts and refuses exactly what ``json.loads`` does,
+    trailing data and other encodings included."""
+    body = (before + json.dumps(document) + after).encode(encoding)
+    assert _loaded(_parsed, body) == _loaded(json.loads, body)
+
+
+@given(body=st.binary(max_size=64).map(lambda tail: b"{" + tail))
+def test_any_bytes_after_a_brace_are_read_as_json_loads_reads_them(body: bytes) -> None:
+    """Bytes that only start like a JSON object: the same document, or the same refusal."""
+    assert _loaded(_parsed, body) == _loaded(json.loads, body)
+
+
+@given(path=PATHS, document=DOCUMENT, query_model=st.none() | st.text(min_size=1))
+def test_without_prompts_only_the_model_is_read(
+    path: str, document: dict[str, Any], query_model: str | None
+) -> None:
+    """A balancer that does not route by prefix gets the same model and no prompt text."""
+    body = json.dumps(document).encode()
+    query = {"model": query_model} if query_model else {}
+    traits = inspect("POST", path, query, body, prompts=False)
+    assert traits == RequestTraits(model=inspect("POST", path, query, body).model)

@@ -534,7 +534,7 @@ class AgentControllerPool:
         self.policy.dispatched(agent, demand)
         guard = SlotGuard(agent, demand.needs_slot, self.clock(), self._release)
         agent.guards.add(guard)
-        self._changed(agent)
+        self._index.update(agent)  # _changed's, without its frame: twice per request
         return guard
 
     def _release(self, guard: SlotGuard, abandoned: bool) -> None:
@@ -553,7 +553,7 @@ class AgentControllerPool:
                 agent.observe_hold(now - guard.reserved_at)
         if agent.removed:
             return  # nothing of it is counted any more, and nobody may be sent there
-        self._changed(agent)
+        self._index.update(agent)
         self._capacity_changed(agent)
 
     # -- failures ---------------------------------------------------------------------------

@@ -43,7 +43,6 @@ MAX_LINE = 8 * 1024 * 1024
 """The longest message: a summary batch or a model listing of a large fleet fits many times."""
 
 
-
 class WireError(Exception):
     """A message that does not parse or does not fit."""
 

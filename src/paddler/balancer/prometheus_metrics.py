@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Iterator
-from typing import Any
 
 from aiohttp import hdrs, web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -34,6 +33,7 @@ from paddler.balancer.fleet_view import FleetView
 from paddler.balancer.observers import Observer, Outcome, RequestRecord
 from paddler.balancer.prometheus_fleet import Encoder, Families, FleetGauges
 from paddler.balancer.request_buffer import RequestBuffer
+from paddler.balancer.request_counts import RequestCounter, RequestHistogram
 from paddler.balancer.routes import route_label
 from paddler.balancer.routing import PrefixPolicy, RoutingPolicy
 
@@ -121,12 +121,13 @@ class PrometheusMetrics(Observer):
         self.registry.register(RoutingCollector(pool))
         self._fleet = FleetGauges(view, buffer)
         registry = self.registry
-        self._requests = Counter(
+        # Counted for every request: plain numbers, read at scrape time (``request_counts``).
+        self._requests = RequestCounter(
             "paddler_requests",
             "Proxied requests by route, HTTP status sent to the client and outcome.",
             ["route", "status", "outcome"],
-            registry=registry,
         )
+        registry.register(self._requests)
         self._retries = Counter(
             "paddler_request_retries",
             "Attempts on another agent after one failed before answering.",
@@ -155,35 +156,30 @@ class PrometheusMetrics(Observer):
             "Requests answered 504 because no slot freed up within the buffer timeout.",
             registry=registry,
         )
-        self._buffer_wait = Histogram(
+        self._buffer_wait = RequestHistogram(
             "paddler_buffer_wait_seconds",
             "Time a request spent waiting for a slot, over all its attempts.",
             ["route"],
-            buckets=_BUFFER_WAIT_BUCKETS,
-            registry=registry,
+            _BUFFER_WAIT_BUCKETS,
         )
-        self._first_chunk = Histogram(
+        self._first_chunk = RequestHistogram(
             "paddler_time_to_first_chunk_seconds",
             "Time from a request's arrival to the first response chunk relayed to the client "
             "(the first token, for a streamed generation).",
             ["route"],
-            buckets=_FIRST_CHUNK_BUCKETS,
-            registry=registry,
+            _FIRST_CHUNK_BUCKETS,
         )
-        self._duration = Histogram(
+        self._duration = RequestHistogram(
             "paddler_request_duration_seconds",
             "Time from a request's arrival to the end of its response.",
             ["route"],
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
+            _DURATION_BUCKETS,
         )
+        for counted in (self._buffer_wait, self._first_chunk, self._duration):
+            registry.register(counted)
         # Requests that reached the buffer; those refused before it (body too large, client gone
         # while sending it) have no wait to observe.
         self._buffered: set[RequestRecord] = set()
-        self._requests_by = _Children(self._requests)
-        self._buffer_wait_by = _Children(self._buffer_wait)
-        self._first_chunk_by = _Children(self._first_chunk)
-        self._duration_by = _Children(self._duration)
         pool.on_circuit_open(self._circuit_opened)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -231,46 +227,48 @@ class PrometheusMetrics(Observer):
         self._upstream_failures.labels(reason).inc()
 
     def first_chunk(self, record: RequestRecord) -> None:
-        if record.time_to_first_chunk is not None:
-            self._first_chunk_by(record.route).observe(record.time_to_first_chunk)
+        if record.first_chunk_at is not None:
+            self._first_chunk.observe((record.route,), record.first_chunk_at - record.started)
 
     def request_finished(self, record: RequestRecord) -> None:
-        outcome = record.outcome.value if record.outcome is not None else "unknown"
-        status = str(record.status) if record.status is not None else "none"
-        self._requests_by(record.route, status, outcome).inc()
-        if record.outcome is Outcome.BUFFER_FULL:
+        outcome = record.outcome
+        status = record.status
+        route = record.route
+        self._requests.count(
+            (
+                route,
+                _STATUSES.get(status) or _status(status),
+                # The member itself: a StrEnum is its value (as a label and as a key), and
+                # ``.value`` is a Python-level descriptor.
+                outcome if outcome is not None else "unknown",
+            )
+        )
+        if outcome is Outcome.BUFFER_FULL:
             self._buffer_overflows.inc()
-        elif record.outcome is Outcome.BUFFER_TIMEOUT:
+        elif outcome is Outcome.BUFFER_TIMEOUT:
             self._buffer_timeouts.inc()
-        if record in self._buffered:
-            self._buffered.discard(record)
-            self._buffer_wait_by(record.route).observe(record.buffer_wait)
-        if record.duration is not None:
-            self._duration_by(record.route).observe(record.duration)
+        route_key = (route,)
+        buffered = self._buffered
+        if record in buffered:
+            buffered.discard(record)
+            self._buffer_wait.observe(route_key, record.buffer_wait)
+        if record.ended is not None:
+            self._duration.observe(route_key, record.ended - record.started)
 
     def unauthorized(self, path: str) -> None:
-        self._requests.labels(route_label(path), "401", Outcome.UNAUTHORIZED.value).inc()
+        self._requests.count((route_label(path), "401", Outcome.UNAUTHORIZED.value))
 
     def _circuit_opened(self, agent: AgentController) -> None:
         self._circuit_openings.inc()
 
 
-class _Children:
-    """A metric's children by label values, from a dict. ``labels()`` checks its arguments,
-    converts them and takes a lock at every call; the proxy asks for the same few children for
-    every request (label values are bounded: routes, statuses, outcomes)."""
+_STATUSES: dict[int | None, str] = {None: "none"}
+"""Status labels by status: the same few for nearly every request."""
 
-    __slots__ = ("_children", "_metric")
 
-    def __init__(self, metric: Counter | Histogram) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
+def _status(status: int | None) -> str:
+    label = _STATUSES[status] = str(status)
+    return label
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -18,7 +18,7 @@ _ids = random.Random()  # seeded from os.urandom, once
 
 
 def request_id(request: web.Request) -> str:
-    offered = request.headers.get("X-Request-Id", "")
-    if _ACCEPTABLE.match(offered):
+    offered = request.headers.get("X-Request-Id")
+    if offered is not None and _ACCEPTABLE.match(offered):
         return offered
     return f"{_ids.getrandbits(64):016x}"

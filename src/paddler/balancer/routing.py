@@ -223,6 +223,9 @@ class SlotsPolicy:
 
 
 def least_loaded(candidates: Sequence[AgentController], needs_slot: bool) -> AgentController | None:
+    if len(candidates) == 1:  # the usual shortlist (``SlotsPolicy``): nothing to compare
+        (only,) = candidates
+        return None if needs_slot and only.free_slots() < 1 else only
     best: AgentController | None = None
     best_key: tuple[int, int, str, str] | None = None
     for agent in candidates:

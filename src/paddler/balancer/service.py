@@ -124,7 +124,7 @@ class Balancer:
         config = self.config
         async with (
             upstream_for(config, self.api_keys) as upstream,
-            TraitsReader() as traits,
+            TraitsReader(prompts=config.routing == "prefix") as traits,
         ):
             verifier = AgentVerifier(
                 self.pool,

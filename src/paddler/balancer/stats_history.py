@@ -87,13 +87,18 @@ class StatsHistory(Observer):
         # that starts with a finished request, or one the event loop was too busy to sample).
         self._gauges = (0, 0, 0)
         self._encoded: tuple[int, bytes] | None = None
+        self._current = Second(-1)
+        """The bucket found last: the second's, for every request that finishes in it."""
 
     @property
     def window(self) -> int:
         return self._window
 
     def request_finished(self, record: RequestRecord) -> None:
-        bucket = self._bucket(int(self._clock()))
+        t = int(self._clock())
+        bucket = self._current
+        if bucket.t != t:
+            bucket = self._bucket(t)
         bucket.requests += 1
         if is_error(record):
             bucket.errors += 1
@@ -151,6 +156,7 @@ class StatsHistory(Observer):
             buffered, processing, total = self._gauges
             bucket = Second(t, 0, 0, buffered, processing, total)
             self._ring[index] = bucket
+        self._current = bucket
         return bucket
 
 

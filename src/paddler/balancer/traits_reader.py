@@ -82,8 +82,11 @@ class _Job:
 class TraitsReader:
     """Reads request traits inline or in a worker process; use as an async context manager."""
 
-    def __init__(self, inline_bytes: int = INLINE_BYTES) -> None:
+    def __init__(self, inline_bytes: int = INLINE_BYTES, prompts: bool = True) -> None:
+        """``prompts``: whether routing reads prompts (``request_traits.inspect``); the worker
+        reads them either way, off the loop."""
         self._inline_bytes = inline_bytes
+        self._prompts = prompts
         self._worker: asyncio.subprocess.Process | None = None
         self._turn = asyncio.Lock()
         self._exchanges: set[asyncio.Task[RequestTraits]] = set()
@@ -114,7 +117,7 @@ class TraitsReader:
     ) -> RequestTraits:
         """What ``request_traits.inspect`` says of the request, never holding the loop long."""
         if len(body) <= self._inline_bytes or method != "POST":
-            return inspect(method, path, query, body)
+            return inspect(method, path, query, body, self._prompts)
         assert self._open, "use as an async context manager"
         job = _Job(method, path, query.get("model") or None, body)
         exchange = asyncio.create_task(self._exchange(job))

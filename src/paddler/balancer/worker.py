@@ -77,7 +77,10 @@ class BalancerWorker:
             if self._tracer_provider is not None:
                 tracer = self._tracer_provider.get_tracer("paddler.balancer", __version__)
                 observers.add(TracingObserver(tracer))
-            async with upstream_for(config, self.api_keys) as upstream, TraitsReader() as traits:
+            async with (
+                upstream_for(config, self.api_keys) as upstream,
+                TraitsReader(prompts=config.routing == "prefix") as traits,
+            ):
                 app = ReverseProxy(config, fleet, upstream, observers, traits, self.api_keys).app()
                 runner, connections = proxy_runner(config, app, self._max_connections)
                 stopping = asyncio.Event()
