@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from paddler.cli.process import OneLineFormatter
 
@@ -22,3 +23,20 @@ def test_the_time_reads_as_loggings_own_across_seconds() -> None:
     for created in (1_790_000_000.004, 1_790_000_000.999, 1_790_000_001.0, 1_790_000_061.25):
         record = _record(created)
         assert ours.format(record) == standard.format(record)
+
+
+def test_a_workers_lines_name_it_before_the_logger() -> None:
+    """A ``--workers`` worker's tag goes between the level and the logger's name, on the fast
+    path and on the general one (a traceback) alike."""
+    tagged = OneLineFormatter(_LAYOUT, tag="worker 2")
+    standard = logging.Formatter("%(asctime)s %(levelname)s worker 2 %(name)s: %(message)s")
+    record = _record(1_790_000_000.5)
+    assert tagged.format(record) == standard.format(record)
+    assert " INFO worker 2 paddler.requests: request r1" in tagged.format(record)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failing = _record(1_790_000_000.5)
+        failing.exc_info = sys.exc_info()
+    first = tagged.format(failing).splitlines()[0]
+    assert first.endswith(" INFO worker 2 paddler.requests: request r1")
