@@ -152,7 +152,15 @@ def write_docs(text: str, args: argparse.Namespace) -> None:
         "the proxy's whole process tree (for Paddler: the fleet host, its workers and their "
         'traits workers); "fleet host" is the balancer\'s own process alone, which answers '
         "every worker's reservations.\n\n"
-        f"{text}\n{END}"
+        f"{text}\n\n"
+        "How to read it: with as many workers as cores, the kernel spreads the connections "
+        "and throughput grows while CPU per request stays about the same; beyond the cores, "
+        "the workers only take turns. What every request costs the fleet host (reservation, "
+        "release, its summary counted in the metrics) bounds how many workers one host can "
+        "feed: one core of it for each of its CPU per request. In process, without the "
+        "machine's noise, `python -m bench.fleet_link_costs` measures what the link adds to "
+        "a request, both ends together, against a `LocalFleet`.\n"
+        f"{END}"
     )
     current = DOCS.read_text()
     if BEGIN in current:
