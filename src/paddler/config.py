@@ -45,6 +45,9 @@ class Address:
         return f"{self.host}:{self.port}"
 
 
+MAX_WORKERS = 256
+
+
 @dataclass(frozen=True)
 class BalancerConfig:
     management_host: str = "127.0.0.1"
@@ -97,6 +100,9 @@ class BalancerConfig:
     max_client_connections: int = 2048
     event_loop: str = "uvloop"
     """Which event loop the process runs on (``--event-loop``); the CLI makes it."""
+    workers: int = 1
+    """Processes that serve the proxy port (``--workers``); with more than 1, this process
+    holds the fleet and serves them (``paddler.balancer.fleet_host``)."""
 
     @property
     def reverseproxy_scheme(self) -> str:
@@ -150,6 +156,8 @@ class BalancerConfig:
             raise ValueError(f"--upstream-client must be one of {', '.join(UPSTREAM_CLIENTS)}")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be between 1 and {MAX_WORKERS}")
         if any(character in self.statsd_prefix for character in ":|@# \t\n"):
             raise ValueError("--statsd-prefix may not contain ':', '|', '@', '#' or whitespace")
 

@@ -12,6 +12,7 @@ import aiohttp
 
 from paddler import protocol
 from paddler.balancer.service import Balancer
+from paddler.cli.workers import FleetSocketDirectory, WorkerProcesses
 from paddler.config import BalancerConfig
 from paddler.protocol import LlamaCppState, Status
 from tests.support.upstream import fake_upstream, not_found
@@ -22,6 +23,7 @@ class RunningBalancer:
     balancer: Balancer
     proxy_url: str
     management_url: str
+    workers: WorkerProcesses | None = None
 
     @property
     def pool(self) -> Any:
@@ -37,10 +39,26 @@ class RunningBalancer:
 async def running_balancer(
     tracer_provider: Any = None, **overrides: Any
 ) -> AsyncIterator[RunningBalancer]:
+    """A balancer on ports 0; with ``workers`` above 1, this process holds the fleet and the
+    workers are real processes (``cli.workers``), as ``paddler balancer --workers`` runs them."""
     config = replace(BalancerConfig(management_port=0, reverseproxy_port=0), **overrides)
-    balancer = Balancer(config, tracer_provider=tracer_provider)
+    directory = FleetSocketDirectory() if config.workers > 1 else None
+    balancer = Balancer(
+        config,
+        tracer_provider=tracer_provider,
+        fleet_socket=None if directory is None else directory.socket,
+    )
     shutdown = asyncio.Event()
     task = asyncio.create_task(balancer.run(shutdown))
+    workers: asyncio.Task[None] | None = None
+    processes: WorkerProcesses | None = None
+    if directory is not None:
+        processes = WorkerProcesses(config, directory.socket, "info", "text")
+        bound = asyncio.create_task(balancer.proxy_port_bound.wait())
+        await asyncio.wait([task, bound], return_when=asyncio.FIRST_COMPLETED)
+        if bound.done():
+            assert balancer.reverseproxy_port is not None
+            workers = asyncio.create_task(processes.run(balancer.reverseproxy_port, shutdown))
     ready = asyncio.create_task(balancer.ready.wait())
     await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
@@ -51,10 +69,15 @@ async def running_balancer(
             balancer,
             f"{config.reverseproxy_scheme}://127.0.0.1:{balancer.reverseproxy_port}",
             f"{config.management_scheme}://127.0.0.1:{balancer.management_port}",
+            processes,
         )
     finally:
         shutdown.set()
         await task
+        if workers is not None:
+            await workers
+        if directory is not None:
+            directory.remove()
 
 
 def ok(idle: int, processing: int = 0, models: tuple[str, ...] = ()) -> Status:

@@ -49,6 +49,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from paddler.balancer.agent_controller import AgentController, AgentSnapshot
 from paddler.balancer.capacity_index import CapacityIndex
@@ -440,6 +441,14 @@ class AgentControllerPool:
         """Whether a request naming ``model`` may be served (see the module docstring)."""
         return model in self._model_names or self._allow_unknown_models or len(self._model_ids) <= 1
 
+    def naming(self) -> Naming:
+        """What ``accepts`` decides from (a worker keeps a copy: see ``remote_fleet``)."""
+        return Naming(self._model_names, self._model_ids, self._allow_unknown_models)
+
+    def at(self, url: str) -> AgentController | None:
+        """The agent at ``url`` (``Address.url``), if any."""
+        return self._agents.get(url)
+
     def model_ids(self) -> list[str]:
         """The ids of the models the fleet serves, sorted."""
         return sorted(self._model_ids)
@@ -561,6 +570,18 @@ class AgentControllerPool:
     def _capacity_changed(self, agent: AgentController | None) -> None:
         for listener in self._capacity_listeners:
             listener(agent)
+
+
+class Naming(NamedTuple):
+    names: frozenset[str]
+    """Every name of every model the verified agents serve."""
+    ids: frozenset[str]
+    allow_unknown: bool
+
+
+def accepts(model: str, naming: Naming) -> bool:
+    """``AgentControllerPool.accepts`` from a copy of its ``naming``."""
+    return model in naming.names or naming.allow_unknown or len(naming.ids) <= 1
 
 
 def _describe(status: Status) -> str:

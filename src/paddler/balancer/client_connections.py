@@ -310,7 +310,7 @@ class ClientConnectionsSite(web.BaseSite):
     bound port and ``runner.cleanup()`` stops accepting before it drains.
     """
 
-    __slots__ = ("_connections", "_host", "_port")
+    __slots__ = ("_connections", "_host", "_port", "_reuse_port")
 
     def __init__(
         self,
@@ -319,7 +319,10 @@ class ClientConnectionsSite(web.BaseSite):
         port: int,
         connections: ClientConnections,
         ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        """``reuse_port``: share the port with other processes (SO_REUSEPORT), each of which
+        the kernel hands a share of the new connections (``--workers``)."""
         # A burst of connections (clients arriving while a fleet scales from zero) must queue
         # in the kernel, not be dropped there: aiohttp's backlog of 128 made the kernel drop
         # 2,564 of a burst of 10,000 (issue 10's benchmark), each client then retrying after
@@ -329,6 +332,7 @@ class ClientConnectionsSite(web.BaseSite):
         self._host = host
         self._port = port
         self._connections = connections
+        self._reuse_port = reuse_port
 
     @property
     def name(self) -> str:
@@ -348,4 +352,5 @@ class ClientConnectionsSite(web.BaseSite):
             # An unfinished handshake must not hold a connection longer than a late head can.
             ssl_handshake_timeout=self._connections.header_timeout if tls else None,
             backlog=self._backlog,
+            reuse_port=self._reuse_port or None,
         )

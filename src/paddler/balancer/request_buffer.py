@@ -148,6 +148,14 @@ class RequestBuffer:
 
         Raises ``BufferFull``, ``BufferTimeout``, ``NoCandidates`` or ``ShuttingDown``.
         """
+        guard = self.acquire_now(demand)
+        if guard is not None:
+            return guard
+        return await self.wait(demand, deadline=deadline)
+
+    def acquire_now(self, demand: Demand) -> SlotGuard | None:
+        """A reservation at once, if one can be had without waiting; None if the request must
+        ``wait``. Raises ``NoCandidates`` or ``ShuttingDown``."""
         if self._closed:
             raise ShuttingDown("the balancer is shutting down")
         if demand.exclude and not self._pool.has_candidates(demand.exclude, demand.model):
@@ -157,6 +165,12 @@ class RequestBuffer:
             agent = self._pool.pick(demand)
             if agent is not None:
                 return self._pool.reserve(agent, demand)
+        return None
+
+    async def wait(self, demand: Demand, *, deadline: float | None = None) -> SlotGuard:
+        """Join the queue, after ``acquire_now`` gave nothing; see ``acquire``."""
+        if self._closed:
+            raise ShuttingDown("the balancer is shutting down")
         waiter = _Waiter(demand, next(self._seq))
         if self._per_model[waiter.model] >= self._size or self._waiting >= self._size * max(
             1, self._pool.models_served

@@ -25,12 +25,12 @@ from aiohttp import web
 
 from paddler.balancer import errors
 from paddler.balancer.agent_controller import AgentController
-from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.attempts import Attempts, Failure
 from paddler.balancer.body_budget import BodyBudget
 from paddler.balancer.cache_report import ResponseTail
 from paddler.balancer.client_auth import KEY_ID, client_auth
+from paddler.balancer.fleet import Fleet
 from paddler.balancer.model_listing import ModelListing
 from paddler.balancer.observers import Observers, Outcome, RequestRecord
 from paddler.balancer.request_buffer import (
@@ -38,7 +38,6 @@ from paddler.balancer.request_buffer import (
     BufferRejection,
     BufferTimeout,
     NoCandidates,
-    RequestBuffer,
     ShuttingDown,
     UnknownModel,
 )
@@ -73,8 +72,7 @@ class ReverseProxy:
     def __init__(
         self,
         config: BalancerConfig,
-        pool: AgentControllerPool,
-        buffer: RequestBuffer,
+        fleet: Fleet,
         upstream: Upstream,
         observers: Observers,
         traits: TraitsReader,
@@ -84,8 +82,7 @@ class ReverseProxy:
         self._traits = traits
         self._api_keys = api_keys
         self._observers = observers
-        self._pool = pool
-        self._buffer = buffer
+        self._fleet = fleet
         self._upstream = upstream
         self._budget = BodyBudget(config.request_body_memory)
         self._index_prompts = config.routing == "prefix"
@@ -102,7 +99,7 @@ class ReverseProxy:
             else [],
         )
         app.router.add_get("/health", self.health)
-        listing = ModelListing(self._pool)
+        listing = ModelListing(self._fleet)
         for path in ("/v1/models", "/models"):
             app.router.add_get(path, listing.handle)
         app.router.add_route("*", "/{tail:.*}", self.forward)
@@ -112,16 +109,15 @@ class ReverseProxy:
         self._observers.unauthorized(request.path)
 
     async def health(self, request: web.Request) -> web.Response:
-        """Aggregate slots of usable agents; 503 while no agent can serve a request. O(1): the
-        pool keeps the totals as agents change."""
-        fleet = self._pool.totals()
+        """Aggregate slots of usable agents; 503 while no agent can serve a request."""
+        fleet = await self._fleet.health()
         ok = fleet.usable_agents > 0
         return web.json_response(
             {
                 "status": "ok" if ok else "no_usable_agents",
                 "slots_idle": fleet.slots_idle,
                 "slots_processing": fleet.slots_processing,
-                "requests_buffered": self._buffer.waiting,
+                "requests_buffered": fleet.requests_buffered,
             },
             status=200 if ok else 503,
         )
@@ -150,11 +146,11 @@ class ReverseProxy:
             try:
                 traits = await self._traits.read(request.method, request.path, request.query, body)
                 model = traits.model
-                if model is not None and not self._pool.accepts(model):
+                if model is not None and not self._fleet.accepts(model):
                     record.outcome = Outcome.REFUSED
                     log.info("request %s: unknown model %r", record.id, model[:200])
                     return self._refuse(
-                        record, errors.unknown_model(model[:200], self._pool.model_ids())
+                        record, errors.unknown_model(model[:200], self._fleet.model_ids())
                     )
                 record.model = model
                 demand = Demand.of(
@@ -177,7 +173,7 @@ class ReverseProxy:
     async def _dispatch(
         self, request: web.Request, body: bytes, record: RequestRecord, demand: Demand
     ) -> web.StreamResponse:
-        deadline = self._loop.time() + self._buffer.timeout
+        deadline = self._loop.time() + self._fleet.buffer_timeout
         attempts = Attempts()
         for attempt in range(self._config.max_retries + 1):
             is_last = attempt == self._config.max_retries
@@ -213,14 +209,14 @@ class ReverseProxy:
                 guard.received = upstream.content
                 status = upstream.status
                 if status == NOT_IMPLEMENTED and demand.route is not None:
-                    self._pool.lacks_route(agent, demand.route)
+                    self._fleet.lacks_route(agent, demand.route)
                 verdict = judge(
                     status,
                     failed_elsewhere=attempts.failed_elsewhere,
                     # Asked only of 5xx answers: it walks the fleet.
                     can_retry=status >= 500
                     and not is_last
-                    and self._pool.has_candidates(
+                    and await self._fleet.has_candidates(
                         attempts.tried,
                         demand.model,
                         demand.route if status == NOT_IMPLEMENTED else None,
@@ -252,7 +248,7 @@ class ReverseProxy:
         waiting_since = time.perf_counter()
         try:
             demand.exclude = frozenset(attempts.tried)
-            return await self._buffer.acquire(demand, deadline=deadline)
+            return await self._fleet.acquire(demand, deadline)
         finally:
             record.buffer_wait += time.perf_counter() - waiting_since
             self._observers.buffer_wait_ended(record)
@@ -261,7 +257,7 @@ class ReverseProxy:
         self, record: RequestRecord, attempts: Attempts, agent: AgentController, cause: str
     ) -> None:
         """Evidence against the server: out of rotation, and the request goes elsewhere."""
-        self._pool.trip(agent, cause)
+        self._fleet.trip(agent, cause)
         attempts.failed(Failure(agent, Fault.SERVER, cause))
         log.info("request %s: %s %s", record.id, agent.name, cause[:300])
 
@@ -270,14 +266,14 @@ class ReverseProxy:
     ) -> None:
         """Count an answer that is about to be relayed for or against the servers involved."""
         if fault is Fault.NONE:
-            self._pool.record_success(agent)
+            self._fleet.record_success(agent)
             if demand.route is not None:
-                self._pool.offers_route(agent, demand.route)
+                self._fleet.offers_route(agent, demand.route)
             # Served here, failed there: that was the other servers' fault.
             for suspect in attempts.suspects():
-                self._pool.record_failure(suspect.agent, f"{suspect.cause} (served elsewhere)")
+                self._fleet.record_failure(suspect.agent, f"{suspect.cause} (served elsewhere)")
         elif fault is Fault.REQUEST and not attempts.failed_elsewhere:
-            self._pool.record_success(agent)  # it answered, and sanely: a 4xx or a 501
+            self._fleet.record_success(agent)  # it answered, and sanely: a 4xx or a 501
 
     async def _relay(
         self,
@@ -302,7 +298,7 @@ class ReverseProxy:
             guard.release(abandoned=True)
             record.outcome = Outcome.CLIENT_GONE
         elif relayed.failure is not None:
-            self._pool.trip(agent, relayed.failure)
+            self._fleet.trip(agent, relayed.failure)
             self._observers.upstream_failed(record, agent, "broke_mid_response")
             record.outcome = Outcome.UPSTREAM_FAILED
             log.warning("request %s via %s: %s", record.id, agent.name, relayed.failure)
@@ -311,7 +307,7 @@ class ReverseProxy:
             if tail is not None:
                 record.cache = tail.cache_report()
                 if record.cache is not None:
-                    self._pool.policy.learn(agent, demand, record.cache)
+                    self._fleet.learn(guard, demand, record.cache)
         return relayed.response
 
     def _give_up(self, record: RequestRecord, attempts: Attempts) -> web.Response:

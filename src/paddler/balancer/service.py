@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ from paddler.balancer.agents_route import AgentsRoute
 from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.autoscaling import AutoscalingRoute
 from paddler.balancer.client_connections import ClientConnections, ClientConnectionsSite
+from paddler.balancer.fleet import LocalFleet
+from paddler.balancer.fleet_host import FleetHost
 from paddler.balancer.fleet_view import FleetView
 from paddler.balancer.management_app import ManagementApp
 from paddler.balancer.observers import Observers
@@ -49,6 +52,10 @@ MANAGEMENT_CONNECTION_HEADROOM = 256
 """Connections the management port accepts beyond one per agent (``--max-agents``)."""
 
 
+WORKER_EXIT_GRACE = 5.0
+"""Seconds a worker has, beyond ``--shutdown-drain-timeout``, to exit after its drain."""
+
+
 class ListenFailed(Exception):
     """A port could not be opened: taken by another process, or not an address of this host."""
 
@@ -60,10 +67,16 @@ class Balancer:
         on_listening: Callable[[str, int], None] | None = None,
         tracer_provider: TracerProvider | None = None,
         api_keys: ApiKeys | None = None,
+        fleet_socket: Path | None = None,
     ) -> None:
         """``api_keys``: the client keys, when the caller keeps them to reload them (SIGHUP);
         by default they are read from ``config``. Raises ``ApiKeyError`` or ``TlsError`` for
-        unusable key, certificate or key files."""
+        unusable key, certificate or key files.
+
+        ``fleet_socket``: with ``--workers`` above 1, where this process serves the fleet to
+        the workers (see ``fleet_host``); it then reserves the proxy port (``proxy_port_bound``
+        is set once it has) and is ready once every worker listens there. Starting the
+        workers is the caller's business."""
         config.validate()
         self.config = config
         self.api_keys = (
@@ -93,19 +106,24 @@ class Balancer:
         self.management_port: int | None = None
         self.reverseproxy_port: int | None = None
         self.ready = asyncio.Event()
+        self.proxy_port_bound = asyncio.Event()
+        self._port_reservation: socket.socket | None = None
+        self.fleet_host = (
+            None
+            if fleet_socket is None
+            else FleetHost(
+                self.pool,
+                self.buffer,
+                Observers([self.stats_history, self.prometheus]),
+                fleet_socket,
+                config.workers,
+            )
+        )
 
     async def run(self, shutdown: asyncio.Event) -> None:
         config = self.config
         async with (
-            Upstream(
-                connect_timeout=config.upstream_connect_timeout,
-                keepalive_timeout=config.upstream_keepalive_timeout,
-                read_timeout=config.upstream_read_timeout,
-                rewrite_host_header=config.rewrite_host_header,
-                llamacpp_api_key=config.llamacpp_api_key,
-                drop_client_keys=self.api_keys.enabled,
-                client=config.upstream_client,
-            ) as upstream,
+            upstream_for(config, self.api_keys) as upstream,
             TraitsReader() as traits,
         ):
             verifier = AgentVerifier(
@@ -117,10 +135,6 @@ class Balancer:
             socket = AgentSocket(
                 self.pool, verifier, config.management_token, stale_after=config.agent_stale_after
             )
-            proxy_app = ReverseProxy(
-                config, self.pool, self.buffer, upstream, self.observers, traits, self.api_keys
-            ).app()
-            proxy_app.on_shutdown.append(self._close_buffer)
             management_app = ManagementApp(
                 AgentsRoute(self.fleet_view, self.buffer),
                 socket,
@@ -136,9 +150,6 @@ class Balancer:
                 await socket.close_all()
 
             management_app.on_shutdown.append(close_sockets)
-            proxy_connections = ClientConnections(
-                "reverseproxy", config.client_header_timeout, config.max_client_connections
-            )
             # Every agent holds one connection; the headroom is for the API, the dashboards and
             # agents reconnecting while their old socket is still being closed.
             management_connections = ClientConnections(
@@ -147,8 +158,6 @@ class Balancer:
                 config.max_agents + MANAGEMENT_CONNECTION_HEADROOM,
                 f"--max-agents {config.max_agents} + {MANAGEMENT_CONNECTION_HEADROOM}",
             )
-            # First, so that every request an app answers tells its connection's guard.
-            proxy_app.middlewares.insert(0, proxy_connections.middleware)
             management_app.middlewares.insert(0, management_connections.middleware)
             management = web.AppRunner(
                 management_app,
@@ -156,33 +165,43 @@ class Balancer:
                 handle_signals=False,
                 keepalive_timeout=config.client_keepalive_timeout,
             )
-            proxy = web.AppRunner(
-                proxy_app,
-                access_log=None,
-                handle_signals=False,
-                handler_cancellation=True,
-                shutdown_timeout=config.shutdown_drain_timeout,
-                keepalive_timeout=config.client_keepalive_timeout,
-            )
+            # The proxy port is served here, or by the workers (``--workers``).
+            proxy_app = ReverseProxy(
+                config,
+                LocalFleet(self.pool, self.buffer),
+                upstream,
+                self.observers,
+                traits,
+                self.api_keys,
+            ).app()
+            proxy_app.on_shutdown.append(self._close_buffer)
+            proxy, proxy_connections = proxy_runner(config, proxy_app)
             await management.setup()
             try:
-                await proxy.setup()
+                if self.fleet_host is None:
+                    await proxy.setup()
+                else:
+                    await self.fleet_host.start()
                 try:
-                    self.management_port = await _listen(
+                    self.management_port = await listen(
                         management,
                         config.management_host,
                         config.management_port,
                         management_connections,
                         self._management_tls,
                     )
-                    self.reverseproxy_port = await _listen(
-                        proxy,
-                        config.reverseproxy_host,
-                        config.reverseproxy_port,
-                        proxy_connections,
-                        self._proxy_tls,
-                    )
                     self._announce("management", config.management_host, self.management_port)
+                    if self.fleet_host is None:
+                        self.reverseproxy_port = await listen(
+                            proxy,
+                            config.reverseproxy_host,
+                            config.reverseproxy_port,
+                            proxy_connections,
+                            self._proxy_tls,
+                        )
+                    elif not await self._reserve_for_workers(self.fleet_host, shutdown):
+                        return
+                    assert self.reverseproxy_port is not None
                     self._announce("reverseproxy", config.reverseproxy_host, self.reverseproxy_port)
                     self._warn_of_clear_text()
                     self.ready.set()
@@ -194,12 +213,43 @@ class Balancer:
                         services.create_task(self.stats_history.run(shutdown))
                     log.info("shutting down: draining requests in flight")
                 finally:
-                    await proxy.cleanup()
+                    if self.fleet_host is None:
+                        await proxy.cleanup()
+                    else:
+                        await self._drain_workers(self.fleet_host)
             finally:
                 await management.cleanup()
         log.info("balancer stopped")
 
-    async def _close_buffer(self, _: web.Application) -> None:
+    async def _reserve_for_workers(self, host: FleetHost, shutdown: asyncio.Event) -> bool:
+        """Bind the proxy port (so that a port 0 is chosen once, here) and wait until every
+        worker listens on it; False if shutdown came first."""
+        config = self.config
+        self._port_reservation = reserve_port(config.reverseproxy_host, config.reverseproxy_port)
+        self.reverseproxy_port = int(self._port_reservation.getsockname()[1])
+        self.proxy_port_bound.set()
+        log.info("waiting for %d worker(s) to listen on the proxy port", config.workers)
+        listening = asyncio.ensure_future(host.all_listening.wait())
+        stopping = asyncio.ensure_future(shutdown.wait())
+        await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        listening.cancel()
+        stopping.cancel()
+        return host.all_listening.is_set()
+
+    async def _drain_workers(self, host: FleetHost) -> None:
+        """Answer the buffered requests, then wait for the workers to finish theirs."""
+        await self._close_buffer(None)
+        if host.links:
+            log.info("waiting for %d worker(s) to drain", host.links)
+        try:
+            await host.drained(self.config.shutdown_drain_timeout + WORKER_EXIT_GRACE)
+        except TimeoutError:
+            log.warning("%d worker(s) still connected after the drain timeout", host.links)
+        host.close()
+        if self._port_reservation is not None:
+            self._port_reservation.close()
+
+    async def _close_buffer(self, _: web.Application | None) -> None:
         waiting = self.buffer.waiting
         self.buffer.close()
         if waiting:
@@ -252,6 +302,62 @@ class Balancer:
             )
 
 
+def upstream_for(config: BalancerConfig, api_keys: ApiKeys) -> Upstream:
+    """The client for the llama.cpp servers, as ``config`` asks."""
+    return Upstream(
+        connect_timeout=config.upstream_connect_timeout,
+        keepalive_timeout=config.upstream_keepalive_timeout,
+        read_timeout=config.upstream_read_timeout,
+        rewrite_host_header=config.rewrite_host_header,
+        llamacpp_api_key=config.llamacpp_api_key,
+        drop_client_keys=api_keys.enabled,
+        client=config.upstream_client,
+    )
+
+
+def proxy_runner(
+    config: BalancerConfig, app: web.Application, max_connections: int | None = None
+) -> tuple[web.AppRunner, ClientConnections]:
+    """The proxy port's runner and its connections' rules (``max_connections``: this
+    process's share of ``--max-client-connections``)."""
+    connections = ClientConnections(
+        "reverseproxy",
+        config.client_header_timeout,
+        config.max_client_connections if max_connections is None else max_connections,
+    )
+    # First, so that every request the app answers tells its connection's guard.
+    app.middlewares.insert(0, connections.middleware)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=config.shutdown_drain_timeout,
+        keepalive_timeout=config.client_keepalive_timeout,
+    )
+    return runner, connections
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT that does not listen: the workers'
+    listening sockets join it there, and the kernel hands connections to those alone."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        reservation = socket.socket(family, kind, proto)
+        try:
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            reservation.bind(address)
+        except BaseException:
+            reservation.close()
+            raise
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ListenFailed(f"cannot listen on {host}:{port}: {reason}") from None
+    return reservation
+
+
 def server_tls(config: BalancerConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     """The proxy port's and the management port's TLS contexts (None: plain HTTP); raises
     ``TlsError`` for files that cannot be used."""
@@ -265,15 +371,16 @@ def server_tls(config: BalancerConfig) -> tuple[ssl.SSLContext | None, ssl.SSLCo
     )
 
 
-async def _listen(
+async def listen(
     runner: web.AppRunner,
     host: str,
     port: int,
     connections: ClientConnections,
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> int:
     """Open the port; return the port bound (the one chosen, for port 0)."""
-    site = ClientConnectionsSite(runner, host, port, connections, ssl_context)
+    site = ClientConnectionsSite(runner, host, port, connections, ssl_context, reuse_port)
     try:
         await site.start()
     except OSError as error:

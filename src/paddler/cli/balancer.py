@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Coroutine
 from typing import Any
 
 import click
@@ -28,7 +29,7 @@ from paddler.cli.process import (
     run_until_signalled,
     settle_garbage_collector,
 )
-from paddler.config import UPSTREAM_CLIENTS, BalancerConfig
+from paddler.config import MAX_WORKERS, UPSTREAM_CLIENTS, BalancerConfig
 
 
 @click.command()
@@ -252,6 +253,16 @@ from paddler.config import UPSTREAM_CLIENTS, BalancerConfig
     default=256,
     help="Most slots counted for one llama.cpp server whose /props the balancer cannot read; otherwise its /props total_slots bounds them.",
 )
+@option(
+    "--workers",
+    type=click.IntRange(1, MAX_WORKERS),
+    default=1,
+    help="Processes that serve the proxy port, all on the same port (SO_REUSEPORT): one per "
+    "core uses every core of the host. With more than 1, this process holds the fleet (agents, "
+    "slots, the buffer, the management port) and the workers ask it for every slot over a Unix "
+    "socket, so slot accounting stays exact; --max-client-connections and "
+    "--request-body-memory are shared out among them.",
+)
 @routing_options
 @event_loop_option
 @logging_options
@@ -296,31 +307,77 @@ def balancer(
     except ValueError as error:
         raise click.UsageError(str(error)) from None
 
+    from paddler.cli.workers import FleetSocketDirectory, WorkerProcesses, WorkersFailed
+
+    directory = FleetSocketDirectory() if config.workers > 1 else None
+    processes = (
+        None
+        if directory is None
+        else WorkerProcesses(config, directory.socket, log_level, log_format)
+    )
+
     async def main(shutdown: asyncio.Event) -> None:
-        service = Balancer(config, tracer_provider=tracer_provider, api_keys=api_keys)
-        running = asyncio.create_task(service.run(shutdown))
-        ready = asyncio.create_task(service.ready.wait())
-        await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if ready.done():
-            settle_garbage_collector()
-            notify(
-                f"READY=1\nSTATUS=proxy on port {service.reverseproxy_port}, "
-                f"management on port {service.management_port}"
-            )
-        else:
-            ready.cancel()
         try:
-            await running
-        finally:
-            notify("STOPPING=1")
+            await serve(shutdown)
+        except BaseExceptionGroup as group:
+            # A task group's one failure (a port taken, workers that cannot start) is told as
+            # itself, so that it ends the process with its message rather than a traceback.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def serve(shutdown: asyncio.Event) -> None:
+        service = Balancer(
+            config,
+            tracer_provider=tracer_provider,
+            api_keys=api_keys,
+            fleet_socket=None if directory is None else directory.socket,
+        )
+        async with asyncio.TaskGroup() as tasks:
+            running = tasks.create_task(service.run(shutdown))
+            if processes is not None:
+                await _first(service.proxy_port_bound.wait(), running)
+                if service.proxy_port_bound.is_set():
+                    assert service.reverseproxy_port is not None
+                    tasks.create_task(processes.run(service.reverseproxy_port, shutdown))
+            if await _first(service.ready.wait(), running):
+                if processes is not None:
+                    processes.ever_listened = True
+                settle_garbage_collector()
+                notify(
+                    f"READY=1\nSTATUS=proxy on port {service.reverseproxy_port}, "
+                    f"management on port {service.management_port}"
+                )
+            try:
+                await running
+            finally:
+                notify("STOPPING=1")
+
+    def hang_up() -> None:
+        if config.api_keys_file is not None:
+            api_keys.reload()
+        if processes is not None:
+            processes.hang_up()
 
     try:
         run_until_signalled(
             main,
-            fatal=(ListenFailed,),
-            on_hangup=api_keys.reload if config.api_keys_file is not None else None,
+            fatal=(ListenFailed, WorkersFailed),
+            on_hangup=hang_up if config.api_keys_file is not None or processes else None,
             event_loop=config.event_loop,
         )
     finally:
+        if directory is not None:
+            directory.remove()
         if tracer_provider is not None:
             tracer_provider.shutdown()  # flushes the spans still batched
+
+
+async def _first(waited: Coroutine[Any, Any, object], running: asyncio.Task[None]) -> bool:
+    """Wait for ``waited`` or for ``running`` to end; whether ``waited`` came first."""
+    waiting = asyncio.ensure_future(waited)
+    await asyncio.wait({waiting, running}, return_when=asyncio.FIRST_COMPLETED)
+    if waiting.done():
+        return True
+    waiting.cancel()
+    return False

@@ -62,7 +62,8 @@ def _indented(text: str) -> str:
     return "\n".join("    " + escape_unprintable(line) for line in text.splitlines())
 
 
-def configure_logging(level: str, log_format: str = "text") -> None:
+def configure_logging(level: str, log_format: str = "text", tag: str | None = None) -> None:
+    """``tag``: what each line says of the process before the logger's name (a worker's)."""
     # No line shows the caller's file, thread or process: so that logging does not look them up
     # for every record (the logging HOWTO's "Optimization"; each request logs a line).
     logging._srcfile = None
@@ -77,10 +78,14 @@ def configure_logging(level: str, log_format: str = "text") -> None:
             JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                static_fields={} if tag is None else {"process": tag},
             )
         )
     else:
-        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        prefix = "" if tag is None else f"{tag} "
+        handler.setFormatter(
+            OneLineFormatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+        )
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -155,9 +160,11 @@ def run_until_signalled(
     fatal: tuple[type[Exception], ...] = (),
     on_hangup: Callable[[], object] | None = None,
     event_loop: str = "uvloop",
+    second_signal_exits: bool = True,
 ) -> None:
     """Run ``main(shutdown)`` on an ``event_loop`` loop (``cli.event_loop``); SIGINT or SIGTERM
-    sets ``shutdown``, a second one exits at once.
+    sets ``shutdown``, a second one exits at once (unless ``second_signal_exits`` is False: a
+    worker's parent and systemd may both send one).
 
     With ``on_hangup``, SIGHUP calls it (to re-read a file) instead of ending the process.
 
@@ -171,6 +178,8 @@ def run_until_signalled(
 
         def on_signal(signum: int) -> None:
             if shutdown.is_set():
+                if not second_signal_exits:
+                    return
                 log.warning("second %s: exiting now", signal.Signals(signum).name)
                 # At once, without unwinding: unwinding would cancel the handlers that the
                 # drain is waiting for, and aiohttp (3.14) logs a traceback for each of them.
