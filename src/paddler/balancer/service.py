@@ -19,6 +19,7 @@ from aiohttp import web
 from opentelemetry.trace import TracerProvider
 
 from paddler import __version__
+from paddler.balancer import aiohttp_exchange
 from paddler.balancer.agent_controller_pool import AgentControllerPool
 from paddler.balancer.agent_socket import AgentSocket
 from paddler.balancer.agent_verifier import AgentVerifier
@@ -166,14 +167,15 @@ class Balancer:
                 keepalive_timeout=config.client_keepalive_timeout,
             )
             # The proxy port is served here, or by the workers (``--workers``).
-            proxy_app = ReverseProxy(
+            reverse_proxy = ReverseProxy(
                 config,
                 LocalFleet(self.pool, self.buffer),
                 upstream,
                 self.observers,
                 traits,
                 self.api_keys,
-            ).app()
+            )
+            proxy_app = aiohttp_exchange.proxy_app(reverse_proxy.handle)
             proxy_app.on_shutdown.append(self._close_buffer)
             proxy, proxy_connections = proxy_runner(config, proxy_app)
             await management.setup()

@@ -25,6 +25,7 @@ from pathlib import Path
 from opentelemetry.trace import TracerProvider
 
 from paddler import __version__
+from paddler.balancer import aiohttp_exchange
 from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.forwarded_metrics import MetricsForwarder
 from paddler.balancer.observers import Observers
@@ -78,7 +79,8 @@ class BalancerWorker:
                 tracer = self._tracer_provider.get_tracer("paddler.balancer", __version__)
                 observers.add(TracingObserver(tracer))
             async with upstream_for(config, self.api_keys) as upstream, TraitsReader() as traits:
-                app = ReverseProxy(config, fleet, upstream, observers, traits, self.api_keys).app()
+                proxy = ReverseProxy(config, fleet, upstream, observers, traits, self.api_keys)
+                app = aiohttp_exchange.proxy_app(proxy.handle)
                 runner, connections = proxy_runner(config, app, self._max_connections)
                 stopping = asyncio.Event()
                 progress = asyncio.create_task(fleet.run(stopping))
