@@ -72,7 +72,7 @@ class BalancerConfig:
     upstream_read_timeout: float = 600.0
     upstream_client: str = "httptools"
     """Which HTTP client relays requests to llama.cpp (``--upstream-client``)."""
-    proxy_server: str = "aiohttp"
+    proxy_server: str = "httptools"
     """Which HTTP server serves the proxy port (``--proxy-server``)."""
     max_retries: int = 2
     circuit_breaker_cooldown: float = 5.0
