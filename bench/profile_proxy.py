@@ -20,7 +20,8 @@ connection), so that what is measured is the hop, not the server. Contestants:
 - ``paddler``: a ``paddler balancer`` process with its defaults (a log line per request at
   INFO, to a file), the flags after ``--``, and one agent with 4096 slots registered over the
   socket; ``paddler-asyncio`` adds ``--event-loop asyncio``, ``paddler-quiet``
-  ``--log-level warning``, ``paddler-aiohttp`` ``--upstream-client aiohttp``; ``paddler@TREE`` (or ``paddler-asyncio@TREE``, ...) runs the sources
+  ``--log-level warning``, ``paddler-aiohttp`` ``--upstream-client aiohttp``, ``paddler-aiohttp-server``
+  ``--proxy-server aiohttp`` and ``paddler-httptools-server`` ``--proxy-server httptools``; ``paddler@TREE`` (or ``paddler-asyncio@TREE``, ...) runs the sources
   of another checkout, to compare two builds in one run;
 - any ``--prototype NAME=COMMAND``: a program started as ``COMMAND PORT UPSTREAM_PORT``, named
   NAME in ``--contestants``.
@@ -218,6 +219,8 @@ _PADDLERS = {
     "paddler-asyncio": ["--event-loop=asyncio"],
     "paddler-quiet": ["--log-level=warning"],
     "paddler-aiohttp": ["--upstream-client=aiohttp"],
+    "paddler-aiohttp-server": ["--proxy-server=aiohttp"],
+    "paddler-httptools-server": ["--proxy-server=httptools"],
 }
 """Paddler contestants, and the flags each adds (a line per request is logged at INFO)."""
 

@@ -18,6 +18,9 @@ EVENT_LOOPS = ("uvloop", "asyncio")
 
 UPSTREAM_CLIENTS = ("httptools", "aiohttp")
 """``--upstream-client`` choices; see ``paddler.balancer.upstream``."""
+
+PROXY_SERVERS = ("httptools", "aiohttp")
+"""``--proxy-server`` choices; see ``paddler.balancer.proxy_port``."""
 """``--event-loop`` choices, the default first; see ``paddler.cli.event_loop``."""
 
 
@@ -71,6 +74,8 @@ class BalancerConfig:
     upstream_read_timeout: float = 600.0
     upstream_client: str = "httptools"
     """Which HTTP client relays requests to llama.cpp (``--upstream-client``)."""
+    proxy_server: str = "httptools"
+    """Which HTTP server serves the proxy port (``--proxy-server``)."""
     max_retries: int = 2
     circuit_breaker_cooldown: float = 5.0
     circuit_breaker_failure_threshold: int = 3
@@ -156,6 +161,8 @@ class BalancerConfig:
             raise ValueError("--max-client-connections must be 1 or more")
         if self.upstream_client not in UPSTREAM_CLIENTS:
             raise ValueError(f"--upstream-client must be one of {', '.join(UPSTREAM_CLIENTS)}")
+        if self.proxy_server not in PROXY_SERVERS:
+            raise ValueError(f"--proxy-server must be one of {', '.join(PROXY_SERVERS)}")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}")
         if not 1 <= self.workers <= MAX_WORKERS:

@@ -2,7 +2,8 @@
 
 Raw sockets stand for the clients, because no HTTP client can be made to trickle a head or stall
 a body; a fake upstream stands for llama.cpp where the test needs a stream longer than every
-timeout. Timing bounds are wide: the machine's CPUs are shared.
+timeout. Timing bounds are wide: the machine's CPUs are shared. Each test runs on both servers of
+the proxy port (``--proxy-server``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from paddler.balancer.service import MANAGEMENT_CONNECTION_HEADROOM
+from paddler.config import PROXY_SERVERS
 from tests.support.balancer import RunningBalancer, ScriptedAgent, ok, running_balancer
 from tests.support.logs import watching
 from tests.support.upstream import fake_upstream
@@ -27,6 +29,16 @@ from tests.support.upstream import fake_upstream
 pytestmark = pytest.mark.both_event_loops
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+_proxy_server = {"name": PROXY_SERVERS[0]}
+
+
+@pytest.fixture(autouse=True, params=PROXY_SERVERS)
+def proxy_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The proxy port's server for the balancers this test starts."""
+    _proxy_server["name"] = request.param
+    yield request.param
+    _proxy_server["name"] = PROXY_SERVERS[0]
 
 
 async def answer(request: web.Request) -> web.StreamResponse:
@@ -63,6 +75,7 @@ async def connect(url: str) -> Connection:
 @contextlib.asynccontextmanager
 async def balancer(**overrides: object) -> AsyncIterator[RunningBalancer]:
     """A balancer; the raw connections opened meanwhile are closed before it stops."""
+    overrides.setdefault("proxy_server", _proxy_server["name"])
     async with running_balancer(**overrides) as running:
         try:
             yield running

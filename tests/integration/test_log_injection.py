@@ -36,7 +36,8 @@ async def test_agent_names_and_request_paths_cannot_forge_log_lines(
     session: aiohttp.ClientSession,
 ) -> None:
     """An agent name with a newline and ESC is refused; an ESC in X-Request-Id is refused by
-    aiohttp; a path with %0d and %1b is logged escaped: every line of stderr is the balancer's."""
+    the server; a path with %0a, %0d and %1b is logged escaped: every line of stderr is the
+    balancer's."""
     process = await paddler_process(
         "balancer",
         "--log-format=text",
@@ -79,11 +80,13 @@ async def test_agent_names_and_request_paths_cannot_forge_log_lines(
             await line_containing("refused agent message")
 
             host, port = proxy.removeprefix("http://").split(":")
-            # aiohttp itself refuses a control character in a header value.
+            # The HTTP server itself refuses a control character in a header value.
             assert b" 400 " in await raw_request(host, port, b"/completion", b"id\x1b[2J")
             forged = FORGED.replace(" ", "%20").encode()
-            # aiohttp decodes %0a, but no route matches a path with a newline: a plain 404.
-            assert b" 404 " in await raw_request(host, port, b"/v1%0a" + forged, b"a-good-id")
+            # A decoded newline reaches the proxy like any other path (with --proxy-server
+            # aiohttp, no route matches it: a plain 404), and its request log, escaped.
+            assert b" 503 " in await raw_request(host, port, b"/v1%0a" + forged, b"a-good-id")
+            newline_logged = await line_containing("buffer_full")
             # A carriage return and an escape do reach the proxy, and its request log.
             path = b"/completion%0d" + forged + b"%1b[2J"
             assert b" 503 " in await raw_request(host, port, path, b"a-good-id")
@@ -91,6 +94,7 @@ async def test_agent_names_and_request_paths_cannot_forge_log_lines(
     finally:
         await stop_process(process)
         lines.extend(line.decode() for line in (await process.stderr.read()).splitlines(True))
+    assert "/v1\\n" + FORGED in newline_logged
     assert "/completion\\r" + FORGED + "\\x1b[2J" in logged
     for line in lines:
         # A record's own line, or a traceback indented under it: only a record starts a line.

@@ -13,22 +13,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
-
 from paddler.balancer import errors
 from paddler.balancer.api_keys import ApiKeys, presented_key
+from paddler.balancer.client_exchange import Answer, ClientRequest, error_answer
 from paddler.balancer.request_id import request_id
 
 log = logging.getLogger("paddler.requests")
 
 PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
 
-KEY_ID = web.RequestKey("paddler_api_key_id", str)
-"""Where an accepted request carries the id of its key, for the proxy's ``RequestRecord``."""
 
-
-def _how_presented(request: web.Request) -> str:
+def _how_presented(request: ClientRequest) -> str:
     if request.headers.get("Authorization"):
         return "a wrong key in Authorization"
     if request.headers.get("X-Api-Key"):
@@ -36,28 +31,30 @@ def _how_presented(request: web.Request) -> str:
     return "no API key"
 
 
-def client_auth(
-    keys: ApiKeys, on_refused: Callable[[web.Request], None] | None = None
-) -> Middleware:
-    """The middleware that lets through only requests with one of ``keys`` (read at each
-    request, so that a reload applies at once); ``on_refused`` hears of each 401."""
+class ClientAuth:
+    """Lets through only requests with one of ``keys`` (read at each request, so that a reload
+    applies at once); ``on_refused`` hears of each 401."""
 
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def __init__(
+        self, keys: ApiKeys, on_refused: Callable[[ClientRequest], None] | None = None
+    ) -> None:
+        self._keys = keys
+        self._on_refused = on_refused
+
+    def refusal(self, request: ClientRequest) -> Answer | None:
+        """The 401 for ``request``, or None (and its ``key_id`` set) if it may pass."""
         if request.method == "OPTIONS" or request.path in PUBLIC_PATHS:
-            return await handler(request)
-        key_id = keys.check(presented_key(request.headers))
+            return None
+        key_id = self._keys.check(presented_key(request.headers))
         if key_id is None:
-            if on_refused is not None:
-                on_refused(request)
+            if self._on_refused is not None:
+                self._on_refused(request)
             return _refuse(request)
-        request[KEY_ID] = key_id
-        return await handler(request)
-
-    return authenticate
+        request.key_id = key_id
+        return None
 
 
-def _refuse(request: web.Request) -> web.Response:
+def _refuse(request: ClientRequest) -> Answer:
     identifier = request_id(request)
     how = _how_presented(request)
     log.warning(
@@ -74,6 +71,6 @@ def _refuse(request: web.Request) -> web.Response:
             "outcome": "unauthorized",
         },
     )
-    response = errors.invalid_api_key().response()
-    response.headers["X-Request-Id"] = identifier
-    return response
+    answer = error_answer(errors.invalid_api_key())
+    answer.headers["X-Request-Id"] = identifier
+    return answer

@@ -128,6 +128,31 @@ class ClientConnections:
 
         return make
 
+    def admit(self, transport: asyncio.Transport) -> bool:
+        """Count a new connection in, or (past the cap) hand it the canned 503 and False."""
+        cap = self.max_connections
+        if cap is not None and self.open >= cap:
+            refusal = _Refusal(self)
+            transport.set_protocol(refusal)
+            refusal.connection_made(transport)
+            return False
+        self.open += 1
+        return True
+
+    def head_late(self, transport: asyncio.Transport, heard: bool) -> None:
+        """Close a connection whose request head did not arrive within ``header_timeout``
+        (``heard``: some of it did), with its log line."""
+        self.head_timeouts += 1
+        what = "a partial request head" if heard else "nothing"
+        self._closed(
+            "closed for a late request head",
+            f"closed a connection from {_peer(transport)} that sent {what} within "
+            f"{self.header_timeout:g}s (--client-header-timeout)",
+        )
+        # Abort, not close: there is nothing to flush that the client is waiting for, and a
+        # client that does not read would hold a closing transport open.
+        transport.abort()
+
     def _closed(self, kind: str, detail: str) -> None:
         """Log a closing: the first of its kind in a window at once, the rest summed after it."""
         pending = self._unlogged.get(kind)
@@ -182,13 +207,8 @@ class _Guard(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connections = self._connections
         transport = _stream(transport)
-        cap = connections.max_connections
-        if cap is not None and connections.open >= cap:
-            refusal = _Refusal(connections)
-            transport.set_protocol(refusal)
-            refusal.connection_made(transport)
+        if not connections.admit(transport):
             return
-        connections.open += 1
         self._inner = self._server()
         connections._guards[self._inner] = self
         self._transport = transport
@@ -240,17 +260,7 @@ class _Guard(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        connections = self._connections
-        connections.head_timeouts += 1
-        what = "a partial request head" if self._heard else "nothing"
-        connections._closed(
-            "closed for a late request head",
-            f"closed a connection from {_peer(transport)} that sent {what} within "
-            f"{connections.header_timeout:g}s (--client-header-timeout)",
-        )
-        # Abort, not close: there is nothing to flush that the client is waiting for, and a
-        # client that does not read would hold a closing transport open.
-        transport.abort()
+        self._connections.head_late(transport, self._heard)
 
 
 class _Refusal(asyncio.Protocol):

@@ -5,8 +5,7 @@ The fleet's models in OpenAI's list shape (see ``fleet.model_listing`` for each 
 
 from __future__ import annotations
 
-from aiohttp import web
-
+from paddler.balancer.client_exchange import Answer, json_answer
 from paddler.balancer.fleet import Fleet
 
 
@@ -14,5 +13,5 @@ class ModelListing:
     def __init__(self, fleet: Fleet) -> None:
         self._fleet = fleet
 
-    async def handle(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": await self._fleet.model_listing()})
+    async def answer(self) -> Answer:
+        return json_answer({"object": "list", "data": await self._fleet.model_listing()})

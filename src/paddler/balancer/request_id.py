@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import random
 import re
-
-from aiohttp import web
+from collections.abc import Mapping
+from typing import Protocol
 
 _ACCEPTABLE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ids = random.Random()  # seeded from os.urandom, once
 
 
-def request_id(request: web.Request) -> str:
-    offered = request.headers.get("X-Request-Id")
-    if offered is not None and _ACCEPTABLE.match(offered):
+class _HasHeaders(Protocol):
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+def request_id(request: _HasHeaders) -> str:
+    offered = request.headers.get("X-Request-Id", "")
+    if _ACCEPTABLE.match(offered):
         return offered
     return f"{_ids.getrandbits(64):016x}"

@@ -21,15 +21,14 @@ import functools
 import logging
 import time
 
-from aiohttp import web
-
 from paddler.balancer import errors
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.attempts import Attempts, Failure
 from paddler.balancer.body_budget import BodyBudget
 from paddler.balancer.cache_report import ResponseTail
-from paddler.balancer.client_auth import KEY_ID, client_auth
+from paddler.balancer.client_auth import ClientAuth
+from paddler.balancer.client_exchange import Answer, ClientRequest, error_answer, json_answer
 from paddler.balancer.fleet import Fleet
 from paddler.balancer.model_listing import ModelListing
 from paddler.balancer.observers import Observers, Outcome, RequestRecord
@@ -60,6 +59,9 @@ from paddler.config import BalancerConfig
 
 log = logging.getLogger(__name__)
 
+_OWN_METHODS = frozenset({"GET", "HEAD"})
+_LISTING_PATHS = frozenset({"/v1/models", "/models"})
+
 _REJECTION_OUTCOMES: dict[type[BufferRejection], Outcome] = {
     BufferFull: Outcome.BUFFER_FULL,
     BufferTimeout: Outcome.BUFFER_TIMEOUT,
@@ -86,33 +88,40 @@ class ReverseProxy:
         self._upstream = upstream
         self._budget = BodyBudget(config.request_body_memory)
         self._index_prompts = config.routing == "prefix"
+        self._auth = (
+            ClientAuth(api_keys, self._unauthorized)
+            if api_keys is not None and api_keys.enabled
+            else None
+        )
+        self._listing = ModelListing(fleet)
         # Made on the loop that serves it, and kept: Python 3.11 looks the running loop up with
         # a getpid system call.
         self._loop = asyncio.get_running_loop()
 
-    def app(self) -> web.Application:
-        keys = self._api_keys
-        app = web.Application(
-            client_max_size=self._config.max_request_body_size,
-            middlewares=[client_auth(keys, self._unauthorized)]
-            if keys is not None and keys.enabled
-            else [],
-        )
-        app.router.add_get("/health", self.health)
-        listing = ModelListing(self._fleet)
-        for path in ("/v1/models", "/models"):
-            app.router.add_get(path, listing.handle)
-        app.router.add_route("*", "/{tail:.*}", self.forward)
-        return app
+    async def handle(self, request: ClientRequest) -> Answer | None:
+        """Answer ``request`` (whichever server read it): the whole answer, or None once it
+        was relayed on a ``ClientStream``. ``/health`` and the model list are the
+        balancer's own; everything else goes to a llama.cpp server."""
+        if self._auth is not None:
+            refusal = self._auth.refusal(request)
+            if refusal is not None:
+                return refusal
+        if request.method in _OWN_METHODS:
+            path = request.path
+            if path == "/health":
+                return await self.health()
+            if path in _LISTING_PATHS:
+                return await self._listing.answer()
+        return await self.forward(request)
 
-    def _unauthorized(self, request: web.Request) -> None:
+    def _unauthorized(self, request: ClientRequest) -> None:
         self._observers.unauthorized(request.path)
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self) -> Answer:
         """Aggregate slots of usable agents; 503 while no agent can serve a request."""
         fleet = await self._fleet.health()
         ok = fleet.usable_agents > 0
-        return web.json_response(
+        return json_answer(
             {
                 "status": "ok" if ok else "no_usable_agents",
                 "slots_idle": fleet.slots_idle,
@@ -122,7 +131,7 @@ class ReverseProxy:
             status=200 if ok else 503,
         )
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
+    async def forward(self, request: ClientRequest) -> Answer | None:
         record = RequestRecord(
             id=request_id(request),
             method=request.method,
@@ -130,7 +139,7 @@ class ReverseProxy:
             route=route_label(request.path),
             needs_slot=needs_slot(request.method, request.path),
             client_headers=request.headers,
-            key_id=request.get(KEY_ID),
+            key_id=request.key_id,
         )
         self._observers.request_started(record)
         try:
@@ -138,11 +147,11 @@ class ReverseProxy:
                 body = await self._read_body(request)
             except errors.ApiError as error:
                 record.outcome = Outcome.REFUSED
-                response = self._refuse(record, error)
+                answer = self._refuse(record, error)
                 if error.status == 408:
                     log.info("request %s: %s", record.id, error.message)
-                    response.force_close()  # the rest of the body may never come
-                return response
+                    answer.close = True  # the rest of the body may never come
+                return answer
             try:
                 traits = await self._traits.read(request.method, request.path, request.query, body)
                 model = traits.model
@@ -171,8 +180,8 @@ class ReverseProxy:
             self._observers.request_finished(record)
 
     async def _dispatch(
-        self, request: web.Request, body: bytes, record: RequestRecord, demand: Demand
-    ) -> web.StreamResponse:
+        self, request: ClientRequest, body: bytes, record: RequestRecord, demand: Demand
+    ) -> Answer | None:
         deadline = self._loop.time() + self._fleet.buffer_timeout
         attempts = Attempts()
         for attempt in range(self._config.max_retries + 1):
@@ -277,12 +286,12 @@ class ReverseProxy:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: ClientRequest,
         record: RequestRecord,
         guard: SlotGuard,
         upstream: UpstreamResponse,
         demand: Demand,
-    ) -> web.StreamResponse:
+    ) -> Answer | None:
         agent = guard.agent
         record.status = upstream.status
         tail = ResponseTail() if record.needs_slot and upstream.status == 200 else None
@@ -308,16 +317,16 @@ class ReverseProxy:
                 record.cache = tail.cache_report()
                 if record.cache is not None:
                     self._fleet.learn(guard, demand, record.cache)
-        return relayed.response
+        return relayed.answer
 
-    def _give_up(self, record: RequestRecord, attempts: Attempts) -> web.Response:
+    def _give_up(self, record: RequestRecord, attempts: Attempts) -> Answer:
         """No attempt left: llama.cpp's own answer if one was kept, else every cause."""
         kept = attempts.best_answer()
         if kept is not None and kept.answer is not None:
             record.status = kept.answer.status
             record.outcome = Outcome.COMPLETED
             record.fault = kept.fault
-            return kept.answer.response(self._response_headers(record, kept.answer.agent_name))
+            return kept.answer.answer(self._response_headers(record, kept.answer.agent_name))
         record.outcome = Outcome.UPSTREAM_FAILED
         error = attempts.summary()
         log.warning("request %s: %s", record.id, error.message)
@@ -333,13 +342,13 @@ class ReverseProxy:
             headers["X-Paddler-Agent"] = agent_name
         return headers
 
-    def _refuse(self, record: RequestRecord, error: errors.ApiError) -> web.Response:
+    def _refuse(self, record: RequestRecord, error: errors.ApiError) -> Answer:
         record.status = error.status
-        response = error.response()
-        response.headers["X-Request-Id"] = record.id
-        return response
+        answer = error_answer(error)
+        answer.headers["X-Request-Id"] = record.id
+        return answer
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: ClientRequest) -> bytes:
         """The whole body, within the per-request limit and the balancer's memory budget.
 
         Each chunk must arrive within ``client_body_timeout`` of the one before (of the head,

@@ -32,6 +32,7 @@ from paddler.balancer.fleet_view import FleetView
 from paddler.balancer.management_app import ManagementApp
 from paddler.balancer.observers import Observers
 from paddler.balancer.prometheus_metrics import PrometheusMetrics
+from paddler.balancer.proxy_port import ProxyPort
 from paddler.balancer.request_buffer import RequestBuffer
 from paddler.balancer.request_log import RequestLog
 from paddler.balancer.reverse_proxy import ReverseProxy
@@ -166,16 +167,15 @@ class Balancer:
                 keepalive_timeout=config.client_keepalive_timeout,
             )
             # The proxy port is served here, or by the workers (``--workers``).
-            proxy_app = ReverseProxy(
+            reverse_proxy = ReverseProxy(
                 config,
                 LocalFleet(self.pool, self.buffer),
                 upstream,
                 self.observers,
                 traits,
                 self.api_keys,
-            ).app()
-            proxy_app.on_shutdown.append(self._close_buffer)
-            proxy, proxy_connections = proxy_runner(config, proxy_app)
+            )
+            proxy = ProxyPort(config, reverse_proxy.handle, on_shutdown=self._close_buffer)
             await management.setup()
             try:
                 if self.fleet_host is None:
@@ -192,11 +192,10 @@ class Balancer:
                     )
                     self._announce("management", config.management_host, self.management_port)
                     if self.fleet_host is None:
-                        self.reverseproxy_port = await listen(
+                        self.reverseproxy_port = await listen_proxy(
                             proxy,
                             config.reverseproxy_host,
                             config.reverseproxy_port,
-                            proxy_connections,
                             self._proxy_tls,
                         )
                     elif not await self._reserve_for_workers(self.fleet_host, shutdown):
@@ -214,7 +213,7 @@ class Balancer:
                     log.info("shutting down: draining requests in flight")
                 finally:
                     if self.fleet_host is None:
-                        await proxy.cleanup()
+                        await proxy.close()
                     else:
                         await self._drain_workers(self.fleet_host)
             finally:
@@ -238,7 +237,7 @@ class Balancer:
 
     async def _drain_workers(self, host: FleetHost) -> None:
         """Answer the buffered requests, then wait for the workers to finish theirs."""
-        await self._close_buffer(None)
+        await self._close_buffer()
         if host.links:
             log.info("waiting for %d worker(s) to drain", host.links)
         try:
@@ -249,7 +248,7 @@ class Balancer:
         if self._port_reservation is not None:
             self._port_reservation.close()
 
-    async def _close_buffer(self, _: web.Application | None) -> None:
+    async def _close_buffer(self) -> None:
         waiting = self.buffer.waiting
         self.buffer.close()
         if waiting:
@@ -315,29 +314,6 @@ def upstream_for(config: BalancerConfig, api_keys: ApiKeys) -> Upstream:
     )
 
 
-def proxy_runner(
-    config: BalancerConfig, app: web.Application, max_connections: int | None = None
-) -> tuple[web.AppRunner, ClientConnections]:
-    """The proxy port's runner and its connections' rules (``max_connections``: this
-    process's share of ``--max-client-connections``)."""
-    connections = ClientConnections(
-        "reverseproxy",
-        config.client_header_timeout,
-        config.max_client_connections if max_connections is None else max_connections,
-    )
-    # First, so that every request the app answers tells its connection's guard.
-    app.middlewares.insert(0, connections.middleware)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        handler_cancellation=True,
-        shutdown_timeout=config.shutdown_drain_timeout,
-        keepalive_timeout=config.client_keepalive_timeout,
-    )
-    return runner, connections
-
-
 def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` with SO_REUSEPORT that does not listen: the workers'
     listening sockets join it there, and the kernel hands connections to those alone."""
@@ -388,3 +364,18 @@ async def listen(
         raise ListenFailed(f"cannot listen on {host}:{port}: {reason}") from None
     address = runner.addresses[-1]
     return int(address[1])
+
+
+async def listen_proxy(
+    proxy: ProxyPort,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
+) -> int:
+    """Open the proxy port; return the port bound. Raises ``ListenFailed``."""
+    try:
+        return await proxy.listen(host, port, ssl_context, reuse_port)
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ListenFailed(f"cannot listen on {host}:{port}: {reason}") from None

@@ -50,13 +50,13 @@ from dataclasses import dataclass
 
 import aiohttp
 import aiohttp.payload
-from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from paddler.balancer.agent_controller import AgentController
 from paddler.balancer.api_error import stream_interrupted
+from paddler.balancer.client_exchange import Answer, ClientRequest, ClientStream
 from paddler.balancer.slot_guard import SlotGuard
 from paddler.balancer.upstream_http.failures import ConnectFailed as ConnectFailed
 from paddler.balancer.upstream_http.pool import ConnectionPool, request_head
@@ -187,7 +187,7 @@ class Upstream:
     async def send(
         self,
         agent: AgentController,
-        request: web.Request,
+        request: ClientRequest,
         body: bytes,
         extra_headers: Mapping[str, str] | None = None,
         guard: SlotGuard | None = None,
@@ -337,15 +337,15 @@ def is_event_stream(response: UpstreamResponse) -> bool:
 
 @dataclass
 class Relayed:
-    """How relaying ended. ``response`` is always the one to return from the handler."""
+    """How relaying ended. ``answer``: the whole answer to send, or None if it was streamed."""
 
-    response: web.StreamResponse
+    answer: Answer | None
     failure: str | None = None
     client_gone: bool = False
 
 
 async def relay(
-    request: web.Request,
+    request: ClientRequest,
     upstream: UpstreamResponse,
     *,
     extra_headers: Mapping[str, str] | None = None,
@@ -366,36 +366,34 @@ async def relay(
     off, so that the client sees it incomplete.
     """
     whole = _arrived_whole(request, upstream)
-    response: web.StreamResponse
-    if whole is not None:
-        response = web.Response(status=upstream.status, reason=upstream.reason, body=whole)
-    else:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-    response.headers.update(end_to_end(upstream.headers))
+    headers = end_to_end(upstream.headers)
     if extra_headers:
-        response.headers.update(extra_headers)
-    outcome = Relayed(response)
+        headers.update(extra_headers)
     finished = False
+    if whole is not None:
+        if on_first_chunk is not None:
+            on_first_chunk()
+        if on_chunk is not None:
+            on_chunk(whole)
+        # The whole body has arrived: the connection may carry another request (but not after
+        # an event stream; see below).
+        if is_event_stream(upstream):
+            upstream.close()
+        else:
+            upstream.release()
+        return Relayed(Answer(upstream.status, whole, headers, upstream.reason))
+    outcome = Relayed(None)
     try:
-        if whole is not None:
-            if on_first_chunk is not None:
-                on_first_chunk()
-            if on_chunk is not None:
-                on_chunk(whole)
-            await response.prepare(request)  # a Response holds its head until its body
-            await response.write_eof()
-            finished = True
-            return outcome
-        await response.prepare(request)
+        response = await request.stream(
+            upstream.status, upstream.reason, headers, upstream.content_length
+        )
         while True:
             try:
                 chunk = await upstream.content.readany()
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as error:
                 cause = _mid_response_cause(error, read_timeout)
                 outcome.failure = f"the server failed mid-response: {cause}"
-                await _end_broken_stream(request, response, is_event_stream(upstream), cause)
+                await _end_broken_stream(response, is_event_stream(upstream), cause)
                 return outcome
             if not chunk:
                 break
@@ -421,7 +419,7 @@ async def relay(
     return outcome
 
 
-def _arrived_whole(request: web.Request, upstream: UpstreamResponse) -> bytes | None:
+def _arrived_whole(request: ClientRequest, upstream: UpstreamResponse) -> bytes | None:
     """The whole body, if it arrived with the head and is not empty; None otherwise: a stream,
     a body still on its way, or an answer without a body (to a HEAD, a 1xx, 204 or 304), whose
     head a ``Response`` would rewrite."""
@@ -446,9 +444,7 @@ def _mid_response_cause(error: BaseException, read_timeout: float | None) -> str
     return repr(error)
 
 
-async def _end_broken_stream(
-    request: web.Request, response: web.StreamResponse, streaming: bool, cause: str
-) -> None:
+async def _end_broken_stream(response: ClientStream, streaming: bool, cause: str) -> None:
     if streaming:
         # The client gets a well-formed end: an error event, as llama.cpp itself sends after the
         # first chunk, then the end of the chunked body.
@@ -459,8 +455,7 @@ async def _end_broken_stream(
             pass
         return
     # Anything else must not look complete: cut the connection so the client sees a truncation.
-    if request.transport is not None:
-        request.transport.close()
+    response.cut()
 
 
 @dataclass(frozen=True)
@@ -479,12 +474,11 @@ class HeldAnswer:
         message = error_message(self.body)
         return message if message is not None else self.body[:300].decode("utf-8", "replace")
 
-    def response(self, extra_headers: Mapping[str, str] | None = None) -> web.Response:
-        response = web.Response(status=self.status, reason=self.reason, body=self.body)
-        response.headers.update(self.headers)
+    def answer(self, extra_headers: Mapping[str, str] | None = None) -> Answer:
+        headers = self.headers.copy()
         if extra_headers:
-            response.headers.update(extra_headers)
-        return response
+            headers.update(extra_headers)
+        return Answer(self.status, self.body, headers, self.reason)
 
 
 HELD_ANSWER_LIMIT = 64 * 1024

@@ -28,10 +28,11 @@ from paddler import __version__
 from paddler.balancer.api_keys import ApiKeys
 from paddler.balancer.forwarded_metrics import MetricsForwarder
 from paddler.balancer.observers import Observers
+from paddler.balancer.proxy_port import ProxyPort
 from paddler.balancer.remote_fleet import RemoteFleet
 from paddler.balancer.request_log import RequestLog
 from paddler.balancer.reverse_proxy import ReverseProxy
-from paddler.balancer.service import listen, proxy_runner, server_tls, upstream_for
+from paddler.balancer.service import listen_proxy, server_tls, upstream_for
 from paddler.balancer.tracing import TracingObserver
 from paddler.balancer.traits_reader import TraitsReader
 from paddler.config import BalancerConfig
@@ -81,17 +82,16 @@ class BalancerWorker:
                 upstream_for(config, self.api_keys) as upstream,
                 TraitsReader(prompts=config.routing == "prefix") as traits,
             ):
-                app = ReverseProxy(config, fleet, upstream, observers, traits, self.api_keys).app()
-                runner, connections = proxy_runner(config, app, self._max_connections)
+                proxy = ReverseProxy(config, fleet, upstream, observers, traits, self.api_keys)
+                port_server = ProxyPort(config, proxy.handle, self._max_connections)
                 stopping = asyncio.Event()
                 progress = asyncio.create_task(fleet.run(stopping))
-                await runner.setup()
+                await port_server.setup()
                 try:
-                    port = await listen(
-                        runner,
+                    port = await listen_proxy(
+                        port_server,
                         config.reverseproxy_host,
                         self._port,
-                        connections,
                         self._tls,
                         reuse_port=True,
                     )
@@ -106,7 +106,7 @@ class BalancerWorker:
                     host_gone.cancel()
                     log.info("worker %d: draining requests in flight", self.index)
                 finally:
-                    await runner.cleanup()
+                    await port_server.close()
                     stopping.set()
                     await progress
         finally:

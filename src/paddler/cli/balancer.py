@@ -29,7 +29,7 @@ from paddler.cli.process import (
     run_until_signalled,
     settle_garbage_collector,
 )
-from paddler.config import MAX_WORKERS, UPSTREAM_CLIENTS, BalancerConfig
+from paddler.config import MAX_WORKERS, PROXY_SERVERS, UPSTREAM_CLIENTS, BalancerConfig
 
 
 @click.command()
@@ -126,6 +126,15 @@ from paddler.config import MAX_WORKERS, UPSTREAM_CLIENTS, BalancerConfig
     help="The HTTP client that relays requests to llama.cpp: httptools, a small hand-written "
     "one (a quarter fewer instructions per request and a third fewer per streamed chunk than "
     "the balancer spends with aiohttp's, docs/benchmarks.md), or aiohttp's ClientSession.",
+)
+@option(
+    "--proxy-server",
+    type=click.Choice(PROXY_SERVERS),
+    default="httptools",
+    help="The HTTP server of the proxy port (the management port is always aiohttp's): "
+    "httptools, a small hand-written one (a sixth fewer instructions per request and a quarter "
+    "fewer per streamed chunk than the balancer spends with aiohttp's, docs/benchmarks.md), or "
+    "aiohttp's web server.",
 )
 @option(
     "--shutdown-drain-timeout",
