@@ -99,11 +99,11 @@ class BalancerWorker:
                     log.info(
                         "worker %d (pid %d) listening on port %d", self.index, os.getpid(), port
                     )
-                    host_gone = asyncio.ensure_future(fleet.closed)
                     until = asyncio.ensure_future(shutdown.wait())
-                    await asyncio.wait({host_gone, until}, return_when=asyncio.FIRST_COMPLETED)
+                    # ``fleet.closed`` itself, not a copy: it must stay uncancelled, since the
+                    # link serves the requests that drain below.
+                    await asyncio.wait({fleet.closed, until}, return_when=asyncio.FIRST_COMPLETED)
                     until.cancel()
-                    host_gone.cancel()
                     log.info("worker %d: draining requests in flight", self.index)
                 finally:
                     await port_server.close()
