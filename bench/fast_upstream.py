@@ -63,6 +63,8 @@ class State:
     events: int = 0
     oversubscribed: int = 0
     connections: set[Connection] = field(default_factory=set)
+    accepted: int = 0
+    """Connections accepted so far (a proxy that reuses them well opens few)."""
 
 
 class Connection(asyncio.Protocol):
@@ -85,6 +87,7 @@ class Connection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
         self._state.connections.add(self)
+        self._state.accepted += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state.connections.discard(self)
@@ -253,6 +256,7 @@ async def main(ports: int, slots: int) -> None:
                 "requests": state.requests,
                 "events": state.events,
                 "connections": len(state.connections),
+                "accepted": state.accepted,
                 "oversubscribed": state.oversubscribed,
             }
         if verb == "reset":
