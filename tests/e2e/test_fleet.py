@@ -21,7 +21,7 @@ from tests.support.balancer import running_balancer, wait_until
 from tests.support.fleet import Fleet
 from tests.support.fleet import fleet as shared_fleet
 from tests.support.llamacpp import running_llamacpp
-from tests.support.metrics import llamacpp_metrics
+from tests.support.metrics import llamacpp_metrics, watching_llamacpp
 
 TOKEN = "e2e-secret-token"
 
@@ -75,17 +75,6 @@ async def test_three_times_more_requests_than_slots_never_queue_inside_llamacpp(
     """Under 3x oversubscription across 2 servers, requests_deferred stays 0 everywhere."""
     async with fleet(2, slots=2, request_buffer_size=100) as cluster:
         total_slots = 4
-        deferred: list[float] = []
-        processing: list[float] = []
-        done = asyncio.Event()
-
-        async def watch() -> None:
-            while not done.is_set():
-                for server in cluster.servers:
-                    metrics = await llamacpp_metrics(session, server.url)
-                    deferred.append(metrics["requests_deferred"])
-                    processing.append(metrics["requests_processing"])
-                await asyncio.sleep(0.01)
 
         async def generate(number: int) -> int:
             """One client sending three requests in a row, alternating streaming or not."""
@@ -106,10 +95,10 @@ async def test_three_times_more_requests_than_slots_never_queue_inside_llamacpp(
                 predicted += int(json.loads(final)["tokens_predicted"])
             return predicted
 
-        watcher = asyncio.create_task(watch())
-        predicted = await asyncio.gather(*(generate(n) for n in range(3 * total_slots)))
-        done.set()
-        await watcher
+        urls = [server.url for server in cluster.servers]
+        async with watching_llamacpp(session, urls) as watch:
+            predicted = await asyncio.gather(*(generate(n) for n in range(3 * total_slots)))
+        deferred, processing = watch.deferred, watch.processing
         assert predicted == [3 * 96] * (3 * total_slots)
         assert len(deferred) > 20  # the watcher saw the whole run, not a moment of it
         assert max(deferred) == 0

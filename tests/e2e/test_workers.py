@@ -15,7 +15,7 @@ import aiohttp
 from tests.support.balancer import wait_until
 from tests.support.fleet import Fleet
 from tests.support.fleet import fleet as shared_fleet
-from tests.support.metrics import llamacpp_metrics
+from tests.support.metrics import llamacpp_metrics, watching_llamacpp
 
 TOKEN = "e2e-workers-token"
 
@@ -43,17 +43,6 @@ async def test_two_workers_never_oversubscribe_llamacpp_and_count_every_request(
     llama.cpp never queues a request (one fleet host counts every slot), every request is
     served, none is left reserved, and ``/metrics`` counts them all."""
     async with fleet(2, slots=2, request_buffer_size=100) as cluster:
-        deferred: list[float] = []
-        processing: list[float] = []
-        done = asyncio.Event()
-
-        async def watch() -> None:
-            while not done.is_set():
-                for server in cluster.servers:
-                    metrics = await llamacpp_metrics(session, server.url)
-                    deferred.append(metrics["requests_deferred"])
-                    processing.append(metrics["requests_processing"])
-                await asyncio.sleep(0.01)
 
         async def generate(number: int) -> int:
             predicted = 0
@@ -77,10 +66,10 @@ async def test_two_workers_never_oversubscribe_llamacpp_and_count_every_request(
                 predicted += int(json.loads(final)["tokens_predicted"])
             return predicted
 
-        watcher = asyncio.create_task(watch())
-        predicted = await asyncio.gather(*(generate(n) for n in range(12)))
-        done.set()
-        await watcher
+        urls = [server.url for server in cluster.servers]
+        async with watching_llamacpp(session, urls) as watch:
+            predicted = await asyncio.gather(*(generate(n) for n in range(12)))
+        deferred, processing = watch.deferred, watch.processing
         assert predicted == [2 * 64] * 12
         assert len(deferred) > 20
         assert max(deferred) == 0

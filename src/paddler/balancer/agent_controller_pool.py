@@ -95,11 +95,10 @@ class AgentControllerPool:
     ) -> None:
         self.policy: RoutingPolicy = policy or SlotsPolicy()
         self._agents: dict[str, AgentController] = {}
-        self._allow_unknown_models = allow_unknown_models
         self._lacking_until = 0.0
         """Until when some agent may lack some route: before, ``pick`` needs not ask each."""
-        self._model_names: frozenset[str] = frozenset()
-        self._model_ids: frozenset[str] = frozenset()
+        self._naming = Naming(frozenset(), frozenset(), allow_unknown_models)
+        """The fleet's model names and ids, rebuilt on membership and model changes."""
         self._cache_keys = itertools.count(1)
         self._settle_timeout = settle_timeout
         self._circuit_cooldown = circuit_cooldown
@@ -446,15 +445,15 @@ class AgentControllerPool:
 
     def knows(self, model: str) -> bool:
         """Whether some agent answers to ``model``."""
-        return model in self._model_names
+        return model in self._naming.names
 
     def accepts(self, model: str) -> bool:
         """Whether a request naming ``model`` may be served (see the module docstring)."""
-        return model in self._model_names or self._allow_unknown_models or len(self._model_ids) <= 1
+        return accepts(model, self._naming)
 
     def naming(self) -> Naming:
         """What ``accepts`` decides from (a worker keeps a copy: see ``remote_fleet``)."""
-        return Naming(self._model_names, self._model_ids, self._allow_unknown_models)
+        return self._naming
 
     def at(self, url: str) -> AgentController | None:
         """The agent at ``url`` (``Address.url``), if any."""
@@ -462,12 +461,12 @@ class AgentControllerPool:
 
     def model_ids(self) -> list[str]:
         """The ids of the models the fleet serves, sorted."""
-        return sorted(self._model_ids)
+        return sorted(self._naming.ids)
 
     @property
     def models_served(self) -> int:
         """How many models the fleet serves (``len(model_ids())`` without sorting them)."""
-        return len(self._model_ids)
+        return len(self._naming.ids)
 
     def models(self) -> dict[str, list[AgentController]]:
         """Every model the fleet serves, by id, with the (verified) agents that serve it."""
@@ -488,9 +487,9 @@ class AgentControllerPool:
         agents = self._verified_agents()
         names = frozenset().union(*(agent.model_names for agent in agents))
         ids = frozenset().union(*(agent.models for agent in agents))
-        if (names, ids) == (self._model_names, self._model_ids):
+        if (names, ids) == (self._naming.names, self._naming.ids):
             return False
-        self._model_names, self._model_ids = names, ids
+        self._naming = self._naming._replace(names=names, ids=ids)
         self.models_version += 1
         return True
 

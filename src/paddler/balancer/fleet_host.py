@@ -101,7 +101,7 @@ class FleetHost:
 
     def _capacity_changed(self, _agent: object) -> None:
         naming = self._pool.naming()
-        if naming != self._naming:
+        if naming is not self._naming:  # the pool makes a new one only when they change
             self._naming = naming
             for link in self._links:
                 link.send_naming()
