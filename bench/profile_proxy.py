@@ -596,7 +596,7 @@ async def _measure_one(
                 result["p50_ms_one_connection"] = round(run.p50_ms, 3)
             if "chunks" in what:
                 result["cpu_us_per_chunk"] = round(await chunk_cost(hop), 2)
-            if args.profile is not None and name != "direct":
+            if args.profile is not None and name not in ("direct", "nginx"):  # not Python
                 args.profile.mkdir(parents=True, exist_ok=True)
                 await profile(hop, args.seconds, directory, args.profile, name)
     return result

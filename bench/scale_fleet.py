@@ -7,7 +7,11 @@ one per port of one fast upstream. Then:
   is its control plane's cost, as a share of a core and per status frame (the agents count the
   frames they sent);
 - small requests from wrk at ``latency_connections`` (p50, p99) and at ``load_connections``
-  (CPU per request), as in the contestants' cells.
+  (CPU per request), as in the contestants' cells;
+- the same load through nginx over the same servers, with ``random two least_conn`` (two
+  servers drawn at random, the less busy taken: a pick that costs the same at any fleet size,
+  as Paddler's does). Its growth from 2 to 1,000 servers is what spreading requests over that
+  many connections costs a proxy anyway (colder caches), whatever its pick.
 
 The 2-agent fleet is the reference: the target is that 1,000 agents cost no more per request.
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.memory import tree_rss_bytes
+from bench.nginx import running_nginx
 from bench.runner import say
 from bench.scale_config import ScaleConfig
 from bench.scale_contestants import SMALL_BODY
@@ -37,6 +42,8 @@ class FleetCell:
     rss: int
     setup_seconds: float
     agent_failures: int = 0
+    nginx: LoadCell | None = None
+    """nginx's load cell over the same servers (``random two least_conn``)."""
 
     @property
     def idle_core_share(self) -> float:
@@ -107,6 +114,25 @@ async def measure_fleets(config: ScaleConfig, workdir: Path) -> FleetResults:
                     agent_failures=(await fleet.agents.ask("stats"))["failures"],
                 )
                 results.cells.append(cell)
+            nginx_dir = workdir / f"nginx-fleet-{size}"
+            nginx_dir.mkdir()
+            async with running_nginx(
+                upstream.backends(size), nginx_dir, "random two least_conn"
+            ) as nginx:
+                meter = Meter({"proxy": nginx.pid, "upstream": upstream.child.pid})
+                name = f"nginx-{size}"
+                await wrk_cell(
+                    meter, name, "warm-up", nginx.url, script, config.load_connections, 1.0
+                )
+                cell.nginx = await wrk_cell(
+                    meter,
+                    name,
+                    "load",
+                    nginx.url,
+                    script,
+                    config.load_connections,
+                    config.cell_seconds,
+                )
                 say(
                     f"fleet {size}: idle {cell.idle_core_share * 100:.1f}% of a core, "
                     f"{cell.idle_us_per_frame:.0f} µs/frame; p50 {latency.p50 * 1000:.2f} ms; "

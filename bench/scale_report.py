@@ -122,6 +122,11 @@ def headlines(report: ScaleReport) -> str:
             f"| {times(ratio(large.load.proxy_ms_per_request, small.load.proxy_ms_per_request))} "
             f"| ≤ 1.3x |"
         )
+        if small.nginx and large.nginx:
+            rows.append(
+                f"| ... nginx over {large.agents} / {small.agents} servers (random two "
+                f"least_conn) | - | {times(ratio(large.nginx.proxy_ms_per_request, small.nginx.proxy_ms_per_request))} | - |"
+            )
         rows.append(
             f"| p50 at {config.latency_connections} connection, {small.agents} → {large.agents} "
             f"agents | 0.6 → 3-4 ms | {ms(small.latency.p50)} → {ms(large.latency.p50)} ms | - |"
