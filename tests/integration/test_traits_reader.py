@@ -50,10 +50,16 @@ async def test_the_worker_reads_every_body_as_the_event_loop_does(
 
 
 async def test_small_bodies_are_read_on_the_event_loop() -> None:
-    """Under the inline limit no worker is asked: a dead worker does not matter to them."""
-    async with TraitsReader() as reader:
-        await kill_worker(reader)
+    """Under the inline limit no worker is asked, nor started; the first larger body starts
+    one, and a dead worker does not matter to small bodies."""
+    async with TraitsReader(inline_bytes=1024) as reader:
         traits = await reader.read("POST", CHAT, {}, chat_body("m"))
+        assert reader.worker_pid is None
+        large = json.dumps({"messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+        assert (await reader.read("POST", CHAT, {}, large)).prompt_chars == len("user\x1f" + "x" * 2000 + "\x1e")
+        assert reader.worker_pid is not None
+        await kill_worker(reader)
+        assert await reader.read("POST", CHAT, {}, chat_body("m")) == traits
     assert traits == RequestTraits(model="m", prompt="user\x1fhi\x1e", prompt_chars=8)
 
 
@@ -96,6 +102,7 @@ async def test_a_body_that_two_workers_die_on_gets_no_traits(worker_only: Traits
 
 async def test_a_worker_that_died_between_bodies_costs_nothing(worker_only: TraitsReader) -> None:
     """A worker found dead when a body comes is replaced before that body is sent."""
+    assert (await worker_only.read("POST", CHAT, {}, chat_body("first"))).model == "first"
     await kill_worker(worker_only)
     assert (await worker_only.read("POST", CHAT, {}, chat_body("m"))).model == "m"
 

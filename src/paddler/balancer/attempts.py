@@ -33,10 +33,13 @@ class Failure:
 @dataclass
 class Attempts:
     failures: list[Failure] = field(default_factory=list)
-    tried: set[str] = field(default_factory=set)
+    tried: list[str] = field(default_factory=list)
+    """The ids of the servers it was sent to, in order (each once: a server tried is excluded
+    from the next pick). A list: an empty set takes 216 bytes, held by every waiting request."""
 
     def sent_to(self, agent: AgentController) -> None:
-        self.tried.add(agent.id)
+        if agent.id not in self.tried:
+            self.tried.append(agent.id)
 
     def failed(self, failure: Failure) -> None:
         self.failures.append(failure)

@@ -14,7 +14,7 @@ stays exact however many processes serve clients.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, NamedTuple, Protocol
 
 from paddler.balancer.agent_controller import AgentController
@@ -50,7 +50,18 @@ class Fleet(Protocol):
 
     async def acquire(self, demand: Demand, deadline: float) -> SlotGuard:
         """A reservation for ``demand``, waiting in the buffer until ``deadline`` (loop clock)
-        if need be; raises the ``request_buffer`` rejections."""
+        if need be; raises the ``request_buffer`` rejections. (``acquire_now``, then ``wait``
+        if it gave nothing.)"""
+        ...
+
+    def acquire_now(self, demand: Demand) -> SlotGuard | None:
+        """A reservation at once if one can be had without waiting, else None: the request's
+        common case, without a coroutine. Raises the rejections that need no wait."""
+        ...
+
+    async def wait(self, demand: Demand, deadline: float) -> SlotGuard:
+        """A reservation for ``demand`` after ``acquire_now`` gave nothing, waiting in the
+        buffer until ``deadline`` if need be."""
         ...
 
     async def has_candidates(
@@ -103,6 +114,14 @@ class LocalFleet:
 
     async def acquire(self, demand: Demand, deadline: float) -> SlotGuard:
         return await self.buffer.acquire(demand, deadline=deadline)
+
+    def acquire_now(self, demand: Demand) -> SlotGuard | None:
+        return self.buffer.acquire_now(demand)
+
+    def wait(self, demand: Demand, deadline: float) -> Coroutine[Any, Any, SlotGuard]:
+        # The buffer's coroutine itself, not one more around it: a waiting request holds
+        # each frame of its chain, and thousands of them wait while a fleet starts.
+        return self.buffer.wait(demand, deadline=deadline)
 
     async def has_candidates(
         self, exclude: Iterable[str], model: str | None, route: str | None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,15 @@ class RemoteFleet(LineProtocol):
 
     def model_ids(self) -> list[str]:
         return sorted(self._naming.ids)
+
+    def acquire_now(self, demand: Demand) -> SlotGuard | None:
+        """Never at once: every reservation is the host's to make."""
+        if self.closed.done():
+            raise ShuttingDown("the balancer is shutting down")
+        return None
+
+    def wait(self, demand: Demand, deadline: float) -> Coroutine[Any, Any, SlotGuard]:
+        return self.acquire(demand, deadline)
 
     async def acquire(self, demand: Demand, deadline: float) -> SlotGuard:
         if self.closed.done():

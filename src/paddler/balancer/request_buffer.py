@@ -41,6 +41,7 @@ buffer dispatches again at that time.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import logging
@@ -104,6 +105,10 @@ class _Waiter:
 
 
 _Queue = OrderedDict[int, _Waiter]
+
+_EXPIRY_CONTEXT = contextvars.Context()
+"""What a waiter's expiry runs in: it reads no context variable, and uvloop would copy the
+waiting task's context for each timer otherwise."""
 
 
 class RequestBuffer:
@@ -190,17 +195,28 @@ class RequestBuffer:
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self._timeout
+        # A timer that fails the waiter's future, not asyncio.timeout around the wait: that
+        # is three objects more per waiting request (its Timeout and two bound methods).
+        expiry = loop.call_at(deadline, self._expire, waiter, context=_EXPIRY_CONTEXT)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await waiter.future
-        except TimeoutError:
-            self._forget(waiter)
-            raise BufferTimeout(
-                f"no llama.cpp slot became free within {self._timeout:g}s"
-            ) from None
+            return await waiter.future
+        except BufferTimeout:
+            raise  # _expire has taken it out of the queues
         except BaseException:
             self._forget(waiter)
             raise
+        finally:
+            expiry.cancel()
+
+    def _expire(self, waiter: _Waiter) -> None:
+        """``waiter``'s deadline has come with no slot handed to it."""
+        if waiter.future.done():
+            return
+        self._remove(waiter)
+        self._policy.abandoned(waiter.demand)
+        waiter.future.set_exception(
+            BufferTimeout(f"no llama.cpp slot became free within {self._timeout:g}s")
+        )
 
     def close(self) -> None:
         """Refuse new requests and fail every waiting one with ``ShuttingDown``."""

@@ -149,8 +149,10 @@ class Upstream:
         self._pooled: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
         self._connections: ConnectionPool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> Upstream:
+        self._loop = asyncio.get_running_loop()
         if self._client == "httptools":
             self._connections = ConnectionPool(
                 connect_timeout=self._connect_timeout,
@@ -208,24 +210,37 @@ class Upstream:
             headers["Authorization"] = f"Bearer {self._llamacpp_api_key}"
         if extra_headers:
             headers.update(extra_headers)
-        # No deadline of its own: it exists to be moved to now by an abort. The read timeout
-        # is sock_read's. (timeout_at: timeout() looks the loop up, a getpid in Python 3.11.)
-        waiting = asyncio.timeout_at(None)
+        if guard is None:
+            try:
+                return await self._send(agent, request.method, request.raw_path, headers, body)
+            except aiohttp.ServerTimeoutError as error:
+                raise UpstreamBroken(self._silent(agent)) from error
+        # An abort cancels the wait, and the cancellation it made is told from any other as
+        # asyncio.timeout tells its own: by the task's count of cancellation requests. (Not
+        # asyncio.timeout itself: entering it looks the task up without the loop, which is a
+        # getpid system call per request in Python 3.11.)
+        task = asyncio.current_task(self._loop)
+        assert task is not None, "send runs in a task"
+        cancelling = task.cancelling()
+        cancelled_by_abort = False
+
+        def cancel(_reason: str) -> None:
+            nonlocal cancelled_by_abort
+            if not cancelled_by_abort:
+                cancelled_by_abort = True
+                task.cancel()
+
+        guard.on_abort(cancel)
         try:
-            async with waiting:
-                if guard is not None:
-                    guard.on_abort(lambda _reason: waiting.reschedule(0))
-                try:
-                    return await self._send(agent, request.method, request.raw_path, headers, body)
-                finally:
-                    if guard is not None:
-                        guard.on_abort(None)  # the deadline ends with this block
+            return await self._send(agent, request.method, request.raw_path, headers, body)
         except aiohttp.ServerTimeoutError as error:
             raise UpstreamBroken(self._silent(agent)) from error
-        except TimeoutError as error:  # the abort's, above
-            if guard is not None and guard.aborted is not None:
-                raise UpstreamBroken(guard.aborted) from error
-            raise UpstreamBroken(f"{agent.name} timed out: {error!r}") from error
+        except asyncio.CancelledError:
+            if cancelled_by_abort and task.uncancel() <= cancelling:
+                raise UpstreamBroken(guard.aborted or f"{agent.name} was aborted") from None
+            raise
+        finally:
+            guard.on_abort(None)  # an abort from now on is the relay's to hear
 
     async def _send(
         self,

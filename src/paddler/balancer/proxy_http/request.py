@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from paddler.balancer.proxy_http.connection import Connection
 
 
+_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
+"""Every query-less request's query (read-only): nothing parsed, nothing allocated."""
+
+
 class Request:
     """The head and body of one request; ``stream`` answers it through its connection."""
 
@@ -71,6 +75,8 @@ class Request:
     def query(self) -> Mapping[str, str]:
         """Parsed on first use: only requests that name no model in a JSON body need it."""
         if self._query is None:
+            if not self._query_string:
+                return _NO_QUERY
             pairs = parse_qsl(self._query_string, keep_blank_values=True)
             self._query = MultiDictProxy(MultiDict(pairs))
         return self._query

@@ -50,10 +50,11 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         connections = self.connections
         tls = ssl_context is not None
+        closed = self._closed  # one bound method for every connection, not one each
 
         def make() -> Connection:
             connection = Connection(
-                self._handle, connections, self._keepalive_timeout, loop, self._closed
+                self._handle, connections, self._keepalive_timeout, loop, closed
             )
             self._open.add(connection)
             return connection

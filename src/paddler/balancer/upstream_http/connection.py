@@ -4,7 +4,8 @@ httptools as it arrives.
 Timing: the read timeout runs from the end of the request to the response's head, then between
 packets of its body; it stops while the body's reader is ``HIGH_WATER`` behind (a slow client
 pauses reading from the server, and a server held back is not silent). One timer per response,
-re-armed only when it fires: a packet costs a clock read, not a timer.
+re-armed only when it fires: a packet costs a clock read, not a timer, and a kept-alive
+connection's next response takes the timer its last one left.
 
 Keep-alive: a connection may carry another request only after a whole response that did not
 say ``Connection: close`` (llama.cpp says it on its 100th response) and was not an event stream
@@ -216,7 +217,10 @@ class Connection(asyncio.Protocol):
     def _start_timer(self) -> None:
         if self._read_timeout is not None and not self._done:
             self._last_read = self._loop.time()
-            self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._expire)
+            if self._timer is None:  # one left by the last response fires sooner, and moves
+                self._timer = self._loop.call_at(
+                    self._last_read + self._read_timeout, self._expire
+                )
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -261,7 +265,7 @@ class Connection(asyncio.Protocol):
         if parser.get_status_code() < 200:
             return  # 1xx: an interim answer (none is asked for: no Expect goes out)
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
-        self._body = body = Body(self._resume_reading)
+        self._body = body = Body(self._resume_reading, self._loop)
         response = Response(
             parser.get_status_code(), self._reason, headers, body, self._release, self.close
         )
@@ -273,8 +277,7 @@ class Connection(asyncio.Protocol):
             and response.content_type != "text/event-stream"
         )
         if self._head_only or response.status in (204, 304):
-            self._done = True
-            self._stop_timer()
+            self._done = True  # its timer, if it fires, finds the response done
             body.feed_eof()
         if self._head is not None and not self._head.done():
             self._head.set_result(response)
@@ -288,7 +291,6 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._done or self._body is None:
             return  # a HEAD's, whose end was told with its head; or a 1xx's
-        self._done = True
-        self._stop_timer()
+        self._done = True  # the timer is left: the next response moves it, a close stops it
         if self._body is not None:
             self._body.feed_eof()

@@ -9,7 +9,6 @@ through the same ``relay``, ``hold`` and ``interrupt``.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -69,10 +68,27 @@ class Body:
     gone or silent, and what is unread will not be completed.
     """
 
-    __slots__ = ("_buffered", "_eof", "_exception", "_parts", "_resume", "_waiter", "total_bytes")
+    __slots__ = (
+        "_buffered",
+        "_eof",
+        "_exception",
+        "_loop",
+        "_parts",
+        "_resume",
+        "_waiter",
+        "total_bytes",
+    )
 
-    def __init__(self, resume: Callable[[], None]) -> None:
-        self._parts: deque[bytes] = deque()
+    def __init__(
+        self, resume: Callable[[], None], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        """``loop``: the connection's (else the running one when a read waits: Python 3.11
+        looks the running loop up with a getpid system call, which a body that waits for each
+        chunk would pay per chunk)."""
+        self._loop = loop
+        self._parts: list[bytes] = []
+        """Unread pieces, in order (a list: a deque allocates a 760-byte block at once, and
+        a body is kept by each of thousands of buffered requests)."""
         self._buffered = 0
         self._eof = False
         self._exception: BaseException | None = None
@@ -129,12 +145,12 @@ class Body:
         if not parts:
             return b""
         if len(parts) == 1:
-            data = parts.popleft()
+            data = parts.pop()
         else:
             data = b"".join(parts)
             parts.clear()
         if 0 <= n < len(data):
-            parts.appendleft(data[n:])
+            parts.append(data[n:])  # parts is empty: this is its head again
             data = data[:n]
         before = self._buffered
         self._buffered -= len(data)
@@ -148,7 +164,7 @@ class Body:
                 raise self._exception
             if self._parts or self._eof:
                 return
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = (self._loop or asyncio.get_running_loop()).create_future()
             await self._waiter
 
 
