@@ -30,7 +30,7 @@ class Failure:
     answer: HeldAnswer | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempts:
     failures: list[Failure] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)

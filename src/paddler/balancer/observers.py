@@ -39,7 +39,7 @@ class Outcome(StrEnum):
 _FINE_OUTCOMES = frozenset({Outcome.COMPLETED, Outcome.CLIENT_GONE})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestRecord:
     """One client request, filled in as it goes."""
 

@@ -87,7 +87,7 @@ class UnknownModel(BufferRejection):
         self.served = served
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Waiter:
     demand: Demand
     seq: int

@@ -35,7 +35,7 @@ _RESPONSES_PATHS = frozenset({"/responses", "/v1/responses"})
 _MESSAGES_PATHS = frozenset({"/v1/messages"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestTraits:
     model: str | None = None
     prompt: str | None = None

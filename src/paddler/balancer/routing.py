@@ -65,7 +65,7 @@ PREFIX_BREADTH = 4
 """How many of the best-ranked agents the prefix policy compares, besides the prompt's owners."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Demand:
     """One request's needs, as routing sees them; it lives as long as the request."""
 

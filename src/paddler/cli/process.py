@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from paddler.cli.log_stream import IterationFlushedHandler, bind_to_loop
 from paddler.safe_text import escape_unprintable
 
 log = logging.getLogger("paddler")
@@ -94,7 +95,7 @@ def configure_logging(level: str, log_format: str = "text", tag: str | None = No
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = IterationFlushedHandler()
     if log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
@@ -196,6 +197,7 @@ def run_until_signalled(
     async def runner() -> None:
         shutdown = asyncio.Event()
         loop = asyncio.get_running_loop()
+        bind_to_loop(loop)
 
         def on_signal(signum: int) -> None:
             if shutdown.is_set():

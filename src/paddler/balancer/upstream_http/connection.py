@@ -218,9 +218,7 @@ class Connection(asyncio.Protocol):
         if self._read_timeout is not None and not self._done:
             self._last_read = self._loop.time()
             if self._timer is None:  # one left by the last response fires sooner, and moves
-                self._timer = self._loop.call_at(
-                    self._last_read + self._read_timeout, self._expire
-                )
+                self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._expire)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:

@@ -1,0 +1,66 @@
+"""Where log lines go: standard error, written as they come, flushed once per loop iteration.
+
+The balancer logs a line per request. ``logging.StreamHandler`` on ``sys.stderr`` (which is
+line-buffered) makes a ``write`` system call for each: one of a small request's six, about 4 %
+of its CPU at a few thousand requests a second. This handler keeps its own buffer on the same
+file descriptor and flushes it with a callback at the end of the event loop's iteration that
+logged: the lines of every request answered in that iteration go out in one ``write``, a moment
+(one iteration, well under a millisecond when idle) after they were made.
+
+Outside the loop's thread, before the loop runs and after it stops, each line is flushed at
+once, as ``StreamHandler`` does. A process killed with SIGKILL loses at most the lines of its
+last iteration; one that exits flushes them (``logging.shutdown``). Hand-written because no
+logging library offers a flush tied to an asyncio loop; ``logging.handlers.MemoryHandler``
+flushes by count, which would hold the lines of a quiet balancer indefinitely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+
+_BUFFER_BYTES = 64 * 1024
+"""What one iteration's lines may take before they go out anyway."""
+
+
+class IterationFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    def __init__(self, fd: int = 2) -> None:
+        raw = io.FileIO(fd, "w", closefd=False)
+        stream = io.TextIOWrapper(
+            io.BufferedWriter(raw, _BUFFER_BYTES),
+            encoding="utf-8",
+            errors="backslashreplace",
+            line_buffering=False,
+        )
+        super().__init__(stream)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+        self._scheduled = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Flush on ``loop``'s iterations from now on (call from the loop's thread)."""
+        self._loop = loop
+        self._thread = threading.get_ident()
+
+    def flush(self) -> None:
+        """Called by ``emit`` after each line: schedule the flush, or flush now off the loop."""
+        loop = self._loop
+        if loop is None or threading.get_ident() != self._thread or not loop.is_running():
+            self.flush_now()
+            return
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._scheduled = False
+        super().flush()
+
+
+def bind_to_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Make the root logger's ``IterationFlushedHandler`` (if it has one) flush on ``loop``."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, IterationFlushedHandler):
+            handler.bind(loop)
