@@ -79,6 +79,9 @@ class _Stream:
     async def write(self, chunk: bytes) -> None:
         await self._response.write(chunk)
 
+    def write_now(self, chunk: bytes) -> bool:
+        return False  # aiohttp writes and drains in one coroutine
+
     async def write_eof(self) -> None:
         await self._response.write_eof()
 

@@ -42,6 +42,13 @@ class ClientStream(Protocol):
         ``ConnectionResetError`` once the client is gone."""
         ...
 
+    def write_now(self, chunk: bytes) -> bool:
+        """Send ``chunk`` if that needs no wait, and say whether it was sent: False means
+        ``write`` it (the client is behind, or this server cannot tell). The relay's path for
+        each chunk, without a coroutine. Raises ``ConnectionResetError`` once the client is
+        gone."""
+        ...
+
     async def write_eof(self) -> None:
         """End the body (the last chunk of a chunked one)."""
         ...

@@ -417,7 +417,10 @@ async def relay(
                 on_first_chunk = None
             if on_chunk is not None:
                 on_chunk(chunk)
-            await response.write(chunk)
+            # Without a coroutine while the client keeps up: a chunk is a hot path. (One chunk
+            # more may be read before waiting on a client that fell behind with this one.)
+            if not response.write_now(chunk):
+                await response.write(chunk)
         await response.write_eof()
         finished = True
     except ConnectionResetError:

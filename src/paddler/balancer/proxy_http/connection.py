@@ -43,6 +43,12 @@ Handle = Callable[[ClientRequest], Awaitable[Answer | None]]
 _QUEUE_LIMIT = 16
 _INTERNAL_ERROR = ApiError(500, "the balancer failed to answer the request", "server_error")
 _LINGER = 2.0
+_NAMES: dict[bytes, str] = {}
+"""Header names seen, decoded once and shared by every request that sends them (each buffered
+request holds its headers: six names of a typical client are 330 bytes a request otherwise)."""
+_NAMES_KEPT = 512
+"""At most this many names are kept (a client sending made-up names fills it, and then
+nothing more is kept: the cost is decoding, as without it)."""
 
 
 class Connection(asyncio.Protocol):
@@ -166,7 +172,12 @@ class Connection(asyncio.Protocol):
         self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        text = _NAMES.get(name)
+        if text is None:
+            text = name.decode("latin-1")
+            if len(_NAMES) < _NAMES_KEPT and len(name) <= 64:
+                _NAMES[name] = text
+        self._headers.append((text, value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser

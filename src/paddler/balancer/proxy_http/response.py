@@ -54,18 +54,18 @@ class Writer:
     """A connection's writing side: whether the transport may take more, and waiting until it
     may. ``lost``: the client is gone (every later write raises ``ConnectionResetError``)."""
 
-    __slots__ = ("_drained", "_paused", "lost")
+    __slots__ = ("_drained", "lost", "paused")
 
     def __init__(self) -> None:
-        self._paused = False
+        self.paused = False
         self._drained: asyncio.Future[None] | None = None
         self.lost = False
 
     def pause(self) -> None:
-        self._paused = True
+        self.paused = True
 
     def resume(self) -> None:
-        self._paused = False
+        self.paused = False
         self._wake()
 
     def connection_lost(self) -> None:
@@ -73,7 +73,7 @@ class Writer:
         self._wake()
 
     async def drain(self) -> None:
-        while self._paused and not self.lost:
+        while self.paused and not self.lost:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
         if self.lost:
@@ -108,16 +108,27 @@ class Stream:
         self.ended = False
 
     async def write(self, chunk: bytes) -> None:
-        if self._writer.lost or self._transport.is_closing():
+        writer = self._writer
+        if writer.paused and not writer.lost:
+            await writer.drain()  # the client is behind: nothing more until it catches up
+        self.write_now(chunk)
+        if writer.paused or writer.lost:
+            await writer.drain()
+
+    def write_now(self, chunk: bytes) -> bool:
+        writer = self._writer
+        if writer.lost or self._transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
+        if writer.paused:
+            return False
         if not chunk or not self._body:
-            return
+            return True
         data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
         if self._head is not None:
             data = self._head + data
             self._head = None
         self._transport.write(data)
-        await self._writer.drain()
+        return True
 
     async def write_eof(self) -> None:
         if self.ended:

@@ -131,9 +131,14 @@ class Body:
 
     async def readany(self) -> bytes:
         """Every byte that has arrived and is unread, waiting for some if none has; b"" at
-        the end."""
-        await self._ready()
-        return self.read_nowait()
+        the end. (``_ready``'s loop, inline: this is awaited for each relayed chunk.)"""
+        while True:
+            if self._exception is not None:
+                raise self._exception
+            if self._parts or self._eof:
+                return self.read_nowait()
+            self._waiter = (self._loop or asyncio.get_running_loop()).create_future()
+            await self._waiter
 
     async def read(self, n: int = -1) -> bytes:
         """At most ``n`` bytes (all there are, with -1), as ``readany``."""
