@@ -56,7 +56,9 @@ async def test_small_bodies_are_read_on_the_event_loop() -> None:
         traits = await reader.read("POST", CHAT, {}, chat_body("m"))
         assert reader.worker_pid is None
         large = json.dumps({"messages": [{"role": "user", "content": "x" * 2000}]}).encode()
-        assert (await reader.read("POST", CHAT, {}, large)).prompt_chars == len("user\x1f" + "x" * 2000 + "\x1e")
+        assert (await reader.read("POST", CHAT, {}, large)).prompt_chars == len(
+            "user\x1f" + "x" * 2000 + "\x1e"
+        )
         assert reader.worker_pid is not None
         await kill_worker(reader)
         assert await reader.read("POST", CHAT, {}, chat_body("m")) == traits
