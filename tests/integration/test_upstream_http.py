@@ -24,6 +24,7 @@ from paddler.balancer.upstream_http.failures import (
 from paddler.balancer.upstream_http.pool import ConnectionPool, request_head
 from paddler.balancer.upstream_http.response import HIGH_WATER, Response
 from paddler.config import Address
+from tests.support.balancer import wait_until
 from tests.support.llamacpp import running_llamacpp
 from tests.support.prometheus import free_port
 
@@ -113,7 +114,8 @@ async def test_a_real_llamacpp_keeps_a_connection_for_100_requests_then_a_new_on
 @pytest.mark.llamacpp
 async def test_a_real_llamacpp_event_stream_is_dechunked_and_its_connection_not_kept() -> None:
     """A stream's chunked body arrives as its events; llama.cpp closes the connection after
-    it, so it is never pooled, and the next request opens another."""
+    it, so it is never pooled: a connection is opened in its place at once, idle, and the next
+    request goes on it."""
     body = json.dumps({"prompt": "hi", "n_predict": 3, "stream": True, "ignore_eos": True})
     async with running_llamacpp() as server, pool() as connections:
         address = Address("http", "127.0.0.1", server.port)
@@ -128,13 +130,14 @@ async def test_a_real_llamacpp_event_stream_is_dechunked_and_its_connection_not_
         assert json.loads(events[-1][len(b"data: ") :])["stop"] is True
         assert response.content.total_bytes == sum(len(event) + 2 for event in events)
         response.release()
-        assert connections.idle_connections == 0
+        await wait_until(lambda: connections.idle_connections == 1)
+        assert connections.opened == 2
         answer = await connections.exchange(
             address, get("/health", address), b"", head_only=False, fresh=False
         )
         assert answer.status == 200
         answer.release()
-        assert connections.opened == 2
+        assert connections.opened == 2  # the one opened ahead served it
 
 
 @pytest.mark.llamacpp
@@ -337,3 +340,57 @@ async def test_a_server_that_closes_while_a_large_body_is_sent_is_disconnected()
                 await connections.exchange(
                     address, post("/", address, body), body, head_only=False, fresh=False
                 )
+
+
+async def test_a_stream_cut_short_or_a_whole_answer_opens_nothing_ahead() -> None:
+    """Only a whole event stream, after which llama.cpp closes the connection, has one opened
+    in its place; one per server, and none when one is idle there already. A stream the
+    reader gave up on, and a whole answer, open nothing."""
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in [b"data: 1\n\n"] * 3)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            if b"/stream" in head:
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n" + chunks
+                )
+                if b"/stream-cut" in head:
+                    await writer.drain()
+                    await asyncio.sleep(10)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                return  # as llama.cpp: the connection closes after a stream
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with scripted_server(script) as (address, accepted), pool() as connections:
+
+        async def exchange(path: str) -> Response:
+            return await connections.exchange(
+                address, get(path, address), b"", head_only=False, fresh=False
+            )
+
+        answer = await exchange("/whole")
+        assert await whole(answer) == b"ok"
+        answer.release()
+        stream = await exchange("/stream-cut")
+        assert await stream.content.readany()
+        stream.close()  # the reader gave up: llama.cpp must see the connection go
+        await asyncio.sleep(0.2)
+        # The whole answer's connection carried the cut stream, and nothing replaced it.
+        assert (len(accepted), connections.idle_connections) == (1, 0)
+        stream = await exchange("/stream")
+        await whole(stream)
+        stream.release()
+        await wait_until(lambda: connections.idle_connections == 1)
+        assert len(accepted) == 3  # the stream's, and one opened ahead
+        for _ in range(2):
+            stream = await exchange("/stream")  # on the one opened ahead
+            await whole(stream)
+            stream.release()
+            await wait_until(lambda: connections.idle_connections == 1)
+        await asyncio.sleep(0.2)
+        assert len(accepted) == 5  # each stream's connection replaced by exactly one
+        assert connections.idle_connections == 1

@@ -40,3 +40,18 @@ def test_a_workers_lines_name_it_before_the_logger() -> None:
         failing.exc_info = sys.exc_info()
     first = tagged.format(failing).splitlines()[0]
     assert first.endswith(" INFO worker 2 paddler.requests: request r1")
+
+
+def test_a_plain_line_is_the_line_format_makes_of_the_same_record() -> None:
+    """``plain_line`` (the request log's path without a record) and ``format`` agree, with
+    a worker's tag and without, and escape alike; another layout has no plain line."""
+    for formatter in (OneLineFormatter(_LAYOUT), OneLineFormatter(_LAYOUT, tag="worker 1")):
+        for created in (1_790_000_000.004, 1_790_000_000.999, 1_790_000_061.25):
+            record = logging.LogRecord(
+                "paddler.requests", logging.WARNING, "", 0, "GET /a\nb -> 502", (), None
+            )
+            record.created, record.msecs = created, (created - int(created)) * 1000
+            plain = formatter.plain_line(created, "WARNING", "paddler.requests", "GET /a\nb -> 502")
+            assert plain == formatter.format(record)
+            assert "\n" not in plain
+    assert OneLineFormatter("%(message)s").plain_line(1.0, "INFO", "x", "m") is None

@@ -82,3 +82,29 @@ async def test_another_thread_and_a_stopped_loop_flush_at_once(
         assert written(read_end) == b"after the loop\n"
     finally:
         stopped.close()
+
+
+def test_a_plain_write_is_what_handling_the_record_writes(
+    pipe: tuple[int, IterationFlushedHandler, logging.Logger],
+) -> None:
+    """With the text formatter, a line written from its fields alone is the one its record
+    gives; with a filter or another formatter, nothing is written and handle() must be used."""
+    from paddler.cli.process import LAYOUT, OneLineFormatter
+
+    read_end, handler, logger = pipe
+    handler.setFormatter(OneLineFormatter(LAYOUT))
+    record = logger.makeRecord(logger.name, logging.INFO, "", 0, "request r1 -> 200", (), None)
+    handler.handle(record)
+    by_record = written(read_end)
+    assert handler.write_plain(
+        record.created, logging.INFO, "INFO", logger.name, "request r1 -> 200"
+    )
+    assert written(read_end) == by_record
+    handler.setLevel(logging.INFO)
+    assert not handler.write_plain(record.created, logging.DEBUG, "DEBUG", logger.name, "m")
+    handler.addFilter(lambda _record: True)
+    assert not handler.write_plain(record.created, logging.INFO, "INFO", logger.name, "m")
+    handler.filters.clear()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    assert not handler.write_plain(record.created, logging.INFO, "INFO", logger.name, "m")
+    assert written(read_end) == b""

@@ -39,7 +39,7 @@ class Outcome(StrEnum):
 _FINE_OUTCOMES = frozenset({Outcome.COMPLETED, Outcome.CLIENT_GONE})
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # tracing keeps spans by record
 class RequestRecord:
     """One client request, filled in as it goes."""
 

@@ -3,8 +3,10 @@
 The line reads well as text, and carries the same facts as structured fields (the record's
 attributes, as ``extra`` would set them), which ``--log-format json`` writes out as JSON keys.
 
-Every request logs a line, so the line is made cheaply: its text with one f-string, and its
-``LogRecord`` without ``Logger.log``'s general case (a ``%`` of the arguments, ``extra`` checked
+Every request logs a line, so the line is made cheaply: its text with one f-string, and, when
+the one handler the line reaches can write it from its fields alone (the text format's
+``cli.log_stream`` handler, no filter), no record at all. Otherwise its ``LogRecord`` is made
+without ``Logger.log``'s general case (a ``%`` of the arguments, ``extra`` checked
 key by key, the caller's file name split); it is handed to the logger's ``handle``, so that
 levels, filters, propagation and every handler apply as to any record. Measured with callgrind
 (``python -m bench.profile_proxy instructions``, the balancer with and without this observer):
@@ -83,10 +85,19 @@ class RequestLog(Observer):
             f"first chunk {first_chunk} ms, "
             f"{record.attempts:d} attempt(s){key})"
         )
+        now = time.time()
+        # The common case: one handler, whose line is made of the message alone (the text
+        # format): written without a record (see ``cli.log_stream``).
+        handler = _only_handler()
+        if handler is not None:
+            write_plain = getattr(handler, "write_plain", None)
+            if write_plain is not None and write_plain(
+                now, level, "WARNING" if failed else "INFO", log.name, line
+            ):
+                return
         # A copy of a dictionary that has every key already: no key is added, so it is never
         # grown (adding the 20 keys below to the shared ones grew it twice).
         fields = (self._template if self._template is not None else self._first()).copy()
-        now = time.time()
         fields["msg"] = line
         fields["levelname"] = "WARNING" if failed else "INFO"
         fields["levelno"] = level
@@ -126,3 +137,23 @@ class RequestLog(Observer):
         self._task_names = template.get("taskName") is not None
         self._template = template
         return template
+
+
+def _only_handler() -> logging.Handler | None:
+    """The one handler a line of ``log`` reaches, if it reaches one alone and no logger on
+    the way filters it; None otherwise (then the record goes through ``Logger.handle``)."""
+    if log.disabled:
+        return None
+    found: logging.Handler | None = None
+    logger: logging.Logger | None = log
+    while logger is not None:
+        if logger.filters:
+            return None
+        for handler in logger.handlers:
+            if found is not None:
+                return None
+            found = handler
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return found

@@ -7,6 +7,9 @@ file descriptor and flushes it with a callback at the end of the event loop's it
 logged: the lines of every request answered in that iteration go out in one ``write``, a moment
 (one iteration, well under a millisecond when idle) after they were made.
 
+``write_plain`` writes a line from its fields alone, when the handler would make exactly that
+line of a record (``request_log`` makes no record for it then).
+
 Outside the loop's thread, before the loop runs and after it stops, each line is flushed at
 once, as ``StreamHandler`` does. A process killed with SIGKILL loses at most the lines of its
 last iteration; one that exits flushes them (``logging.shutdown``). Hand-written because no
@@ -57,6 +60,28 @@ class IterationFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush_now(self) -> None:
         self._scheduled = False
         super().flush()
+
+    def write_plain(
+        self, created: float, levelno: int, levelname: str, name: str, message: str
+    ) -> bool:
+        """Write the line of a record with these fields as ``handle`` would, without the
+        record, if nothing but the formatter's layout makes it (no filter, a formatter with
+        ``plain_line``, as ``OneLineFormatter``); False if ``handle`` must have the record."""
+        if self.filters or levelno < self.level:
+            return False
+        plain_line = getattr(self.formatter, "plain_line", None)
+        line = plain_line(created, levelname, name, message) if plain_line else None
+        if line is None:
+            return False
+        self.acquire()
+        try:
+            self.stream.write(line + self.terminator)
+            self.flush()
+        except Exception:
+            return False  # handle() tries again, and reports the failure as logging does
+        finally:
+            self.release()
+        return True
 
 
 def bind_to_loop(loop: asyncio.AbstractEventLoop) -> None:

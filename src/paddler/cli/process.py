@@ -62,6 +62,20 @@ class OneLineFormatter(logging.Formatter):
             f"{asctime} {record.levelname} {self._prefix}{record.name}: {message}"
         )
 
+    def plain_line(self, created: float, levelname: str, name: str, message: str) -> str | None:
+        """The line ``format`` makes of a record with these fields and no traceback, or None
+        if this formatter's layout is not ``LAYOUT`` (``log_stream.write_plain``)."""
+        if not self._fast or self.datefmt is not None:
+            return None
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime(self.default_time_format, self.converter(created))
+        msecs = int((created - second) * 1000)
+        return escape_unprintable(
+            f"{self._stamp},{msecs:03d} {levelname} {self._prefix}{name}: {message}"
+        )
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_unprintable(super().formatMessage(record))
 

@@ -55,10 +55,12 @@ class Connection(asyncio.Protocol):
         "_read_timeout",
         "_reason",
         "_reusable",
+        "_stream",
         "_timer",
         "address",
         "closed",
         "idle_since",
+        "streamed",
         "transport",
     )
 
@@ -88,11 +90,15 @@ class Connection(asyncio.Protocol):
         self._framed = False  # the body's end is known from its head, not from a close
         self._done = True
         self._reusable = False
+        self._stream = False
         self._head_only = False
         self._paused = False
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
+        self.streamed = False
+        """Whether its last response was an event stream that arrived whole (after which
+        llama.cpp closes the connection)."""
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -178,6 +184,12 @@ class Connection(asyncio.Protocol):
             await self._drained
         if self.closed:
             raise Disconnected("the server closed the connection while the request was sent")
+
+    def park(self) -> None:
+        """A connection opened ahead of a request: idle until one takes it."""
+        self._idle = True
+        self.idle_since = self._loop.time()
+        self._on_idle(self)
 
     def _release(self) -> None:
         """The response is done with: the connection goes idle if it may carry another request,
@@ -268,11 +280,10 @@ class Connection(asyncio.Protocol):
             parser.get_status_code(), self._reason, headers, body, self._release, self.close
         )
         self._framed = "Content-Length" in headers or "Transfer-Encoding" in headers
+        self._stream = response.content_type == "text/event-stream"
+        self.streamed = False
         self._reusable = (
-            parser.should_keep_alive()
-            and self._framed
-            and not self._head_only
-            and response.content_type != "text/event-stream"
+            parser.should_keep_alive() and self._framed and not self._head_only and not self._stream
         )
         if self._head_only or response.status in (204, 304):
             self._done = True  # its timer, if it fires, finds the response done
@@ -290,5 +301,6 @@ class Connection(asyncio.Protocol):
         if self._done or self._body is None:
             return  # a HEAD's, whose end was told with its head; or a 1xx's
         self._done = True  # the timer is left: the next response moves it, a close stops it
+        self.streamed = self._stream
         if self._body is not None:
             self._body.feed_eof()

@@ -4,11 +4,20 @@ A request takes the most recently idled connection to its server, or opens one (
 connect timeout). An idle connection is forgotten (closed) once it has been idle for
 ``keepalive_timeout``, before llama.cpp's own 5 s would close it under a request; one that the
 server closes while idle leaves the pool at once.
+
+llama.cpp closes a connection after each event stream, so the next stream to that server would
+wait for a connection to open (about 0.1-0.3 ms, a loop iteration and the handshake, on the
+time to its first token). When a stream has arrived whole and its connection closes, one
+connection to that server is opened at once in the background and parked idle, unless one is
+idle there already or being opened: the next stream finds it ready. It is forgotten after
+``keepalive_timeout`` like any idle connection, and a server that cannot be reached costs only
+the failed attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 
 from multidict import CIMultiDict
@@ -20,6 +29,8 @@ from paddler.config import Address
 
 # Never forwarded as they came: the body is complete (no 100-continue to wait for) and framed
 # by its Content-Length here.
+log = logging.getLogger(__name__)
+
 _NOT_SENT = frozenset({"expect", "content-length", "transfer-encoding"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -51,6 +62,9 @@ class ConnectionPool:
         self._open: set[Connection] = set()
         self._sweep: asyncio.TimerHandle | None = None
         self._tls: ssl.SSLContext | None = None
+        self._warming: dict[Address, asyncio.Task[None]] = {}
+        """Connections being opened ahead of a stream, one per server at most."""
+        self._closed = False
         self.opened = 0
         """Connections opened so far."""
 
@@ -67,6 +81,10 @@ class ConnectionPool:
 
     def close(self) -> None:
         """Close every connection, idle or busy."""
+        self._closed = True
+        for warming in list(self._warming.values()):
+            warming.cancel()
+        self._warming.clear()
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
@@ -129,9 +147,26 @@ class ConnectionPool:
 
     def _lost(self, connection: Connection) -> None:
         self._open.discard(connection)
-        idle = self._idle.get(connection.address)
+        address = connection.address
+        idle = self._idle.get(address)
         if idle is not None and connection in idle:
             idle.remove(connection)
+        if connection.streamed and not self._closed and not idle and address not in self._warming:
+            self._warming[address] = self._loop.create_task(self._warm(address))
+
+    async def _warm(self, address: Address) -> None:
+        """Open a connection to ``address`` ahead of the next stream, and park it idle."""
+        try:
+            connection = await self._connect(address)
+        except ConnectFailed as failure:
+            log.debug("no connection opened ahead to %s: %s", address.authority, failure)
+            return
+        finally:
+            self._warming.pop(address, None)
+        if self._closed:
+            connection.close()
+        else:
+            connection.park()
 
     def _forget_stale(self) -> None:
         """Close the connections idle for ``keepalive_timeout``; come again for the next one."""
