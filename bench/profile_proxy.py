@@ -2,13 +2,14 @@
 open stream, where the balancer's CPU goes, and its instructions per request.
 
 Usage (inside the venv; needs ``wrk`` and ``nginx`` from Debian, ``py-spy`` for ``--profile``,
-``valgrind`` for ``instructions``)::
+``valgrind`` for ``instructions``, ``strace`` for ``syscalls``)::
 
     python -m bench.profile_proxy [--contestants direct,nginx,paddler] [--rounds 3]
         [--what small,latency,chunks,memory,memory-long] [--seconds 6] [--streams 1000]
         [--profile DIR] [--prototype NAME='python proto.py' ...] [-- balancer flags]
     python -m bench.profile_proxy instructions [--contestants paddler,paddler@TREE]
         [--what small,chunks] [--requests 400] [--prototype NAME=COMMAND ...]
+    python -m bench.profile_proxy syscalls [--contestants paddler,nginx] [--seconds 6]
 
 Every contestant proxies to the same fast fake llama.cpp (``_FakeLlamaCpp``: a raw
 ``asyncio.Protocol`` on uvloop that answers a small JSON body on a kept-alive connection, or a
@@ -42,7 +43,8 @@ What is measured, each round, contestant after contestant:
 
 CPU seconds on a shared 2-core machine move by 10-30% between rounds with what else runs.
 ``instructions`` counts the contestant's user-space instructions under callgrind instead: the
-count moves by 0.2%, so that a 2% cut shows (system calls are not in it: ``strace -c -f -p``).
+count moves by 0.2%, so that a 2% cut shows (system calls are not in it: ``syscalls`` counts them
+with ``strace -c -f`` per small request).
 ``--profile DIR`` runs small requests and paced streams once more under ``py-spy record
 --native`` and prints the functions with the most samples; the raw stacks stay in DIR.
 """
@@ -641,6 +643,50 @@ async def instructions(args: argparse.Namespace) -> None:
                 print(json.dumps(result), flush=True)
 
 
+async def syscalls(args: argparse.Namespace) -> None:
+    """System calls per small request of each contestant (``strace -c -f`` attached to its
+    process while ``wrk -c16`` runs for ``--seconds``): what ``instructions`` leaves out. Under
+    strace a process runs several times slower, so its loop batches more per turn than it would
+    otherwise: the counts per request are the ones that matter, not the rate."""
+    with tempfile.TemporaryDirectory(prefix="paddler-syscalls-") as temporary:
+        workdir = Path(temporary)
+        async with fake_upstream(workdir) as upstream:
+            for name in args.contestants.split(","):
+                directory = workdir / name.replace("/", "_")
+                directory.mkdir()
+                async with contestant(
+                    name, upstream, directory, args.flags, args.prototypes
+                ) as hop:
+                    await wrk(hop.url + "/completion", 16, 1, directory)  # warm-up
+                    output = directory / "strace.txt"
+                    tracer = await asyncio.create_subprocess_exec(
+                        "strace", "-c", "-f", "-p", str(hop.pid), "-o", str(output),
+                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                    )  # fmt: skip
+                    await asyncio.sleep(0.5)  # attached to every thread
+                    run = await wrk(hop.url + "/completion", 16, args.seconds, directory)
+                    tracer.send_signal(signal.SIGINT)  # strace writes its table and detaches
+                    await tracer.wait()
+                calls = _strace_counts(output.read_text())
+                per_request = {call: round(count / run.served, 2) for call, count in calls.items()}
+                result = {
+                    "contestant": name,
+                    "syscalls_per_request": round(sum(calls.values()) / run.served, 2),
+                    **{call: value for call, value in per_request.items() if value >= 0.01},
+                }
+                print(json.dumps(result), flush=True)
+
+
+def _strace_counts(table: str) -> dict[str, int]:
+    """``strace -c``'s table: calls per system call."""
+    counts: dict[str, int] = {}
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+            counts[fields[-1]] = int(fields[3])
+    return counts
+
+
 def _dumps(workdir: Path) -> set[Path]:
     return set(workdir.glob("callgrind.out*"))
 
@@ -741,8 +787,8 @@ def main(argv: Sequence[str]) -> None:
 
         uvloop.run(serve_upstream(int(argv[1])))
         return
-    counting = argv[:1] == ["instructions"]
-    if counting:
+    mode = argv[0] if argv[:1] in (["instructions"], ["syscalls"]) else "measure"
+    if mode != "measure":
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="python -m bench.profile_proxy")
     parser.add_argument("--contestants", default="direct,nginx,paddler")
@@ -758,7 +804,8 @@ def main(argv: Sequence[str]) -> None:
     args.prototypes = dict(entry.split("=", 1) for entry in args.prototype)
     import uvloop
 
-    uvloop.run(instructions(args) if counting else measure(args))
+    modes = {"instructions": instructions, "syscalls": syscalls, "measure": measure}
+    uvloop.run(modes[mode](args))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.both_event_loops
 def pipe() -> Iterator[tuple[int, IterationFlushedHandler, logging.Logger]]:
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
-    handler = IterationFlushedHandler(write_end)
+    name = f"test_log_stream.{write_end}"
+    handler = IterationFlushedHandler(write_end, batched=[name])
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger(f"test_log_stream.{id(handler)}")
+    logger = logging.getLogger(name)
     logger.propagate = False
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
@@ -108,3 +109,21 @@ def test_a_plain_write_is_what_handling_the_record_writes(
     handler.setFormatter(logging.Formatter("%(message)s"))
     assert not handler.write_plain(record.created, logging.INFO, "INFO", logger.name, "m")
     assert written(read_end) == b""
+
+
+async def test_other_loggers_lines_go_out_at_once_with_those_before_them(
+    pipe: tuple[int, IterationFlushedHandler, logging.Logger],
+) -> None:
+    """A line of a logger that is not batched (what a process says of its life) is written
+    at once, and the batched lines before it with it, in order."""
+    read_end, handler, logger = pipe
+    handler.bind(asyncio.get_running_loop())
+    logger.info("request one")
+    other = logging.getLogger("test_log_stream.lifecycle")
+    other.propagate = False
+    other.addHandler(handler)
+    try:
+        other.warning("listening")
+    finally:
+        other.removeHandler(handler)
+    assert written(read_end) == b"request one\nlistening\n"

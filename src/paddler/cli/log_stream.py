@@ -1,11 +1,14 @@
-"""Where log lines go: standard error, written as they come, flushed once per loop iteration.
+"""Where log lines go: standard error; the request log's flushed once per loop iteration.
 
 The balancer logs a line per request. ``logging.StreamHandler`` on ``sys.stderr`` (which is
 line-buffered) makes a ``write`` system call for each: one of a small request's six, about 4 %
 of its CPU at a few thousand requests a second. This handler keeps its own buffer on the same
 file descriptor and flushes it with a callback at the end of the event loop's iteration that
 logged: the lines of every request answered in that iteration go out in one ``write``, a moment
-(one iteration, well under a millisecond when idle) after they were made.
+(one iteration, well under a millisecond when idle) after they were made. Only the loggers named
+``batched`` (the request log) wait so; any other line goes out at once, with those before it, so
+that what a process says of its life ("listening", "stopped") is written before it tells another
+process (``--workers``' host reads a worker's readiness from its socket, not from its log).
 
 ``write_plain`` writes a line from its fields alone, when the handler would make exactly that
 line of a record (``request_log`` makes no record for it then).
@@ -23,13 +26,15 @@ import asyncio
 import io
 import logging
 import threading
+from collections.abc import Iterable
 
 _BUFFER_BYTES = 64 * 1024
 """What one iteration's lines may take before they go out anyway."""
 
 
 class IterationFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    def __init__(self, fd: int = 2) -> None:
+    def __init__(self, fd: int = 2, batched: Iterable[str] = ("paddler.requests",)) -> None:
+        """``batched``: the loggers whose lines wait for the end of the loop's iteration."""
         raw = io.FileIO(fd, "w", closefd=False)
         stream = io.TextIOWrapper(
             io.BufferedWriter(raw, _BUFFER_BYTES),
@@ -41,6 +46,15 @@ class IterationFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._scheduled = False
+        self._batched = frozenset(batched)
+        self._at_once = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._at_once = record.name not in self._batched
+        try:
+            super().emit(record)
+        finally:
+            self._at_once = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Flush on ``loop``'s iterations from now on (call from the loop's thread)."""
@@ -50,7 +64,12 @@ class IterationFlushedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         """Called by ``emit`` after each line: schedule the flush, or flush now off the loop."""
         loop = self._loop
-        if loop is None or threading.get_ident() != self._thread or not loop.is_running():
+        if (
+            self._at_once
+            or loop is None
+            or threading.get_ident() != self._thread
+            or not loop.is_running()
+        ):
             self.flush_now()
             return
         if not self._scheduled:
