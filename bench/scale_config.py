@@ -23,6 +23,10 @@ class ScaleConfig:
     servers: int = 2
     """Simulated servers behind nginx and Paddler in the contestants' cells."""
     cell_seconds: float = 5.0
+    load_rounds: int = 3
+    """Rounds of the throughput cells (CPU per request), each contestant once a round in
+    rotating order: the headline is the median, as one 5 s cell on these shared cores moves by
+    up to 2x from run to run."""
     """Length of each wrk cell."""
     latency_connections: int = 1
     """wrk connections of the latency cells: p50/p99 of a proxy that is not saturated."""
@@ -55,6 +59,7 @@ class ScaleConfig:
 
 QUICK = {
     "cell_seconds": 2.0,
+    "load_rounds": 1,
     "stream_seconds": 1.5,
     "stream_warmup": 0.3,
     "memory_streams": 300,

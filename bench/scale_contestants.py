@@ -100,14 +100,16 @@ async def measure_contestants(config: ScaleConfig, workdir: Path) -> ContestantR
                 meters[name], name, "warm-up", urls[name], small, config.load_connections, 1.0
             )
         turn = 0
-        for kind, connections in (
-            ("latency", config.latency_connections),
-            ("load", config.load_connections),
-        ):
+        cells = [("latency", config.latency_connections, 0)] + [
+            ("load", config.load_connections, round_number)
+            for round_number in range(config.load_rounds)
+        ]
+        for kind, connections, round_number in cells:
             for name in _rotated(turn):
                 cell = await wrk_cell(
                     meters[name], name, kind, urls[name], small, connections, config.cell_seconds
                 )
+                cell.round = round_number
                 results.small.append(cell)
                 say(
                     f"small {kind} {name}: {cell.requests_per_second:.0f} req/s, p50 "

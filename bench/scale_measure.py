@@ -72,6 +72,8 @@ class LoadCell:
     usage: Usage
     events: int = 0
     """SSE events the fast upstream sent during the cell (stream cells)."""
+    round: int = 0
+    """Which round of its kind (``ScaleConfig.load_rounds``)."""
 
     def ms_per(self, party: str, count: int) -> float:
         return self.usage.cpu.get(party, 0.0) / count * 1000 if count else float("nan")

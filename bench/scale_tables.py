@@ -29,15 +29,17 @@ def _errors(errors: dict[str, int]) -> str:
 
 def small_table(cells: Iterable[LoadCell]) -> str:
     rows = [
-        "| contestant | wrk connections | req/s | p50 (ms) | p99 (ms) | errors | proxy CPU per "
-        "request (ms) | upstream CPU per request (ms) | proxy / upstream / wrk (CPUs) | other CPUs |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---|---:|",
+        "| contestant | wrk connections | round | req/s | p50 (ms) | p99 (ms) | errors | proxy CPU "
+        "per request (ms) | upstream CPU per request (ms) | proxy / upstream / wrk (CPUs) "
+        "| other CPUs |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---:|",
     ]
-    for cell in sorted(cells, key=lambda c: (c.connections, c.contestant)):
+    for cell in sorted(cells, key=lambda c: (c.connections, c.contestant, c.round)):
         usage = cell.usage
         proxy = f"{cell.proxy_ms_per_request:.3f}" if "proxy" in usage.cpu else "-"
         rows.append(
-            f"| {cell.contestant} | {cell.connections} | {cell.requests_per_second:.0f} "
+            f"| {cell.contestant} | {cell.connections} | {cell.round + 1} "
+            f"| {cell.requests_per_second:.0f} "
             f"| {ms(cell.p50)} | {ms(cell.p99)} | {_errors(cell.errors)} | {proxy} "
             f"| {cell.ms_per('upstream', cell.requests):.3f} "
             f"| {usage.cores('proxy'):.2f} / {usage.cores('upstream'):.2f} / {usage.cores('wrk'):.2f} "
