@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 from sortedcontainers import SortedList
 
@@ -31,14 +30,11 @@ _Entry = tuple[int, int, int, str, str, int]
 agent's serial keeps entries of equal rank distinct."""
 
 
-class _Placed(NamedTuple):
-    """Where an agent stands: its entry in the lists of ``names``, and its share of the
-    totals."""
-
-    entry: _Entry
-    names: frozenset[str]
-    idle: int
-    processing: int
+_Placed = tuple[_Entry, frozenset[str], int, int, tuple[str, str, int]]
+"""Where an agent stands: its entry in the lists of its model names, those names, its share of
+the totals (idle, processing), and the end of its entry (name, url, serial), which does not
+change. A plain tuple: ``update`` runs twice per request, and a NamedTuple is made by a Python
+function."""
 
 
 class CapacityIndex:
@@ -65,16 +61,17 @@ class CapacityIndex:
         if previous is None:
             serial = next(self._next_serial)
             self._agents[serial] = agent
+            identity = (agent.name, agent.url, serial)
         else:
-            serial = previous.entry[-1]
-            self.slots_idle -= previous.idle
-            self.slots_processing -= previous.processing
+            _, _, idle, processing, identity = previous
+            self.slots_idle -= idle
+            self.slots_processing -= processing
         total = agent.slots_total
         busy = agent.busy_slots()
-        free = max(0, total - busy)
-        entry: _Entry = (-free, busy, self._tie_break(agent), agent.name, agent.url, serial)
+        free = total - busy if total > busy else 0
+        entry: _Entry = (-free, busy, self._tie_break(agent), *identity)
         names = agent.model_names
-        if previous is None or (previous.entry, previous.names) != (entry, names):
+        if previous is None or previous[0] != entry or previous[1] != names:
             if previous is not None:
                 self._unlist(previous)
             self._lists[None].add(entry)
@@ -83,20 +80,21 @@ class CapacityIndex:
                 if listed is None:
                     listed = self._lists[name] = SortedList()
                 listed.add(entry)
-        placed = _Placed(entry, names, free, min(busy, total))
-        self._placed[agent] = placed
-        self.slots_idle += placed.idle
-        self.slots_processing += placed.processing
+        processing = busy if busy < total else total
+        self._placed[agent] = (entry, names, free, processing, identity)
+        self.slots_idle += free
+        self.slots_processing += processing
 
     def remove(self, agent: AgentController) -> None:
         """Take ``agent`` out of every list and out of the totals, if it is in them."""
         previous = self._placed.pop(agent, None)
         if previous is None:
             return
+        _, _, idle, processing, identity = previous
         self._unlist(previous)
-        self.slots_idle -= previous.idle
-        self.slots_processing -= previous.processing
-        del self._agents[previous.entry[-1]]
+        self.slots_idle -= idle
+        self.slots_processing -= processing
+        del self._agents[identity[-1]]
 
     def ranked(self, model: str | None) -> Iterator[AgentController]:
         """The usable agents that answer to ``model`` (every usable agent for None), best
@@ -116,9 +114,10 @@ class CapacityIndex:
         return bool(self._lists.get(model))
 
     def _unlist(self, placed: _Placed) -> None:
-        self._lists[None].remove(placed.entry)
-        for name in placed.names:
+        entry, names, _, _, _ = placed
+        self._lists[None].remove(entry)
+        for name in names:
             listed = self._lists[name]
-            listed.remove(placed.entry)
+            listed.remove(entry)
             if not listed:
                 del self._lists[name]

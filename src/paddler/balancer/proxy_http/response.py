@@ -30,11 +30,10 @@ def head(
 ) -> bytes:
     """The status line and header block; ``framing``: the Content-Length or
     Transfer-Encoding line(s) the body needs, already ended by CRLF (or empty)."""
-    lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, '')}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-    lines.append(framing)
-    lines.append("\r\n" if keep_alive else "Connection: close\r\n\r\n")
-    return "".join(lines).encode("latin-1")
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    end = "\r\n" if keep_alive else "Connection: close\r\n\r\n"
+    reason = reason or _REASONS.get(status, "")
+    return f"HTTP/1.1 {status} {reason}\r\n{fields}{framing}{end}".encode("latin-1")
 
 
 def whole(answer: Answer, method: str, keep_alive: bool) -> bytes:

@@ -176,7 +176,16 @@ class Body:
 class Response:
     """The head of a response, its body, and what becomes of its connection afterwards."""
 
-    __slots__ = ("_close", "_release", "content", "content_length", "headers", "reason", "status")
+    __slots__ = (
+        "_close",
+        "_release",
+        "content",
+        "content_length",
+        "content_type",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(
         self,
@@ -193,15 +202,15 @@ class Response:
         self.content = content
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
+        raw_type = headers.get("Content-Type")
+        self.content_type = (
+            "application/octet-stream"  # as aiohttp reports it (RFC 9110 section 8.3)
+            if raw_type is None
+            else raw_type.partition(";")[0].strip().lower()
+        )
+        """The media type, lowercased, without parameters (read once per response or more)."""
         self._release = release
         self._close = close
-
-    @property
-    def content_type(self) -> str:
-        raw = self.headers.get("Content-Type")
-        if raw is None:
-            return "application/octet-stream"  # as aiohttp reports it (RFC 9110 section 8.3)
-        return raw.partition(";")[0].strip().lower()
 
     def release(self) -> None:
         """Done with it: its connection goes back to the pool if the whole body arrived and
