@@ -7,7 +7,7 @@ one per port of one fast upstream. Then:
   is its control plane's cost, as a share of a core and per status frame (the agents count the
   frames they sent);
 - small requests from wrk at ``latency_connections`` (p50, p99) and at ``load_connections``
-  (CPU per request), as in the contestants' cells;
+  (CPU per request: the median of ``load_rounds`` cells), as in the contestants' cells;
 - the same load through nginx over the same servers, with ``random two least_conn`` (two
   servers drawn at random, the less busy taken: a pick that costs the same at any fleet size,
   as Paddler's does). Its growth from 2 to 1,000 servers is what spreading requests over that
@@ -44,6 +44,14 @@ class FleetCell:
     agent_failures: int = 0
     nginx: LoadCell | None = None
     """nginx's load cell over the same servers (``random two least_conn``)."""
+    load_rounds: list[float] = field(default_factory=list)
+    """Paddler's CPU per request in each of the ``load_rounds`` cells; ``load`` is the median's."""
+
+
+def median_cell(cells: list[LoadCell]) -> LoadCell:
+    """The cell whose CPU per request is the median (the lower middle one of an even count)."""
+    ranked = sorted(cells, key=lambda cell: cell.proxy_ms_per_request)
+    return ranked[(len(ranked) - 1) // 2]
 
     @property
     def idle_core_share(self) -> float:
@@ -100,9 +108,14 @@ async def measure_fleets(config: ScaleConfig, workdir: Path) -> FleetResults:
                     config.latency_connections,
                     config.cell_seconds,
                 )
-                load = await wrk_cell(
-                    meter, name, "load", url, script, config.load_connections, config.cell_seconds
-                )
+                loads = [
+                    await wrk_cell(
+                        meter, name, "load", url, script, config.load_connections,
+                        config.cell_seconds,
+                    )
+                    for _ in range(config.load_rounds)
+                ]  # fmt: skip
+                load = median_cell(loads)
                 cell = FleetCell(
                     agents=size,
                     idle=idle,
@@ -112,6 +125,7 @@ async def measure_fleets(config: ScaleConfig, workdir: Path) -> FleetResults:
                     rss=tree_rss_bytes(fleet.paddler.balancer_pid),
                     setup_seconds=setup,
                     agent_failures=(await fleet.agents.ask("stats"))["failures"],
+                    load_rounds=[one.proxy_ms_per_request for one in loads],
                 )
                 results.cells.append(cell)
             nginx_dir = workdir / f"nginx-fleet-{size}"
@@ -124,15 +138,14 @@ async def measure_fleets(config: ScaleConfig, workdir: Path) -> FleetResults:
                 await wrk_cell(
                     meter, name, "warm-up", nginx.url, script, config.load_connections, 1.0
                 )
-                cell.nginx = await wrk_cell(
-                    meter,
-                    name,
-                    "load",
-                    nginx.url,
-                    script,
-                    config.load_connections,
-                    config.cell_seconds,
-                )
+                nginx_loads = [
+                    await wrk_cell(
+                        meter, name, "load", nginx.url, script, config.load_connections,
+                        config.cell_seconds,
+                    )
+                    for _ in range(config.load_rounds)
+                ]  # fmt: skip
+                cell.nginx = median_cell(nginx_loads)
                 say(
                     f"fleet {size}: idle {cell.idle_core_share * 100:.1f}% of a core, "
                     f"{cell.idle_us_per_frame:.0f} µs/frame; p50 {latency.p50 * 1000:.2f} ms; "

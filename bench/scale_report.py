@@ -251,7 +251,9 @@ RSS of the proxy before they open and one second after all have their first even
 
 A fresh balancer for each size, with one simulated agent per port of one fast upstream. Idle: \
 {config.idle_seconds:g} s of nothing but reports. Then wrk at {config.latency_connections} and \
-{config.load_connections} connections.
+{config.load_connections} connections, the latter {config.load_rounds} times (CPU per request: the \
+median). Then nginx (`random two least_conn`: two servers drawn at random, the less busy taken) \
+over the same servers, at {config.load_connections} connections, as many times.
 
 {fleet_table(report.fleets.cells)}
 

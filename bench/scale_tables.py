@@ -117,10 +117,10 @@ def fleet_table(cells: list[FleetCell]) -> str:
         "| agents | ready after (s) | idle: balancer CPU (% of a core) | µs per status frame "
         f"| µs per frame beyond the {base.agents if base else '-'}-agent idle "
         "| frames/s | p50 at 1 conn (ms) | p99 (ms) | req/s at 32 conns | CPU per request (ms) "
-        f"| x {base.agents if base else '-'} agents | nginx over as many servers: CPU per "
+        f"| x {base.agents if base else '-'} agents | rounds (ms) | nginx over as many servers: CPU per "
         f"request (ms) | nginx x {base.agents if base else '-'} servers "
         "| RSS (MiB) | agents process (CPUs) | other CPUs |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for cell in cells:
         marginal = "-"
@@ -137,6 +137,7 @@ def fleet_table(cells: list[FleetCell]) -> str:
             f"| {cell.idle_us_per_frame:.0f} | {marginal} | {cell.frames / cell.idle.wall:.0f} "
             f"| {ms(cell.latency.p50)} | {ms(cell.latency.p99)} "
             f"| {cell.load.requests_per_second:.0f} | {per:.3f} | {times(against)} "
+            f"| {', '.join(f'{value:.3f}' for value in cell.load_rounds) or '-'} "
             f"| {nginx:.3f} | {times(ratio(nginx, nginx_base))} "
             f"| {cell.rss / 2**20:.0f} | {cell.idle.cores('agents'):.2f} "
             f"| {cell.load.usage.other / cell.load.usage.wall:.2f} |"

@@ -23,7 +23,7 @@ class _HasHeaders(Protocol):
 
 
 def request_id(request: _HasHeaders) -> str:
-    offered = request.headers.get("X-Request-Id", "")
-    if _ACCEPTABLE.match(offered):
+    offered = request.headers.get("X-Request-Id")
+    if offered is not None and _ACCEPTABLE.match(offered):
         return offered
     return f"{_ids.getrandbits(64):016x}"
