@@ -47,12 +47,6 @@ class FleetCell:
     load_rounds: list[float] = field(default_factory=list)
     """Paddler's CPU per request in each of the ``load_rounds`` cells; ``load`` is the median's."""
 
-
-def median_cell(cells: list[LoadCell]) -> LoadCell:
-    """The cell whose CPU per request is the median (the lower middle one of an even count)."""
-    ranked = sorted(cells, key=lambda cell: cell.proxy_ms_per_request)
-    return ranked[(len(ranked) - 1) // 2]
-
     @property
     def idle_core_share(self) -> float:
         return self.idle.cores("proxy")
@@ -61,6 +55,12 @@ def median_cell(cells: list[LoadCell]) -> LoadCell:
     def idle_us_per_frame(self) -> float:
         proxy = self.idle.cpu.get("proxy", 0.0)
         return proxy / self.frames * 1e6 if self.frames else float("nan")
+
+
+def median_cell(cells: list[LoadCell]) -> LoadCell:
+    """The cell whose CPU per request is the median (the lower middle one of an even count)."""
+    ranked = sorted(cells, key=lambda cell: cell.proxy_ms_per_request)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 @dataclass
