@@ -56,7 +56,7 @@ class RequestLog(Observer):
 
     def request_finished(self, record: RequestRecord) -> None:
         failed = record.failed
-        level = logging.WARNING if failed else logging.INFO
+        level, levelname = (logging.WARNING, "WARNING") if failed else (logging.INFO, "INFO")
         if not log.isEnabledFor(level):
             return  # nothing formatted for a line nobody reads (--log-level warning)
         agent = record.agent.name if record.agent is not None else None
@@ -91,15 +91,13 @@ class RequestLog(Observer):
         handler = _only_handler()
         if handler is not None:
             write_plain = getattr(handler, "write_plain", None)
-            if write_plain is not None and write_plain(
-                now, level, "WARNING" if failed else "INFO", log.name, line
-            ):
+            if write_plain is not None and write_plain(now, level, levelname, log.name, line):
                 return
         # A copy of a dictionary that has every key already: no key is added, so it is never
         # grown (adding the 20 keys below to the shared ones grew it twice).
         fields = (self._template if self._template is not None else self._first()).copy()
         fields["msg"] = line
-        fields["levelname"] = "WARNING" if failed else "INFO"
+        fields["levelname"] = levelname
         fields["levelno"] = level
         fields["created"] = now
         fields["msecs"] = int((now - int(now)) * 1000) + 0.0

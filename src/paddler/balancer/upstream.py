@@ -210,11 +210,6 @@ class Upstream:
             headers["Authorization"] = f"Bearer {self._llamacpp_api_key}"
         if extra_headers:
             headers.update(extra_headers)
-        if guard is None:
-            try:
-                return await self._send(agent, request.method, request.raw_path, headers, body)
-            except aiohttp.ServerTimeoutError as error:
-                raise UpstreamBroken(self._silent(agent)) from error
         # An abort cancels the wait, and the cancellation it made is told from any other as
         # asyncio.timeout tells its own: by the task's count of cancellation requests. (Not
         # asyncio.timeout itself: entering it looks the task up without the loop, which is a
@@ -230,17 +225,19 @@ class Upstream:
                 cancelled_by_abort = True
                 task.cancel()
 
-        guard.on_abort(cancel)
+        if guard is not None:
+            guard.on_abort(cancel)
         try:
             return await self._send(agent, request.method, request.raw_path, headers, body)
         except aiohttp.ServerTimeoutError as error:
             raise UpstreamBroken(self._silent(agent)) from error
         except asyncio.CancelledError:
-            if cancelled_by_abort and task.uncancel() <= cancelling:
+            if guard is not None and cancelled_by_abort and task.uncancel() <= cancelling:
                 raise UpstreamBroken(guard.aborted or f"{agent.name} was aborted") from None
             raise
         finally:
-            guard.on_abort(None)  # an abort from now on is the relay's to hear
+            if guard is not None:
+                guard.on_abort(None)  # an abort from now on is the relay's to hear
 
     async def _send(
         self,

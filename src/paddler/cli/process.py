@@ -67,14 +67,8 @@ class OneLineFormatter(logging.Formatter):
         if this formatter's layout is not ``LAYOUT`` (``log_stream.write_plain``)."""
         if not self._fast or self.datefmt is not None:
             return None
-        second = int(created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime(self.default_time_format, self.converter(created))
-        msecs = int((created - second) * 1000)
-        return escape_unprintable(
-            f"{self._stamp},{msecs:03d} {levelname} {self._prefix}{name}: {message}"
-        )
+        asctime = self._time_text(created, (created - int(created)) * 1000)
+        return escape_unprintable(f"{asctime} {levelname} {self._prefix}{name}: {message}")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_unprintable(super().formatMessage(record))
@@ -84,11 +78,14 @@ class OneLineFormatter(logging.Formatter):
         request logs a line, so at a few thousand requests a second it would be done for each."""
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return self._time_text(record.created, record.msecs)
+
+    def _time_text(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
-        return f"{self._stamp},{int(record.msecs):03d}"
+            self._stamp = time.strftime(self.default_time_format, self.converter(created))
+        return f"{self._stamp},{int(msecs):03d}"
 
     def formatException(self, ei: Any) -> str:
         return _indented(super().formatException(ei))

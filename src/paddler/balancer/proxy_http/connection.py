@@ -381,8 +381,7 @@ class Connection(asyncio.Protocol):
         if self._timer is None or self._timer_at > deadline:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._timer_fired)
-            self._timer_at = deadline
+            self._set_timer(deadline)
 
     def _disarm(self) -> None:
         """No deadline: a timer still set finds nothing to do when it fires."""
@@ -396,14 +395,17 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    def _set_timer(self, at: float) -> None:
+        self._timer = self._loop.call_at(at, self._timer_fired)
+        self._timer_at = at
+
     def _timer_fired(self) -> None:
         self._timer = None
         callback = self._on_deadline
         if callback is None:
             return
         if self._loop.time() < self._deadline:  # moved on since the timer was set
-            self._timer = self._loop.call_at(self._deadline, self._timer_fired)
-            self._timer_at = self._deadline
+            self._set_timer(self._deadline)
             return
         self._on_deadline = None
         callback()
