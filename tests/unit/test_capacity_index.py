@@ -177,3 +177,16 @@ def test_new_prefixes_spread_over_a_large_idle_fleet() -> None:
         guard.release()
         chosen.add(agent.name)
     assert len(chosen) == 100
+
+
+def test_an_agent_renamed_by_a_new_registration_is_ranked_by_its_new_name() -> None:
+    """Among agents with as many free and busy slots the name breaks the tie: an agent that
+    registers again at its address under another name takes the rank of that name."""
+    pool = AgentControllerPool()
+    first, _ = join(pool, "a", Address("http", "127.0.0.1", 1), status(idle=2))
+    second, _ = join(pool, "b", Address("http", "127.0.0.1", 2), status(idle=2))
+    assert pool.pick(Demand(True)) is first
+    renamed, _ = join(pool, "c", Address("http", "127.0.0.1", 1), status(idle=2))
+    assert renamed is first and renamed.name == "c"
+    assert pool.pick(Demand(True)) is second
+    assert pool.pick(Demand(True)) is least_loaded([first, second], True)

@@ -32,8 +32,8 @@ agent's serial keeps entries of equal rank distinct."""
 
 _Placed = tuple[_Entry, frozenset[str], int, int, tuple[str, str, int]]
 """Where an agent stands: its entry in the lists of its model names, those names, its share of
-the totals (idle, processing), and the end of its entry (name, url, serial), which does not
-change. A plain tuple: ``update`` runs twice per request, and a NamedTuple is made by a Python
+the totals (idle, processing), and the end of its entry (name, url, serial), of which only the
+name may change (a new registration at the same url). A plain tuple: ``update`` runs twice per request, and a NamedTuple is made by a Python
 function."""
 
 
@@ -64,6 +64,8 @@ class CapacityIndex:
             identity = (agent.name, agent.url, serial)
         else:
             _, _, idle, processing, identity = previous
+            if identity[0] != agent.name:  # renamed by a new registration (its url stays)
+                identity = (agent.name, identity[1], identity[2])
             self.slots_idle -= idle
             self.slots_processing -= processing
         total = agent.slots_total
