@@ -342,11 +342,12 @@ async def test_a_server_that_closes_while_a_large_body_is_sent_is_disconnected()
                 )
 
 
-async def test_a_stream_cut_short_or_a_whole_answer_opens_nothing_ahead() -> None:
-    """Only a whole event stream, after which llama.cpp closes the connection, has one opened
-    in its place; one per server, and none when one is idle there already. A stream the
-    reader gave up on, and a whole answer, open nothing."""
+async def test_a_stream_opens_one_connection_ahead_at_its_head_and_a_whole_answer_none() -> None:
+    """An event stream (after which llama.cpp closes the connection) has one connection opened
+    in its place as soon as its head arrives, even if its reader gives up on it; one per
+    server, and none while one is idle there already. A kept-alive answer opens nothing."""
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in [b"data: 1\n\n"] * 3)
+    held = asyncio.Event()
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -356,9 +357,9 @@ async def test_a_stream_cut_short_or_a_whole_answer_opens_nothing_ahead() -> Non
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n" + chunks
                 )
-                if b"/stream-cut" in head:
+                if b"/stream-held" in head:
                     await writer.drain()
-                    await asyncio.sleep(10)
+                    await held.wait()
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
                 return  # as llama.cpp: the connection closes after a stream
@@ -372,21 +373,21 @@ async def test_a_stream_cut_short_or_a_whole_answer_opens_nothing_ahead() -> Non
                 address, get(path, address), b"", head_only=False, fresh=False
             )
 
-        answer = await exchange("/whole")
-        assert await whole(answer) == b"ok"
-        answer.release()
-        stream = await exchange("/stream-cut")
-        assert await stream.content.readany()
-        stream.close()  # the reader gave up: llama.cpp must see the connection go
-        await asyncio.sleep(0.2)
-        # The whole answer's connection carried the cut stream, and nothing replaced it.
-        assert (len(accepted), connections.idle_connections) == (1, 0)
-        stream = await exchange("/stream")
-        await whole(stream)
-        stream.release()
-        await wait_until(lambda: connections.idle_connections == 1)
-        assert len(accepted) == 3  # the stream's, and one opened ahead
         for _ in range(2):
+            answer = await exchange("/whole")
+            assert await whole(answer) == b"ok"
+            answer.release()
+        assert (len(accepted), connections.opened) == (1, 1)  # a kept-alive answer: none
+        stream = await exchange("/stream-held")
+        assert await stream.content.readany()
+        # Its end has not come, and the one in its place is open already.
+        await wait_until(lambda: connections.idle_connections == 1)
+        assert len(accepted) == 2
+        stream.close()  # the reader gave up: llama.cpp must see the connection go
+        held.set()
+        await asyncio.sleep(0.2)
+        assert (len(accepted), connections.idle_connections) == (2, 1)  # nothing more
+        for _ in range(3):
             stream = await exchange("/stream")  # on the one opened ahead
             await whole(stream)
             stream.release()
@@ -394,3 +395,29 @@ async def test_a_stream_cut_short_or_a_whole_answer_opens_nothing_ahead() -> Non
         await asyncio.sleep(0.2)
         assert len(accepted) == 5  # each stream's connection replaced by exactly one
         assert connections.idle_connections == 1
+
+
+async def test_a_request_sent_as_a_stream_ends_takes_the_connection_being_opened_for_it() -> None:
+    """The replacement is opened as a stream's last bytes arrive, and a request sent at once
+    (as a client's next turn is) takes it while it is still opening: one handshake, not two."""
+    chunk = b"%x\r\n%s\r\n" % (len(b"data: 1\n\n"), b"data: 1\n\n")
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_request(reader)
+        if b"/stream" in head:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + chunk + b"0\r\n\r\n"
+            )
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with scripted_server(script) as (address, accepted), pool() as connections:
+        for path in ("/stream", "/whole"):
+            response = await connections.exchange(
+                address, get(path, address), b"", head_only=False, fresh=False
+            )
+            await whole(response)
+            response.release()  # and the next request goes at once, in the same turn
+        assert (connections.opened, len(accepted)) == (2, 2)

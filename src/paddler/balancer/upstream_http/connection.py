@@ -50,6 +50,7 @@ class Connection(asyncio.Protocol):
         "_loop",
         "_on_idle",
         "_on_lost",
+        "_on_spent",
         "_parser",
         "_paused",
         "_read_timeout",
@@ -60,7 +61,6 @@ class Connection(asyncio.Protocol):
         "address",
         "closed",
         "idle_since",
-        "streamed",
         "transport",
     )
 
@@ -70,14 +70,18 @@ class Connection(asyncio.Protocol):
         read_timeout: float | None,
         on_idle: Callable[[Connection], None],
         on_lost: Callable[[Connection], None],
+        on_spent: Callable[[Connection], None],
     ) -> None:
         """``on_idle``: a response was done with and the connection may carry another request;
-        ``on_lost``: the connection closed."""
+        ``on_lost``: the connection closed; ``on_spent``: the head of a response after which
+        the connection carries no other (an event stream, or ``Connection: close``) has
+        arrived, and again when its last bytes have (before its reader sees them)."""
         self.address = address
         self._loop = asyncio.get_running_loop()
         self._read_timeout = read_timeout
         self._on_idle = on_idle
         self._on_lost = on_lost
+        self._on_spent = on_spent
         self._idle = False
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
@@ -96,9 +100,6 @@ class Connection(asyncio.Protocol):
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
-        self.streamed = False
-        """Whether its last response was an event stream that arrived whole (after which
-        llama.cpp closes the connection)."""
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -281,7 +282,6 @@ class Connection(asyncio.Protocol):
         )
         self._framed = "Content-Length" in headers or "Transfer-Encoding" in headers
         self._stream = response.content_type == "text/event-stream"
-        self.streamed = False
         self._reusable = (
             parser.should_keep_alive() and self._framed and not self._head_only and not self._stream
         )
@@ -290,6 +290,8 @@ class Connection(asyncio.Protocol):
             body.feed_eof()
         if self._head is not None and not self._head.done():
             self._head.set_result(response)
+        if not self._reusable:
+            self._on_spent(self)  # after the head is told: the relay goes first
 
     def on_body(self, data: bytes) -> None:
         body = self._body
@@ -301,6 +303,6 @@ class Connection(asyncio.Protocol):
         if self._done or self._body is None:
             return  # a HEAD's, whose end was told with its head; or a 1xx's
         self._done = True  # the timer is left: the next response moves it, a close stops it
-        self.streamed = self._stream
-        if self._body is not None:
-            self._body.feed_eof()
+        if not self._reusable:
+            self._on_spent(self)  # again: the one opened at its head may have been forgotten
+        self._body.feed_eof()

@@ -5,18 +5,24 @@ connect timeout). An idle connection is forgotten (closed) once it has been idle
 ``keepalive_timeout``, before llama.cpp's own 5 s would close it under a request; one that the
 server closes while idle leaves the pool at once.
 
-llama.cpp closes a connection after each event stream, so the next stream to that server would
-wait for a connection to open (about 0.1-0.3 ms, a loop iteration and the handshake, on the
-time to its first token). When a stream has arrived whole and its connection closes, one
-connection to that server is opened at once in the background and parked idle, unless one is
-idle there already or being opened: the next stream finds it ready. It is forgotten after
-``keepalive_timeout`` like any idle connection, and a server that cannot be reached costs only
-the failed attempt.
+llama.cpp closes a connection after each event stream (and after its 100th response), so the
+next stream to that server would wait for a connection to open: at 1 stream, about 0.1 ms of
+its time to first token, the handshake and three turns of the loop. So as soon as the head of
+such a response arrives (and again as its last bytes are parsed, in case that one has been
+forgotten since), one connection to that server is opened in the background and parked idle,
+unless one is idle there already or being opened. A request that finds none idle while one
+is being opened takes that one rather than opening another, so that it never pays the
+handshake twice. The connection is opened after the head is relayed, and while the stream
+runs, not in the moment between a stream's end and the client's next request, when the
+client is waiting. At most one such connection per server is idle at a time; it is
+forgotten after ``keepalive_timeout`` like any other, and a server that cannot be reached
+costs only the failed attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 
@@ -62,8 +68,9 @@ class ConnectionPool:
         self._open: set[Connection] = set()
         self._sweep: asyncio.TimerHandle | None = None
         self._tls: ssl.SSLContext | None = None
-        self._warming: dict[Address, asyncio.Task[None]] = {}
-        """Connections being opened ahead of a stream, one per server at most."""
+        self._warming: dict[Address, asyncio.Task[Connection]] = {}
+        """Connections being opened ahead, one per server at most, until a request claims one
+        or it is parked idle."""
         self._closed = False
         self.opened = 0
         """Connections opened so far."""
@@ -76,7 +83,11 @@ class ConnectionPool:
         ``ConnectFailed`` if no connection could be opened."""
         connection = None if fresh else self._take(address)
         if connection is None:
-            connection = await self._connect(address)
+            warming = None if fresh else self._warming.pop(address, None)
+            if warming is None:
+                connection = await self._connect(address)
+            else:
+                connection = await self._claim(warming)
         return await connection.exchange(head, body, head_only)
 
     def close(self) -> None:
@@ -111,9 +122,20 @@ class ConnectionPool:
             return connection
         return None
 
+    @staticmethod
+    async def _claim(warming: asyncio.Task[Connection]) -> Connection:
+        """The connection being opened ahead, for a request; its failure to open is the
+        request's (as if it had opened it itself)."""
+        try:
+            return await warming
+        except asyncio.CancelledError:
+            if warming.done() and not warming.cancelled() and warming.exception() is None:
+                warming.result().close()  # opened as the request went
+            raise
+
     async def _connect(self, address: Address) -> Connection:
         def connection() -> Connection:
-            return Connection(address, self._read_timeout, self._idled, self._lost)
+            return Connection(address, self._read_timeout, self._idled, self._lost, self._spent)
 
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -147,26 +169,33 @@ class ConnectionPool:
 
     def _lost(self, connection: Connection) -> None:
         self._open.discard(connection)
-        address = connection.address
-        idle = self._idle.get(address)
+        idle = self._idle.get(connection.address)
         if idle is not None and connection in idle:
             idle.remove(connection)
-        if connection.streamed and not self._closed and not idle and address not in self._warming:
-            self._warming[address] = self._loop.create_task(self._warm(address))
 
-    async def _warm(self, address: Address) -> None:
-        """Open a connection to ``address`` ahead of the next stream, and park it idle."""
-        try:
-            connection = await self._connect(address)
-        except ConnectFailed as failure:
-            log.debug("no connection opened ahead to %s: %s", address.authority, failure)
+    def _spent(self, connection: Connection) -> None:
+        """Open a connection to its server ahead of the next request (see the docstring)."""
+        address = connection.address
+        if self._closed or self._idle.get(address) or address in self._warming:
             return
-        finally:
-            self._warming.pop(address, None)
-        if self._closed:
-            connection.close()
+        warming = self._loop.create_task(self._connect(address))
+        self._warming[address] = warming
+        warming.add_done_callback(functools.partial(self._warmed, address))
+
+    def _warmed(self, address: Address, warming: asyncio.Task[Connection]) -> None:
+        """Park the connection opened ahead, unless a request claimed it."""
+        if self._warming.get(address) is not warming:
+            return  # claimed: the request has its result, or its failure
+        del self._warming[address]
+        if warming.cancelled():
+            return
+        failure = warming.exception()
+        if failure is not None:
+            log.debug("no connection opened ahead to %s: %s", address.authority, failure)
+        elif self._closed:
+            warming.result().close()
         else:
-            connection.park()
+            warming.result().park()
 
     def _forget_stale(self) -> None:
         """Close the connections idle for ``keepalive_timeout``; come again for the next one."""
