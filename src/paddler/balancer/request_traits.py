@@ -18,9 +18,12 @@ whether it runs on the event loop or in a worker process.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from paddler.balancer.prefix_index import PROMPT_CHARS
 
@@ -74,13 +77,27 @@ def inspect(
 
 
 _DECODER = json.JSONDecoder()
+_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+"""Twenty digits in a row: perhaps an integer beyond 64 bits, which ``orjson`` would read as a
+float where ``json`` keeps it an integer."""
 
 
 def _parsed(body: bytes) -> object:
-    """``json.loads(body)``. A body that starts with ``{`` and a byte that is not NUL is UTF-8
-    (``json.detect_encoding``'s rule: no BOM starts with ``{``), and is read by the decoder at
-    once; ``json.loads`` spends more on finding the encoding and on its general case than on
-    a small body's parse (19 k instructions for a 32-byte body, 8 k this way)."""
+    """``json.loads(body)``, exactly (the same document, or a ``ValueError``).
+
+    ``orjson`` reads a small body in a tenth of the time (0.2-0.4 µs for a 34-byte one, where
+    ``json`` takes 2-3.5 µs, which was 2% of a small request's CPU); what it refuses and
+    ``json`` accepts (a byte-order mark, NaN, a lone surrogate, a number beyond a double)
+    goes to ``json`` itself, and so does a body with twenty digits in a row, the one thing it
+    reads differently. For ``json``: a body that starts with ``{`` and a byte that is not NUL
+    is UTF-8 (``json.detect_encoding``'s rule: no BOM starts with ``{``), and is read by the
+    decoder at once; ``json.loads`` spends more on finding the encoding and on its general
+    case than on a small body's parse (19 k instructions for a 32-byte body, 8 k this way)."""
+    if _LONG_NUMBER.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass  # refused: json has the last word
     if body[:1] != b"{" or len(body) < 4 or not body[1]:
         return json.loads(body)
     text = body.decode("utf-8", "surrogatepass")

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -286,7 +286,7 @@ class Upstream:
                         raise ValueError(f"its answer is larger than {limit} bytes")
                 return response.status, bytes(body)
 
-    async def _request(
+    def _request(
         self,
         agent: AgentController,
         method: str,
@@ -295,15 +295,27 @@ class Upstream:
         body: bytes,
         *,
         fresh: bool,
-    ) -> UpstreamResponse:
-        """One attempt, on a pooled connection or (``fresh``) on one opened for it alone."""
+    ) -> Awaitable[UpstreamResponse]:
+        """One attempt, on a pooled connection or (``fresh``) on one opened for it alone. Not
+        a coroutine itself with the default client: it returns the pool's awaitable."""
         if self._connections is not None:
             if "Host" not in headers:
                 headers["Host"] = agent.address.authority
             head = request_head(method, target, headers, len(body))
-            return await self._connections.exchange(
+            return self._connections.exchange(
                 agent.address, head, body, head_only=method == "HEAD", fresh=fresh
             )
+        return self._aiohttp_request(agent, method, target, headers, body, fresh)
+
+    async def _aiohttp_request(
+        self,
+        agent: AgentController,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        fresh: bool,
+    ) -> UpstreamResponse:
         session = self._fresh if fresh else self._pooled
         assert session is not None
         # encoded=True: the path and query go out byte for byte as the client sent them.

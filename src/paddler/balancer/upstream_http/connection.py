@@ -32,6 +32,12 @@ the loop does not copy it whole (30 MB: 15-20 ms) and other requests' chunks flo
 
 _WHOLE_BYTES = 1024 * 1024
 
+_NAMES: dict[bytes, str] = {}
+"""Header names seen, decoded once: llama.cpp sends the same eight with every response."""
+_NAMES_KEPT = 256
+"""At most this many, of at most 64 bytes, are kept; a server sending made-up names costs
+their decoding, as without the cache."""
+
 
 class Connection(asyncio.Protocol):
     """A connection and the response it is reading. ``idle_since``: when it last went idle."""
@@ -267,9 +273,12 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # As aiohttp decodes them: the bytes survive the way back out.
-        self._headers.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        text = _NAMES.get(name)
+        if text is None:
+            text = name.decode("utf-8", "surrogateescape")
+            if len(_NAMES) < _NAMES_KEPT and len(name) <= 64:
+                _NAMES[name] = text
+        self._headers.append((text, value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser

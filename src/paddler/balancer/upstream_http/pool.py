@@ -25,6 +25,7 @@ import asyncio
 import functools
 import logging
 import ssl
+from collections.abc import Awaitable
 
 from multidict import CIMultiDict
 
@@ -75,19 +76,28 @@ class ConnectionPool:
         self.opened = 0
         """Connections opened so far."""
 
-    async def exchange(
+    def exchange(
         self, address: Address, head: bytes, body: bytes, *, head_only: bool, fresh: bool
-    ) -> Response:
+    ) -> Awaitable[Response]:
         """Send a request to ``address``, on a connection opened for it if ``fresh``; return
         the response once its head arrived (see ``Connection.exchange``). Raises
-        ``ConnectFailed`` if no connection could be opened."""
+        ``ConnectFailed`` if no connection could be opened.
+
+        Not a coroutine itself when a connection is idle (nearly every request): it returns
+        the connection's, a frame fewer to make and to resume."""
         connection = None if fresh else self._take(address)
-        if connection is None:
-            warming = None if fresh else self._warming.pop(address, None)
-            if warming is None:
-                connection = await self._connect(address)
-            else:
-                connection = await self._claim(warming)
+        if connection is not None:
+            return connection.exchange(head, body, head_only)
+        return self._exchange_opened(address, head, body, head_only, fresh)
+
+    async def _exchange_opened(
+        self, address: Address, head: bytes, body: bytes, head_only: bool, fresh: bool
+    ) -> Response:
+        warming = None if fresh else self._warming.pop(address, None)
+        if warming is None:
+            connection = await self._connect(address)
+        else:
+            connection = await self._claim(warming)
         return await connection.exchange(head, body, head_only)
 
     def close(self) -> None:
