@@ -8,7 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from paddler.cli.process import YOUNG_COLLECTION_EVERY, settle_garbage_collector
+from paddler.cli.process import (
+    OLD_COLLECTION_AFTER,
+    YOUNG_COLLECTION_EVERY,
+    settle_garbage_collector,
+)
 
 
 @pytest.fixture
@@ -23,13 +27,17 @@ def restored_collector() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("restored_collector")
-def test_startup_objects_are_frozen_and_young_collections_come_less_often() -> None:
-    """Every object that exists then moves out of later collections; the young generation's
-    threshold rises, the older ones' stay."""
-    _, middle, old = gc.get_threshold()
+def test_startup_objects_are_frozen_and_full_collections_stay_once_per_million() -> None:
+    """Every object that exists then moves out of later collections; a middle collection
+    walks at most eleven young thresholds' worth, and a full one still comes after about a
+    million net allocations, as with Python's default thresholds scaled to a young one of
+    10,000."""
+    _, middle, _ = gc.get_threshold()
     settle_garbage_collector()
     assert gc.get_freeze_count() > 0
-    assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, middle, old)
+    assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, middle, OLD_COLLECTION_AFTER)
+    assert YOUNG_COLLECTION_EVERY * (middle + 1) <= 11_000
+    assert YOUNG_COLLECTION_EVERY * middle * OLD_COLLECTION_AFTER == 1_000_000
 
 
 @pytest.mark.usefixtures("restored_collector")
