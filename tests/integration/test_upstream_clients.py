@@ -184,6 +184,36 @@ async def test_a_slow_client_holds_a_large_answer_back_without_a_read_timeout(
     assert received == size
 
 
+async def test_a_stream_to_a_client_that_falls_behind_and_catches_up_arrives_in_order(
+    session: aiohttp.ClientSession, client: str
+) -> None:
+    """Chunks go to the client as they arrive while it keeps up, are held while it is behind,
+    and go as they arrive again once it has caught up: every byte arrives, in order."""
+    chunks = [b"%06d:" % number + bytes([65 + number % 26]) * 4089 for number in range(2000)]
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for number, chunk in enumerate(chunks):
+            await response.write(chunk)
+            if number % 200 == 0:
+                await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    async with (
+        fake_upstream(stream) as port,
+        running_balancer(upstream_client=client) as running,
+    ):
+        await register(session, running.management_url, "stream", port)
+        async with session.post(f"{running.proxy_url}/completion", json={}) as response:
+            received = await response.content.readexactly(64 * 1024)
+            await asyncio.sleep(1.0)  # behind: the balancer's writes to it fill up and pause
+            received += await response.read()
+    assert received == b"".join(chunks)
+
+
 @pytest.mark.llamacpp
 async def test_real_llamacpp_answers_and_streams_through_the_balancer(
     session: aiohttp.ClientSession, client: str

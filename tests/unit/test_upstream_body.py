@@ -9,7 +9,7 @@ from multidict import CIMultiDict
 
 from paddler.balancer.upstream_http.failures import ReadTimeout
 from paddler.balancer.upstream_http.pool import request_head
-from paddler.balancer.upstream_http.response import HIGH_WATER, Body
+from paddler.balancer.upstream_http.response import HIGH_WATER, Body, SinkFailed
 
 
 def body() -> tuple[Body, list[None]]:
@@ -81,6 +81,86 @@ def test_a_body_past_the_high_water_asks_to_pause_and_resumes_once_read() -> Non
     assert resumed == [None]
     content.read_nowait()
     assert resumed == [None]
+
+
+async def test_a_piped_body_hands_each_piece_to_the_sink_until_the_end() -> None:
+    """While the sink takes them, pieces go to it as they arrive, none is left unread, the
+    reader is not woken for them, and the wait ends with the body."""
+    content, _ = body()
+    taken: list[bytes] = []
+    assert content.pipe(lambda piece: taken.append(piece) is None)
+    waiting = asyncio.ensure_future(content.piped())
+    await asyncio.sleep(0)
+    content.feed(b"data: 1\n\n")
+    content.feed(b"data: 2\n\n")
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    assert taken == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert content.total_bytes == 18
+    content.feed_eof()
+    await waiting
+    assert await content.readany() == b""
+
+
+async def test_a_piece_the_sink_refuses_is_unread_in_order_and_the_pipe_stops() -> None:
+    """A sink that refuses a piece (a client behind) stops the pipe: that piece and every later
+    one are read as without it, in order."""
+    content, _ = body()
+    taken: list[bytes] = []
+
+    def sink(piece: bytes) -> bool:
+        if piece == b"2":
+            return False
+        taken.append(piece)
+        return True
+
+    assert content.pipe(sink)
+    waiting = asyncio.ensure_future(content.piped())
+    await asyncio.sleep(0)
+    content.feed(b"1")
+    content.feed(b"2")
+    content.feed(b"3")
+    await waiting
+    assert taken == [b"1"]
+    assert await content.readany() == b"23"
+    assert content.total_bytes == 3
+
+
+async def test_a_sink_that_raises_fails_the_wait_with_its_error() -> None:
+    """The sink's error (the client gone) reaches the reader, not the connection feeding it."""
+    content, _ = body()
+
+    def sink(piece: bytes) -> bool:
+        raise ConnectionResetError("the client closed the connection")
+
+    assert content.pipe(sink)
+    waiting = asyncio.ensure_future(content.piped())
+    await asyncio.sleep(0)
+    assert content.feed(b"x") is False
+    with pytest.raises(SinkFailed) as failed:
+        await waiting
+    assert isinstance(failed.value.error, ConnectionResetError)
+
+
+async def test_a_failing_body_fails_the_piped_wait() -> None:
+    """The server gone or silent mid-pipe fails the wait as it fails a read."""
+    content, _ = body()
+    assert content.pipe(lambda piece: True)
+    waiting = asyncio.ensure_future(content.piped())
+    await asyncio.sleep(0)
+    content.set_exception(ReadTimeout("no byte for 1s"))
+    with pytest.raises(ReadTimeout):
+        await waiting
+
+
+def test_nothing_is_piped_while_something_is_unread_or_the_body_is_over() -> None:
+    """Piping would put later pieces ahead of unread ones: refused, as after the end."""
+    content, _ = body()
+    content.feed(b"unread")
+    assert not content.pipe(lambda piece: True)
+    content.read_nowait()
+    content.feed_eof()
+    assert not content.pipe(lambda piece: True)
 
 
 def test_the_request_head_frames_the_body_itself() -> None:

@@ -60,7 +60,7 @@ from paddler.balancer.client_exchange import Answer, ClientRequest, ClientStream
 from paddler.balancer.slot_guard import SlotGuard
 from paddler.balancer.upstream_http.failures import ConnectFailed as ConnectFailed
 from paddler.balancer.upstream_http.pool import ConnectionPool, request_head
-from paddler.balancer.upstream_http.response import UpstreamResponse
+from paddler.balancer.upstream_http.response import Body, SinkFailed, UpstreamResponse
 from paddler.config import UPSTREAM_CLIENTS
 from paddler.llamacpp_error import error_message
 
@@ -407,17 +407,31 @@ async def relay(
             upstream.release()
         return Relayed(Answer(upstream.status, whole, headers, upstream.reason))
     outcome = Relayed(None)
+    content = upstream.content
+    # The hand-written client's body can hand each chunk to the client as it arrives
+    # (``Body.pipe``); aiohttp's is read chunk by chunk.
+    pipeable = content if isinstance(content, Body) else None
     try:
         response = await request.stream(
             upstream.status, upstream.reason, headers, upstream.content_length
         )
+        write_now = response.write_now
+        if on_chunk is None:
+            sink = write_now
+        else:
+            feed_tail = on_chunk
+
+            def sink(chunk: bytes) -> bool:
+                if not write_now(chunk):
+                    return False  # read again by the loop below, and fed to the tail then
+                feed_tail(chunk)
+                return True
+
         while True:
             try:
-                chunk = await upstream.content.readany()
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as error:
-                cause = _mid_response_cause(error, read_timeout)
-                outcome.failure = f"the server failed mid-response: {cause}"
-                await _end_broken_stream(response, is_event_stream(upstream), cause)
+                chunk = await content.readany()
+            except _UPSTREAM_FAILED as error:
+                await _fail_mid_response(outcome, response, upstream, error, read_timeout)
                 return outcome
             if not chunk:
                 break
@@ -428,8 +442,19 @@ async def relay(
                 on_chunk(chunk)
             # Without a coroutine while the client keeps up: a chunk is a hot path. (One chunk
             # more may be read before waiting on a client that fell behind with this one.)
-            if not response.write_now(chunk):
+            if not write_now(chunk):
                 await response.write(chunk)
+            if pipeable is not None and pipeable.pipe(sink):
+                # What arrives from now on goes from the upstream connection's data_received
+                # straight to the client, while the client keeps up; this task waits for the
+                # end, or for the client to fall behind (then the loop reads on).
+                try:
+                    await pipeable.piped()
+                except SinkFailed as failed:
+                    raise failed.error from None  # the client's side: ConnectionResetError
+                except _UPSTREAM_FAILED as error:
+                    await _fail_mid_response(outcome, response, upstream, error, read_timeout)
+                    return outcome
         await response.write_eof()
         finished = True
     except ConnectionResetError:
@@ -461,6 +486,22 @@ def _arrived_whole(request: ClientRequest, upstream: UpstreamResponse) -> bytes 
     ):
         return None
     return content.read_nowait()
+
+
+_UPSTREAM_FAILED = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError)
+"""What reading an upstream body raises when the server fails mid-response."""
+
+
+async def _fail_mid_response(
+    outcome: Relayed,
+    response: ClientStream,
+    upstream: UpstreamResponse,
+    error: BaseException,
+    read_timeout: float | None,
+) -> None:
+    cause = _mid_response_cause(error, read_timeout)
+    outcome.failure = f"the server failed mid-response: {cause}"
+    await _end_broken_stream(response, is_event_stream(upstream), cause)
 
 
 def _mid_response_cause(error: BaseException, read_timeout: float | None) -> str:
