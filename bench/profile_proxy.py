@@ -619,28 +619,23 @@ async def instructions(args: argparse.Namespace) -> None:
     the machine (0.2% between runs), so a cut of 2% shows. What the kernel does for the
     process's system calls is not in it (``strace -c`` counts those)."""
     what = set(args.what.split(","))
-    with tempfile.TemporaryDirectory(prefix="paddler-instructions-") as temporary:
-        workdir = Path(temporary)
-        async with fake_upstream(workdir) as upstream:
-            for name in args.contestants.split(","):
-                directory = workdir / name.replace("/", "_")
-                directory.mkdir()
-                result: dict[str, object] = {"contestant": name}
-                async with _under_callgrind(name, upstream, directory, args) as (hop, count):
-                    if "small" in what:
-                        await _small_load(hop, 200)
-                        per_request = await count(_small_load(hop, args.requests)) / args.requests
-                        result["k_instructions_per_request"] = round(per_request / 1000, 1)
-                    if "chunks" in what:
-                        costs = []
-                        for chunks, requests in ((10, 64), (100, 32)):
-                            path = f"/v1/chat/completions?chunks={chunks}&interval=20"
-                            load = _streams_load(hop, path, requests)
-                            costs.append(await count(load) / requests)
-                        result["k_instructions_per_chunk"] = round(
-                            (costs[1] - costs[0]) / 90 / 1000, 2
-                        )
-                print(json.dumps(result), flush=True)
+    async with _fake_upstream_in("paddler-instructions-") as (workdir, upstream):
+        for name in args.contestants.split(","):
+            directory = _directory_of(workdir, name)
+            result: dict[str, object] = {"contestant": name}
+            async with _under_callgrind(name, upstream, directory, args) as (hop, count):
+                if "small" in what:
+                    await _small_load(hop, 200)
+                    per_request = await count(_small_load(hop, args.requests)) / args.requests
+                    result["k_instructions_per_request"] = round(per_request / 1000, 1)
+                if "chunks" in what:
+                    costs = []
+                    for chunks, requests in ((10, 64), (100, 32)):
+                        path = f"/v1/chat/completions?chunks={chunks}&interval=20"
+                        load = _streams_load(hop, path, requests)
+                        costs.append(await count(load) / requests)
+                    result["k_instructions_per_chunk"] = round((costs[1] - costs[0]) / 90 / 1000, 2)
+            print(json.dumps(result), flush=True)
 
 
 async def syscalls(args: argparse.Namespace) -> None:
@@ -648,33 +643,44 @@ async def syscalls(args: argparse.Namespace) -> None:
     process while ``wrk -c16`` runs for ``--seconds``): what ``instructions`` leaves out. Under
     strace a process runs several times slower, so its loop batches more per turn than it would
     otherwise: the counts per request are the ones that matter, not the rate."""
-    with tempfile.TemporaryDirectory(prefix="paddler-syscalls-") as temporary:
+    async with _fake_upstream_in("paddler-syscalls-") as (workdir, upstream):
+        for name in args.contestants.split(","):
+            directory = _directory_of(workdir, name)
+            async with contestant(name, upstream, directory, args.flags, args.prototypes) as hop:
+                await wrk(hop.url + "/completion", 16, 1, directory)  # warm-up
+                output = directory / "strace.txt"
+                tracer = await asyncio.create_subprocess_exec(
+                    "strace", "-c", "-f", "-p", str(hop.pid), "-o", str(output),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
+                await asyncio.sleep(0.5)  # attached to every thread
+                run = await wrk(hop.url + "/completion", 16, args.seconds, directory)
+                tracer.send_signal(signal.SIGINT)  # strace writes its table and detaches
+                await tracer.wait()
+            calls = _strace_counts(output.read_text())
+            per_request = {call: round(count / run.served, 2) for call, count in calls.items()}
+            result = {
+                "contestant": name,
+                "syscalls_per_request": round(sum(calls.values()) / run.served, 2),
+                **{call: value for call, value in per_request.items() if value >= 0.01},
+            }
+            print(json.dumps(result), flush=True)
+
+
+@contextlib.asynccontextmanager
+async def _fake_upstream_in(prefix: str) -> AsyncIterator[tuple[Path, Hop]]:
+    """A temporary directory, and the fast upstream running in it."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as temporary:
         workdir = Path(temporary)
         async with fake_upstream(workdir) as upstream:
-            for name in args.contestants.split(","):
-                directory = workdir / name.replace("/", "_")
-                directory.mkdir()
-                async with contestant(
-                    name, upstream, directory, args.flags, args.prototypes
-                ) as hop:
-                    await wrk(hop.url + "/completion", 16, 1, directory)  # warm-up
-                    output = directory / "strace.txt"
-                    tracer = await asyncio.create_subprocess_exec(
-                        "strace", "-c", "-f", "-p", str(hop.pid), "-o", str(output),
-                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                    )  # fmt: skip
-                    await asyncio.sleep(0.5)  # attached to every thread
-                    run = await wrk(hop.url + "/completion", 16, args.seconds, directory)
-                    tracer.send_signal(signal.SIGINT)  # strace writes its table and detaches
-                    await tracer.wait()
-                calls = _strace_counts(output.read_text())
-                per_request = {call: round(count / run.served, 2) for call, count in calls.items()}
-                result = {
-                    "contestant": name,
-                    "syscalls_per_request": round(sum(calls.values()) / run.served, 2),
-                    **{call: value for call, value in per_request.items() if value >= 0.01},
-                }
-                print(json.dumps(result), flush=True)
+            yield workdir, upstream
+
+
+def _directory_of(workdir: Path, name: str) -> Path:
+    """A directory of its own for the contestant ``name`` (``paddler@TREE`` has slashes)."""
+    directory = workdir / name.replace("/", "_")
+    directory.mkdir()
+    return directory
 
 
 def _strace_counts(table: str) -> dict[str, int]:

@@ -305,21 +305,15 @@ class Upstream:
             return self._connections.exchange(
                 agent.address, head, body, head_only=method == "HEAD", fresh=fresh
             )
-        return self._aiohttp_request(agent, method, target, headers, body, fresh)
+        # encoded=True: the path and query go out byte for byte as the client sent them.
+        url = URL(agent.url + target, encoded=True)
+        return self._aiohttp_request(url, method, headers, body, fresh)
 
     async def _aiohttp_request(
-        self,
-        agent: AgentController,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: bytes,
-        fresh: bool,
+        self, url: URL, method: str, headers: CIMultiDict[str], body: bytes, fresh: bool
     ) -> UpstreamResponse:
         session = self._fresh if fresh else self._pooled
         assert session is not None
-        # encoded=True: the path and query go out byte for byte as the client sent them.
-        url = URL(agent.url + target, encoded=True)
         try:
             return await session.request(
                 method, url, headers=headers, data=_payload(body), allow_redirects=False
@@ -444,9 +438,9 @@ async def relay(
             # more may be read before waiting on a client that fell behind with this one.)
             if not write_now(chunk):
                 await response.write(chunk)
-            if pipeable is not None and pipeable.pipe(sink):
-                # What arrives from now on goes from the upstream connection's data_received
-                # straight to the client, while the client keeps up; this task waits for the
+            elif pipeable is not None and pipeable.pipe(sink):
+                # The client keeps up: what arrives from now on goes from the upstream
+                # connection's data_received straight to it, and this task waits for the
                 # end, or for the client to fall behind (then the loop reads on).
                 try:
                     await pipeable.piped()
