@@ -62,6 +62,7 @@ class Connection(asyncio.Protocol):
         "_read_timeout",
         "_reason",
         "_reusable",
+        "_spent_soon",
         "_stream",
         "_timer",
         "address",
@@ -81,7 +82,8 @@ class Connection(asyncio.Protocol):
         """``on_idle``: a response was done with and the connection may carry another request;
         ``on_lost``: the connection closed; ``on_spent``: the head of a response after which
         the connection carries no other (an event stream, or ``Connection: close``) has
-        arrived, and again when its last bytes have (before its reader sees them)."""
+        arrived (called soon after, once the reader has had it), and again when its last bytes
+        have (at once, before its reader sees them)."""
         self.address = address
         self._loop = asyncio.get_running_loop()
         self._read_timeout = read_timeout
@@ -100,6 +102,7 @@ class Connection(asyncio.Protocol):
         self._framed = False  # the body's end is known from its head, not from a close
         self._done = True
         self._reusable = False
+        self._spent_soon = False
         self._stream = False
         self._head_only = False
         self._paused = False
@@ -300,7 +303,15 @@ class Connection(asyncio.Protocol):
         if self._head is not None and not self._head.done():
             self._head.set_result(response)
         if not self._reusable:
-            self._on_spent(self)  # after the head is told: the relay goes first
+            # After the relay's next step, which writes the head and the first chunk: opening
+            # a connection (a task, a socket) is not on the way to the first token.
+            self._spent_soon = True
+            self._loop.call_soon(self._spent_now)
+
+    def _spent_now(self) -> None:
+        if self._spent_soon:
+            self._spent_soon = False
+            self._on_spent(self)
 
     def on_body(self, data: bytes) -> None:
         body = self._body
@@ -313,5 +324,8 @@ class Connection(asyncio.Protocol):
             return  # a HEAD's, whose end was told with its head; or a 1xx's
         self._done = True  # the timer is left: the next response moves it, a close stops it
         if not self._reusable:
-            self._on_spent(self)  # again: the one opened at its head may have been forgotten
+            # Again (the one opened at its head may have been forgotten), or for the first
+            # time if the head's call has not come yet (the whole answer came with its head).
+            self._spent_soon = False
+            self._on_spent(self)
         self._body.feed_eof()
