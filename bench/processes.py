@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 
@@ -80,6 +81,33 @@ async def read_until(
                 return text
         code = await process.wait()
     raise RuntimeError(f"{marker!r} never came: the process exited with code {code}")
+
+
+async def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    """Until something accepts connections on loopback ``port``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_hop(
+    command: Sequence[str], upstream_port: int, log_path: Path, ready_timeout: float = 30.0
+) -> AsyncIterator[tuple[str, int]]:
+    """Run ``command PORT UPSTREAM_PORT`` (a prototype proxy: ``bench.proxy_floor``) on a free
+    port until the block ends; yields its URL and pid once it accepts connections."""
+    port = free_port()
+    process = await spawn(*command, str(port), str(upstream_port), log_path=log_path)
+    try:
+        await wait_for_port(port, ready_timeout)
+        yield f"http://127.0.0.1:{port}", process.pid
+    finally:
+        await stop(process)
 
 
 def free_port() -> int:

@@ -73,7 +73,7 @@ import aiohttp
 from bench.cpu import process_seconds
 from bench.llamacpp import Backend
 from bench.nginx import running_nginx
-from bench.processes import child_env, free_port, spawn, stop
+from bench.processes import child_env, free_port, running_hop, spawn, stop, wait_for_port
 from paddler import protocol
 
 SMALL_BODY = '{"prompt":"hello","n_predict":1}'
@@ -199,21 +199,10 @@ async def fake_upstream(workdir: Path) -> AsyncIterator[Hop]:
         log_path=workdir / "upstream.log",
     )  # fmt: skip
     try:
-        await _wait_port(port)
+        await wait_for_port(port)
         yield Hop(f"http://127.0.0.1:{port}", process.pid)
     finally:
         await stop(process)
-
-
-async def _wait_port(port: int) -> None:
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                return
-            except OSError:
-                await asyncio.sleep(0.05)
 
 
 _PADDLERS = {
@@ -248,15 +237,10 @@ async def contestant(
         ):  # fmt: skip
             yield Hop(paddler.proxy_url, paddler.pid)
     elif name in prototypes:
-        port = free_port()
-        port_arg, upstream_port = str(port), upstream.url.rsplit(":", 1)[1]
-        argv = [*shlex.split(prototypes[name]), port_arg, upstream_port]
-        process = await spawn(*argv, log_path=workdir / "prototype.log")
-        try:
-            await _wait_port(port)
-            yield Hop(f"http://127.0.0.1:{port}", process.pid)
-        finally:
-            await stop(process)
+        upstream_port = int(upstream.url.rsplit(":", 1)[1])
+        command = shlex.split(prototypes[name])
+        async with running_hop(command, upstream_port, workdir / "prototype.log") as (url, pid):
+            yield Hop(url, pid)
     else:
         raise SystemExit(f"unknown contestant {name!r}")
 
@@ -773,16 +757,12 @@ async def _under_callgrind(
         ):  # fmt: skip
             yield Hop(paddler.proxy_url, paddler.pid), counter(paddler.pid)
     elif name in args.prototypes:
-        port = free_port()
-        command = shlex.split(args.prototypes[name])
-        argv = [*prefix, *command, str(port), upstream.url.rsplit(":", 1)[1]]
-        process = await spawn(*argv, log_path=workdir / "prototype.log")
-        try:
-            async with asyncio.timeout(300):
-                await _wait_port(port)
-            yield Hop(f"http://127.0.0.1:{port}", process.pid), counter(process.pid)
-        finally:
-            await stop(process)
+        upstream_port = int(upstream.url.rsplit(":", 1)[1])
+        command = [*prefix, *shlex.split(args.prototypes[name])]
+        async with running_hop(
+            command, upstream_port, workdir / "prototype.log", ready_timeout=300
+        ) as (url, pid):
+            yield Hop(url, pid), counter(pid)
     else:
         raise SystemExit(f"instructions: {name!r} is not paddler[@TREE] or a --prototype")
 

@@ -32,7 +32,7 @@ from bench.routing_report import write_section
 from bench.runner import run, say
 from bench.scale_buffer import measure_buffers
 from bench.scale_config import ScaleConfig, parse_config
-from bench.scale_contestants import measure_contestants
+from bench.scale_contestants import CONTESTANTS, measure_contestants
 from bench.scale_fleet import measure_fleets
 from bench.scale_measure import load_average
 from bench.scale_report import ScaleReport, markers, section, write_json
@@ -63,7 +63,7 @@ async def benchmark(config: ScaleConfig, workdir: Path, started_at: str, stamp: 
         "uvloop (the helpers')": _version("uvloop"),
         "nginx": await nginx_version(),
     }
-    say("contestants: direct, nginx, paddler")
+    say(f"contestants: {', '.join(CONTESTANTS)}")
     contestants = await measure_contestants(config, workdir)
     say("fleet sweep")
     fleets = await measure_fleets(config, workdir)

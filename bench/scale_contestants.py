@@ -1,8 +1,13 @@
-"""Direct, nginx and Paddler side by side on the fast upstream: the lean data plane's cells.
+"""Direct, nginx, a bare Python hop and Paddler side by side on the fast upstream: the lean
+data plane's cells.
 
-All three run at once against the same fast upstream (``servers`` simulated llama.cpp servers,
-Paddler with as many simulated agents), and take turns cell by cell, the order rotating, so
-that the machine's drift spreads over them:
+All of them run at once against the same fast upstream (``servers`` simulated llama.cpp
+servers, Paddler with as many simulated agents), and take turns cell by cell, the order
+rotating, so that the machine's drift spreads over them. The Python hop
+(``bench.proxy_floor.httptools_hop``, to the first server) is the floor of a proxy written in
+Python on this machine: the same HTTP layer as Paddler's (httptools on uvloop, a pooled
+connection, the one after a stream opened at its head) and no logic at all, so that what
+Paddler adds to it is what its routing, accounting and observing cost.
 
 - small requests (``POST /completion``, ``n_predict`` 1, not streamed, from wrk): at
   ``latency_connections`` for p50/p99 when nothing queues, at ``load_connections`` for CPU per
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,13 +32,15 @@ from typing import Any
 from bench.child_control import running_child
 from bench.memory import tree_rss_bytes
 from bench.nginx import running_nginx
+from bench.processes import running_hop
 from bench.runner import say
 from bench.scale_config import ScaleConfig
 from bench.scale_measure import LoadCell, Meter, StreamCell, stream_cell, wrk_cell
 from bench.simulated_fleet import running_fleet, running_upstream
 from bench.wrk import lua_script
 
-CONTESTANTS = ("direct", "nginx", "paddler")
+CONTESTANTS = ("direct", "nginx", "python-hop", "paddler")
+PYTHON_HOP = (sys.executable, "-m", "bench.proxy_floor.httptools_hop")
 SMALL_BODY = {"prompt": "Say hi", "n_predict": 1}
 
 
@@ -72,12 +80,18 @@ async def measure_contestants(config: ScaleConfig, workdir: Path) -> ContestantR
             config.servers, config.slots, workdir, "fast-upstream-contestants"
         ) as upstream,
         running_nginx(upstream.backends(config.servers), workdir) as nginx,
+        running_hop(PYTHON_HOP, upstream.ports[0], workdir / "python-hop.log") as (hop, hop_pid),
         running_fleet(
             upstream, config.servers, workdir, flags, name="paddler-contestants"
         ) as fleet,
     ):
-        urls = {"direct": upstream.url(0), "nginx": nginx.url, "paddler": fleet.paddler.proxy_url}
-        proxies = {"nginx": nginx.pid, "paddler": fleet.paddler.balancer_pid}
+        urls = {
+            "direct": upstream.url(0),
+            "nginx": nginx.url,
+            "python-hop": hop,
+            "paddler": fleet.paddler.proxy_url,
+        }
+        proxies = {"nginx": nginx.pid, "python-hop": hop_pid, "paddler": fleet.paddler.balancer_pid}
         meters = {
             name: Meter(
                 {"upstream": upstream.child.pid, "agents": fleet.agents.pid}

@@ -86,6 +86,16 @@ def headlines(report: ScaleReport) -> str:
             f"| ... as a ratio (median of the rounds' ratios) | 11-22x "
             f"| {times(median(ratios))} | - |"
         )
+        hop_ms = [
+            cell.proxy_ms_per_request
+            for r in rounds
+            if (cell := _find(c.small, contestant="python-hop", kind="load", round=r))
+        ]
+        if hop_ms:
+            rows.append(
+                f"| ... a bare Python hop's, the floor of a proxy in Python (no logic) | - "
+                f"| {median(hop_ms):.3f} ms | - |"
+            )
     latency = {
         name: _find(c.small, contestant=name, kind="latency")
         for name in ("direct", "nginx", "paddler")
@@ -97,7 +107,11 @@ def headlines(report: ScaleReport) -> str:
             + ", ".join(f"{ms(cell.p50)} / {ms(cell.p99)}" for cell in latency.values())
             + " ms | - |"
         )
-    for name, issue in (("paddler", "+2, +10, +20 ms"), ("nginx", "+0.15, +0.45, +0.45 ms")):
+    for name, issue in (
+        ("paddler", "+2, +10, +20 ms"),
+        ("nginx", "+0.15, +0.45, +0.45 ms"),
+        ("python-hop", "-"),
+    ):
         added = []
         for streams in config.stream_counts:
             cell, base = (
@@ -119,6 +133,12 @@ def headlines(report: ScaleReport) -> str:
             f"| {pc.proxy_us_per_event:.1f} / {nc.proxy_us_per_event:.1f} µs = "
             f"{times(ratio(pc.proxy_us_per_event, nc.proxy_us_per_event))} | ≤ 2x |"
         )
+        hc = _find(c.chunks, contestant="python-hop")
+        if hc:
+            rows.append(
+                f"| ... a bare Python hop's | - | {hc.proxy_us_per_event:.1f} µs = "
+                f"{times(ratio(hc.proxy_us_per_event, nc.proxy_us_per_event))} | - |"
+            )
     pm, nm = _find(c.memory, contestant="paddler"), _find(c.memory, contestant="nginx")
     if pm and nm:
         rows.append(
@@ -209,9 +229,13 @@ upstream's, the agents', wrk's, and the machine's. Contestants run at once and t
 order rotating from cell to cell. Direct goes to one of the {config.servers} simulated servers \
 ({config.slots} slots each); nginx (one worker, `least_conn`, upstream keep-alive, \
 `proxy_buffering off`) and Paddler (`paddler balancer`, {config.servers} simulated agents) to \
-both.
+both. The Python hop (`bench/proxy_floor/httptools_hop.py`, to the first server) is the floor of \
+a proxy written in Python on this machine: the same HTTP layer as Paddler's (httptools on \
+uvloop, a pooled upstream connection, the next one opened at a stream's head) and no logic at \
+all (no routing, reservation, accounting, observers or log), so that Paddler's figure minus its \
+figure is what Paddler's own logic costs.
 
-### Small requests: direct, nginx, Paddler
+### Small requests: direct, nginx, the Python hop, Paddler
 
 {small_table(c.small)}
 

@@ -5,7 +5,8 @@ Usage: ``python -m bench.proxy_floor.httptools_hop PORT UPSTREAM_PORT`` (a ``--p
 code: it tells what a hand-written HTTP layer could reach (issue 10).
 
 Server side: httptools.HttpRequestParser per client connection, keep-alive, one request at a time.
-Client side: a pool of kept-alive upstream connections, httptools.HttpResponseParser each.
+Client side: a pool of kept-alive upstream connections, httptools.HttpResponseParser each; the
+connection that replaces a stream's (llama.cpp closes it) opens at the stream's head, as Paddler's does.
 The response head goes out with the first body bytes that arrived with it (one write for a
 small answer); a chunked upstream body is re-chunked as it arrives; a Content-Length body is
 relayed as is. Backpressure: a client that does not read pauses the upstream connection.
@@ -90,6 +91,10 @@ class Upstream(asyncio.Protocol):
         self.client.start_response(b"".join(head), self.chunked)
         if not self.parser.should_keep_alive():
             self.keep_alive = False
+        if not self.keep_alive:
+            # This connection carries no other request: its replacement opens now, after this
+            # callback (the first chunk's write goes first), as Paddler's pool does.
+            asyncio.get_running_loop().call_soon(self.pool.warm)
 
     def on_body(self, body):
         self.client.body(body)
@@ -107,15 +112,36 @@ class Pool:
     def __init__(self, host, port):
         self.host, self.port = host, port
         self.idle = []
+        self.warming = None
 
     async def take(self):
         while self.idle:
             upstream = self.idle.pop()
             if not upstream.closed and not upstream.transport.is_closing():
                 return upstream
+        if self.warming is not None:
+            warming, self.warming = self.warming, None
+            return await warming
+        return await self._open()
+
+    async def _open(self):
         loop = asyncio.get_running_loop()
         _, upstream = await loop.create_connection(lambda: Upstream(self), self.host, self.port)
         return upstream
+
+    def warm(self):
+        """Open a connection ahead of the next request, unless one is idle or opening."""
+        if self.idle or self.warming is not None:
+            return
+        self.warming = warming = asyncio.get_running_loop().create_task(self._open())
+
+        def opened(task):
+            if self.warming is task:
+                self.warming = None
+                if not task.cancelled() and task.exception() is None:
+                    self.idle.append(task.result())
+
+        warming.add_done_callback(opened)
 
     def give_back(self, upstream):
         self.idle.append(upstream)
