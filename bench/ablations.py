@@ -22,33 +22,33 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_OBSERVER = "from paddler.balancer.observers import Observer, _HOOKS\n"
+_OBSERVER = "from paddler.balancer.observability.observers import Observer, _HOOKS\n"
 
 ABLATIONS = {
     "no-request-log": _OBSERVER
-    + "import paddler.balancer.request_log as m\n"
+    + "import paddler.balancer.observability.request_log as m\n"
     + "m.RequestLog.request_finished = Observer.request_finished\n",
     "no-prometheus": _OBSERVER
-    + "import paddler.balancer.prometheus_metrics as m\n"
+    + "import paddler.balancer.observability.prometheus_metrics as m\n"
     + "for hook in _HOOKS:\n"
     + "    setattr(m.PrometheusMetrics, hook, getattr(Observer, hook))\n",
     "no-stats-history": _OBSERVER
-    + "import paddler.balancer.stats_history as m\n"
+    + "import paddler.balancer.observability.stats_history as m\n"
     + "m.StatsHistory.request_finished = Observer.request_finished\n",
-    "no-observers": "import paddler.balancer.observers as m\n"
+    "no-observers": "import paddler.balancer.observability.observers as m\n"
     + "m.Observers.add = lambda self, observer: None\n",
-    "no-traits": "import paddler.balancer.traits_reader as m\n"
-    + "from paddler.balancer.request_traits import NO_TRAITS\n"
+    "no-traits": "import paddler.balancer.routing.traits_reader as m\n"
+    + "from paddler.balancer.routing.request_traits import NO_TRAITS\n"
     + "async def read(self, method, path, query, body):\n"
     + "    return NO_TRAITS\n"
     + "m.TraitsReader.read = read\n",
-    "no-response-tail": "import paddler.balancer.reverse_proxy as m\n"
+    "no-response-tail": "import paddler.balancer.proxy.reverse_proxy as m\n"
     + "class Tail:\n"
     + "    def feed(self, chunk): pass\n"
     + "    def cache_report(self): return None\n"
     + "m.ResponseTail = Tail\n",
     "no-connection-guard": "from aiohttp import web\n"
-    + "import paddler.balancer.client_connections as c\n"
+    + "import paddler.balancer.proxy.client_connections as c\n"
     + "import paddler.balancer.service as s\n"
     + "async def middleware(self, request, handler):\n"
     + "    return await handler(request)\n"

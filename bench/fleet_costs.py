@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.request_buffer import RequestBuffer
-from paddler.balancer.routing import Demand, make_policy
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.request_buffer import RequestBuffer
+from paddler.balancer.routing.policies import Demand, make_policy
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.pool import join

@@ -16,14 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.fleet import Fleet, LocalFleet
-from paddler.balancer.fleet_host import FleetHost
-from paddler.balancer.forwarded_metrics import MetricsForwarder
-from paddler.balancer.observers import Observers, Outcome, RequestRecord
-from paddler.balancer.remote_fleet import RemoteFleet
-from paddler.balancer.request_buffer import RequestBuffer
-from paddler.balancer.routing import Demand
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.fleet_host import FleetHost
+from paddler.balancer.fleet.remote_fleet import RemoteFleet
+from paddler.balancer.fleet.request_buffer import RequestBuffer
+from paddler.balancer.fleet.state import Fleet, LocalFleet
+from paddler.balancer.observability.forwarded_metrics import MetricsForwarder
+from paddler.balancer.observability.observers import Observers, Outcome, RequestRecord
+from paddler.balancer.routing.policies import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.pool import join

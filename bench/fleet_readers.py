@@ -161,7 +161,7 @@ class SliceTimer:
 
     def __enter__(self) -> SliceTimer:
         try:
-            from paddler.balancer import fleet_view
+            from paddler.balancer.fleet import fleet_view
         except ImportError:  # before the fleet view: each reader ran in one piece
             self._module = None
             return self

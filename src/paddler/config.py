@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROUTING_POLICIES = ("prefix", "slots")
-"""``--routing`` choices; see ``paddler.balancer.routing``."""
+"""``--routing`` choices; see ``paddler.balancer.routing.policies``."""
 
 EVENT_LOOPS = ("uvloop", "asyncio")
 
 UPSTREAM_CLIENTS = ("httptools", "aiohttp")
-"""``--upstream-client`` choices; see ``paddler.balancer.upstream``."""
+"""``--upstream-client`` choices; see ``paddler.balancer.proxy.upstream``."""
 
 PROXY_SERVERS = ("httptools", "aiohttp")
-"""``--proxy-server`` choices; see ``paddler.balancer.proxy_port``."""
+"""``--proxy-server`` choices; see ``paddler.balancer.proxy.proxy_port``."""
 """``--event-loop`` choices, the default first; see ``paddler.cli.event_loop``."""
 
 
@@ -92,7 +92,7 @@ class BalancerConfig:
     prefix_index_memory: int = 64 * 1024 * 1024
     allow_unknown_models: bool = False
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    """Client keys of the proxy port (``--api-key``); see ``paddler.balancer.api_keys``."""
+    """Client keys of the proxy port (``--api-key``); see ``paddler.balancer.proxy.api_keys``."""
     api_keys_file: Path | None = None
     llamacpp_api_key: str | None = None
     max_slots_per_agent: int = 256
@@ -109,7 +109,7 @@ class BalancerConfig:
     """Which event loop the process runs on (``--event-loop``); the CLI makes it."""
     workers: int = 1
     """Processes that serve the proxy port (``--workers``); with more than 1, this process
-    holds the fleet and serves them (``paddler.balancer.fleet_host``)."""
+    holds the fleet and serves them (``paddler.balancer.fleet.fleet_host``)."""
 
     @property
     def reverseproxy_scheme(self) -> str:

@@ -18,7 +18,7 @@ agent says is not believed blindly:
   ``Zl``, ``Zp``, ``Cs``, ``Co``, ``Cn``): it is logged and shown on dashboards;
 - ``status`` frames are applied at most ``STATUS_FRAMES_PER_SECOND`` per socket (with a burst of
   ``STATUS_FRAME_BURST``); the balancer reads faster frames later, and closes a socket that stays
-  over that budget for ``STATUS_FLOOD_SECONDS`` (see ``paddler.balancer.frame_budget``).
+  over that budget for ``STATUS_FLOOD_SECONDS`` (see ``paddler.balancer.management.frame_budget``).
 """
 
 from __future__ import annotations

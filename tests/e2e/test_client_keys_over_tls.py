@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from paddler.balancer.api_keys import key_id
+from paddler.balancer.proxy.api_keys import key_id
 from tests.support.agent import running_agent
 from tests.support.balancer import RunningBalancer, running_balancer, wait_until
 from tests.support.llamacpp import LlamaCppServer, running_llamacpp

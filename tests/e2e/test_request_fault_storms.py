@@ -14,8 +14,8 @@ import aiohttp
 import openai
 import pytest
 
-from paddler.balancer.agent_controller import AgentController
-from paddler.balancer.routing import Demand
+from paddler.balancer.fleet.agent_controller import AgentController
+from paddler.balancer.routing.policies import Demand
 from tests.support.fleet import Server, fleet
 from tests.support.llamacpp import tiny_model_path
 

@@ -12,7 +12,13 @@ import pytest
 from aiohttp import WSMsgType
 
 from paddler import protocol
-from paddler.balancer.websocket_frames import CLOSE, CONTINUATION, PONG, TEXT, close_reason
+from paddler.balancer.management.websocket_frames import (
+    CLOSE,
+    CONTINUATION,
+    PONG,
+    TEXT,
+    close_reason,
+)
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import fake_upstream, not_found
 from tests.support.websocket import client_frame, raw_socket, server_frame

@@ -138,7 +138,7 @@ async def test_the_socket_of_an_agent_removed_for_silence_is_closed(
     session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An agent that stops reporting is removed, and then its connection is let go."""
-    caplog.set_level(logging.INFO, logger="paddler.balancer.agent_socket")
+    caplog.set_level(logging.INFO, logger="paddler.balancer.management.agent_socket")
     async with running_balancer(agent_stale_after=0.5) as running:
         agent = ScriptedAgent(session, running.management_url)
         await agent.register("silent", 9, ok(idle=2), verified=False)

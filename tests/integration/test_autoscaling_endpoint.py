@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from paddler.balancer.autoscaling import RULE
+from paddler.balancer.management.autoscaling import RULE
 from tests.support.balancer import RunningBalancer, ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import fake_upstream, not_found
 

@@ -168,7 +168,7 @@ async def test_trickling_connections_are_closed_at_the_header_timeout_while_requ
 async def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout() -> None:
     """A silent connection lives as long as the header timeout, and is then closed, logged."""
     timeout = 1.0
-    with watching("paddler.balancer.client_connections") as log:
+    with watching("paddler.balancer.proxy.client_connections") as log:
         async with balancer(client_header_timeout=timeout) as running:
             reader, _ = await connect(running.proxy_url)
             started = time.monotonic()
@@ -183,7 +183,7 @@ async def test_a_body_that_stops_midway_gets_408_and_gives_its_memory_back(
     session: aiohttp.ClientSession,
 ) -> None:
     """A stalled body is answered 408 at the body timeout; its bytes return to the budget."""
-    with watching("paddler.balancer.reverse_proxy") as log:
+    with watching("paddler.balancer.proxy.reverse_proxy") as log:
         async with balancer_with_agent(
             session, client_body_timeout=1.0, request_body_memory=100
         ) as running:

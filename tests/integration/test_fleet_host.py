@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.cache_report import CacheReport
-from paddler.balancer.fleet_host import FleetHost
-from paddler.balancer.forwarded_metrics import MetricsForwarder
-from paddler.balancer.observers import Observer, Observers, Outcome, RequestRecord
-from paddler.balancer.remote_fleet import RemoteFleet
-from paddler.balancer.request_buffer import BufferFull, RequestBuffer, ShuttingDown
-from paddler.balancer.routing import Demand
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.fleet_host import FleetHost
+from paddler.balancer.fleet.remote_fleet import RemoteFleet
+from paddler.balancer.fleet.request_buffer import BufferFull, RequestBuffer, ShuttingDown
+from paddler.balancer.observability.forwarded_metrics import MetricsForwarder
+from paddler.balancer.observability.observers import Observer, Observers, Outcome, RequestRecord
+from paddler.balancer.routing.cache_report import CacheReport
+from paddler.balancer.routing.policies import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.balancer import wait_until

@@ -23,7 +23,7 @@ async def test_a_malformed_request_gets_400_in_the_openai_shape_and_a_log_line(
     """Garbage instead of a request line is answered 400 with an error body, logged, and the
     connection closed."""
     async with proxy(session, "httptools") as running, connected(running) as (reader, writer):
-        with watching("paddler.balancer.proxy_http.connection") as log:
+        with watching("paddler.balancer.proxy.proxy_http.connection") as log:
             writer.write(b"NOT HTTP AT ALL\r\n\r\n")
             status, headers, body = await read_response(reader)
             await log.wait_for(logging.INFO, containing="malformed request")

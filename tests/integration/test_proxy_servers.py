@@ -205,7 +205,7 @@ async def test_a_late_head_closes_the_connection_with_a_log_line(
         proxy(session, server, client_header_timeout=0.3) as running,
         connected(running) as (reader, writer),
     ):
-        with watching("paddler.balancer.client_connections") as log:
+        with watching("paddler.balancer.proxy.client_connections") as log:
             writer.write(b"GET /health HTTP/1.1\r\nHo")
             with contextlib.suppress(ConnectionError):
                 assert await asyncio.wait_for(reader.read(), 10) == b""

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from paddler.balancer.routing import Demand
+from paddler.balancer.routing.policies import Demand
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.upstream import closing_keepalive_upstream, fake_upstream
 

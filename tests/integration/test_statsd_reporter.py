@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.fleet_view import FleetView
-from paddler.balancer.request_buffer import RequestBuffer
-from paddler.balancer.statsd_reporter import StatsdReporter
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.fleet_view import FleetView
+from paddler.balancer.fleet.request_buffer import RequestBuffer
+from paddler.balancer.observability.statsd_reporter import StatsdReporter
 from tests.support.balancer import ScriptedAgent, ok, running_balancer, wait_until
 from tests.support.prometheus import free_port
 from tests.support.upstream import fake_upstream
@@ -111,7 +111,7 @@ async def test_a_statsd_server_that_is_down_or_unknown_costs_nothing(
     """A closed port and a name that does not resolve are logged and tried again, never raised."""
     pool = AgentControllerPool()
     buffer = RequestBuffer(pool, size=1, timeout=1.0)
-    caplog.set_level(logging.DEBUG, logger="paddler.balancer.statsd_reporter")
+    caplog.set_level(logging.DEBUG, logger="paddler.balancer.observability.statsd_reporter")
     for host, port, complaint in [
         ("127.0.0.1", free_port(), "statsd send failed"),
         ("statsd.invalid", 8125, "cannot reach statsd at statsd.invalid:8125"),

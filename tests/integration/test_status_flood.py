@@ -32,7 +32,7 @@ async def test_a_status_flood_is_throttled_then_cut_while_health_stays_fast(
         fake_upstream(not_found) as port,
         running_balancer() as running,
     ):
-        with watching("paddler.balancer.agent_socket") as logs:
+        with watching("paddler.balancer.management.agent_socket") as logs:
             flooder = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",

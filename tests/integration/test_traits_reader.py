@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paddler.balancer.request_traits import NO_TRAITS, RequestTraits, inspect
-from paddler.balancer.traits_reader import TraitsReader
+from paddler.balancer.routing.request_traits import NO_TRAITS, RequestTraits, inspect
+from paddler.balancer.routing.traits_reader import TraitsReader
 from tests.support.balancer import wait_until
 from tests.unit.test_request_traits_properties import DOCUMENT, PATHS
 

@@ -1,4 +1,4 @@
-"""The hand-written upstream client (``paddler.balancer.upstream_http``) on real sockets.
+"""The hand-written upstream client (``paddler.balancer.proxy.upstream_http``) on real sockets.
 
 Keep-alive, chunked bodies and event streams are real llama.cpp's; servers that crash or stall
 on demand are raw asyncio servers, scripted byte by byte.
@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from multidict import CIMultiDict
 
-from paddler.balancer.upstream_http.failures import (
+from paddler.balancer.proxy.upstream_http.failures import (
     BodyBroken,
     ConnectFailed,
     Disconnected,
     ReadTimeout,
 )
-from paddler.balancer.upstream_http.pool import ConnectionPool, request_head
-from paddler.balancer.upstream_http.response import HIGH_WATER, Response
+from paddler.balancer.proxy.upstream_http.pool import ConnectionPool, request_head
+from paddler.balancer.proxy.upstream_http.response import HIGH_WATER, Response
 from paddler.config import Address
 from tests.support.balancer import wait_until
 from tests.support.llamacpp import running_llamacpp

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from paddler.balancer.agent_controller import AgentController
-from paddler.balancer.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.agent_controller import AgentController
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
 from paddler.config import Address
 from paddler.protocol import Status
 
@@ -19,7 +19,7 @@ def join(
     slot_bound: int = UNBOUNDED,
 ) -> tuple[AgentController, int]:
     """Register an agent and mark it verified, as the verifier does once it reached the
-    address (``paddler.balancer.agent_verifier``); return the agent and its session."""
+    address (``paddler.balancer.management.agent_verifier``); return the agent and its session."""
     agent, session = pool.register(name, address, status)
     assert pool.verified(agent, slot_bound, session=session)
     return agent, session

@@ -13,7 +13,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def llamacpp_self_description(app: web.Application, total_slots: int) -> None:
     """Answer ``GET /health`` and ``GET /props`` as llama.cpp does, which is what the balancer
-    asks before it counts a server (see ``paddler.balancer.agent_verifier``)."""
+    asks before it counts a server (see ``paddler.balancer.management.agent_verifier``)."""
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -8,7 +8,7 @@ import os
 import struct
 from urllib.parse import urlsplit
 
-from paddler.balancer.websocket_frames import unmask
+from paddler.balancer.management.websocket_frames import unmask
 
 
 def client_frame(opcode: int, payload: bytes, *, final: bool = True, masked: bool = True) -> bytes:

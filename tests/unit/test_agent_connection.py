@@ -8,9 +8,16 @@ from typing import Any
 
 import pytest
 
-from paddler.balancer.agent_connection import AgentConnection, Ended
-from paddler.balancer.frame_budget import FrameBudget
-from paddler.balancer.websocket_frames import BINARY, CLOSE, PING, PONG, TEXT, close_reason
+from paddler.balancer.management.agent_connection import AgentConnection, Ended
+from paddler.balancer.management.frame_budget import FrameBudget
+from paddler.balancer.management.websocket_frames import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    close_reason,
+)
 from tests.support.websocket import client_frame
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool, FleetFull
-from paddler.balancer.routing import Demand
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool, FleetFull
+from paddler.balancer.routing.policies import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.pool import join

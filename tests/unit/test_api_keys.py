@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from paddler.balancer.api_keys import (
+from paddler.balancer.observability.observers import Outcome, RequestRecord
+from paddler.balancer.observability.request_log import RequestLog
+from paddler.balancer.proxy.api_keys import (
     ApiKeyError,
     ApiKeys,
     key_id,
     parse_keys_file,
     presented_key,
 )
-from paddler.balancer.observers import Outcome, RequestRecord
-from paddler.balancer.request_log import RequestLog
 from paddler.cli import cli
 from tests.support.logs import watching
 
@@ -129,7 +129,7 @@ def test_a_reload_takes_the_new_file_and_a_bad_one_keeps_the_old_keys(tmp_path: 
     assert keys.reload()
     assert (keys.check("sk-old"), keys.check("sk-new")) == (None, "new")
     path.write_text("new: sk-new\nbroken line\n")
-    with watching("paddler.balancer.api_keys") as log:
+    with watching("paddler.balancer.proxy.api_keys") as log:
         assert not keys.reload()
         path.unlink()
         assert not keys.reload()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from paddler.balancer.autoscaling import advise
+from paddler.balancer.management.autoscaling import advise
 
 
 def test_busy_and_buffered_slots_over_the_target_give_the_desired_servers() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from paddler.balancer.cache_report import TAIL_BYTES, CacheReport, ResponseTail
+from paddler.balancer.routing.cache_report import TAIL_BYTES, CacheReport, ResponseTail
 
 # Response shapes captured from llama.cpp (b-series, via xllamacpp).
 CHAT_BODY = (

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from paddler.balancer.agent_controller import AgentController
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.prefix_index import BLOCK_CHARS, PrefixIndex
-from paddler.balancer.routing import PREFIX_BREADTH, Demand, PrefixPolicy, SlotsPolicy, least_loaded
+from paddler.balancer.fleet.agent_controller import AgentController
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.routing.policies import (
+    PREFIX_BREADTH,
+    Demand,
+    PrefixPolicy,
+    SlotsPolicy,
+    least_loaded,
+)
+from paddler.balancer.routing.prefix_index import BLOCK_CHARS, PrefixIndex
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.pool import join

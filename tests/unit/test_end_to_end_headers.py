@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from paddler.balancer.upstream import end_to_end
+from paddler.balancer.proxy.upstream import end_to_end
 
 
 def _headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:

@@ -10,12 +10,12 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paddler.balancer.agent_controller import AgentSnapshot
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.agents_route import AgentsRoute
-from paddler.balancer.fleet_view import FleetReading, FleetView, PerReading
-from paddler.balancer.request_buffer import RequestBuffer
-from paddler.balancer.routing import Demand
+from paddler.balancer.fleet.agent_controller import AgentSnapshot
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.fleet_view import FleetReading, FleetView, PerReading
+from paddler.balancer.fleet.request_buffer import RequestBuffer
+from paddler.balancer.management.agents_route import AgentsRoute
+from paddler.balancer.routing.policies import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.balancer import ok

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from paddler.balancer.fleet_wire import raise_rejection, rejection
-from paddler.balancer.request_buffer import (
+from paddler.balancer.fleet.fleet_wire import raise_rejection, rejection
+from paddler.balancer.fleet.request_buffer import (
     BufferFull,
     BufferRejection,
     BufferTimeout,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from paddler.balancer.frame_budget import FrameBudget
+from paddler.balancer.management.frame_budget import FrameBudget
 
 
 class Clock:

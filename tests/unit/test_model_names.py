@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from paddler.balancer.model_names import model_id, names_of
+from paddler.balancer.fleet.model_names import model_id, names_of
 
 
 def test_an_alias_is_known_by_itself_alone() -> None:

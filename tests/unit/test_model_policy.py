@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.request_buffer import RequestBuffer, UnknownModel
-from paddler.balancer.routing import Demand
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.request_buffer import RequestBuffer, UnknownModel
+from paddler.balancer.routing.policies import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.pool import join

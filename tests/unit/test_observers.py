@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from paddler.balancer.observers import Observer, Observers, RequestRecord
+from paddler.balancer.observability.observers import Observer, Observers, RequestRecord
 
 
 def _record() -> RequestRecord:
@@ -52,7 +52,7 @@ def test_an_observer_that_raises_is_logged_and_the_others_still_hear(
     """A bug in one observer never fails the request, nor silences the observers after it."""
     after = _Counting()
     observers = Observers([_Failing(), after])
-    with caplog.at_level(logging.ERROR, logger="paddler.balancer.observers"):
+    with caplog.at_level(logging.ERROR, logger="paddler.balancer.observability.observers"):
         observers.request_finished(_record())
     assert after.heard == ["finished r1"]
     (failure,) = caplog.records

@@ -34,13 +34,13 @@ from hypothesis.stateful import (
     rule,
 )
 
-from paddler.balancer.agent_controller import AgentController
-from paddler.balancer.agent_controller_pool import AgentControllerPool, FleetFull
-from paddler.balancer.cache_report import CacheReport
-from paddler.balancer.prefix_index import PrefixIndex
-from paddler.balancer.request_buffer import BufferRejection, RequestBuffer, _Waiter
-from paddler.balancer.routing import Demand, PrefixPolicy, SlotsPolicy, least_loaded
-from paddler.balancer.slot_guard import SlotGuard
+from paddler.balancer.fleet.agent_controller import AgentController
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool, FleetFull
+from paddler.balancer.fleet.request_buffer import BufferRejection, RequestBuffer, _Waiter
+from paddler.balancer.fleet.slot_guard import SlotGuard
+from paddler.balancer.routing.cache_report import CacheReport
+from paddler.balancer.routing.policies import Demand, PrefixPolicy, SlotsPolicy, least_loaded
+from paddler.balancer.routing.prefix_index import PrefixIndex
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.pool import UNBOUNDED

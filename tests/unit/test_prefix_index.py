@@ -8,7 +8,7 @@ import random
 import string
 import tracemalloc
 
-from paddler.balancer.prefix_index import (
+from paddler.balancer.routing.prefix_index import (
     BLOCK_CHARS,
     MAX_BLOCKS,
     MAX_OWNERS,

@@ -12,11 +12,11 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.fleet_view import FleetView
-from paddler.balancer.observers import Outcome, RequestRecord
-from paddler.balancer.prometheus_metrics import PrometheusMetrics
-from paddler.balancer.request_buffer import RequestBuffer
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.fleet_view import FleetView
+from paddler.balancer.fleet.request_buffer import RequestBuffer
+from paddler.balancer.observability.observers import Outcome, RequestRecord
+from paddler.balancer.observability.prometheus_metrics import PrometheusMetrics
 from paddler.config import Address
 from tests.support.balancer import ok
 from tests.support.pool import join
@@ -185,7 +185,7 @@ async def test_request_histograms_read_as_prometheus_clients_own() -> None:
     ``prometheus_client.Histogram`` fed the same values."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    from paddler.balancer.request_counts import RequestHistogram
+    from paddler.balancer.observability.request_counts import RequestHistogram
 
     bounds = (0.01, 0.1, 1, 10)
     values = [("/a", 0.0), ("/b", 0.01), ("/a", 0.1000001), ("/a", 10), ("/b", 11.5), ("/a", 1)]

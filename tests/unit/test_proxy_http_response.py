@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from paddler.balancer.client_exchange import Answer
-from paddler.balancer.proxy_http.response import whole
+from paddler.balancer.proxy.client_exchange import Answer
+from paddler.balancer.proxy.proxy_http.response import whole
 
 
 def test_a_whole_answer_is_one_head_with_its_length_then_its_body() -> None:

@@ -7,16 +7,16 @@ import random
 
 import pytest
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.request_buffer import (
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.request_buffer import (
     BufferFull,
     BufferTimeout,
     NoCandidates,
     RequestBuffer,
     ShuttingDown,
 )
-from paddler.balancer.routing import Demand
-from paddler.balancer.slot_guard import SlotGuard
+from paddler.balancer.fleet.slot_guard import SlotGuard
+from paddler.balancer.routing.policies import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.pool import join

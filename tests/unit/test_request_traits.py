@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from paddler.balancer.request_traits import NO_TRAITS, RequestTraits, inspect
+from paddler.balancer.routing.request_traits import NO_TRAITS, RequestTraits, inspect
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 FIRST = {"role": "user", "content": "What is a radix tree?"}

@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from paddler.balancer.prefix_index import PROMPT_CHARS
-from paddler.balancer.request_traits import NO_TRAITS, RequestTraits, _parsed, inspect
+from paddler.balancer.routing.prefix_index import PROMPT_CHARS
+from paddler.balancer.routing.request_traits import NO_TRAITS, RequestTraits, _parsed, inspect
 
 PATHS = st.sampled_from(
     ["/v1/chat/completions", "/completion", "/v1/completions", "/v1/responses", "/v1/messages"]

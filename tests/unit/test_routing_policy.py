@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 
-from paddler.balancer.agent_controller import AgentController
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.cache_report import CacheReport
-from paddler.balancer.prefix_index import BLOCK_CHARS, PrefixIndex
-from paddler.balancer.request_buffer import BufferFull, RequestBuffer
-from paddler.balancer.routing import Demand, PrefixPolicy, SlotsPolicy
+from paddler.balancer.fleet.agent_controller import AgentController
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.request_buffer import BufferFull, RequestBuffer
+from paddler.balancer.routing.cache_report import CacheReport
+from paddler.balancer.routing.policies import Demand, PrefixPolicy, SlotsPolicy
+from paddler.balancer.routing.prefix_index import BLOCK_CHARS, PrefixIndex
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.pool import join

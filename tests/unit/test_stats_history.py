@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.fleet_view import FleetView
-from paddler.balancer.observers import Outcome, RequestRecord
-from paddler.balancer.request_buffer import RequestBuffer
-from paddler.balancer.routing import Demand
-from paddler.balancer.stats_history import StatsHistory, is_error
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.fleet_view import FleetView
+from paddler.balancer.fleet.request_buffer import RequestBuffer
+from paddler.balancer.observability.observers import Outcome, RequestRecord
+from paddler.balancer.observability.stats_history import StatsHistory, is_error
+from paddler.balancer.routing.policies import Demand
 from paddler.config import Address
 from paddler.protocol import LlamaCppState, Status
 from tests.support.pool import join

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from multidict import CIMultiDict
 
-from paddler.balancer.upstream_http.failures import ReadTimeout
-from paddler.balancer.upstream_http.pool import request_head
-from paddler.balancer.upstream_http.response import HIGH_WATER, Body, SinkFailed
+from paddler.balancer.proxy.upstream_http.failures import ReadTimeout
+from paddler.balancer.proxy.upstream_http.pool import request_head
+from paddler.balancer.proxy.upstream_http.response import HIGH_WATER, Body, SinkFailed
 
 
 def body() -> tuple[Body, list[None]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from paddler.balancer.verdict import Action, Fault, Verdict, judge
+from paddler.balancer.proxy.verdict import Action, Fault, Verdict, judge
 
 
 @pytest.mark.parametrize("status", [200, 201, 204, 301, 304])

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from paddler.balancer.websocket_frames import (
+from paddler.balancer.management.websocket_frames import (
     BINARY,
     CLOSE,
     CONTINUATION,

@@ -247,7 +247,7 @@ class BalancerLink:
     async def _send_statuses(self, ws: aiohttp.ClientWebSocketResponse, version: int) -> None:
         interval = self._config.reporting_interval
         # The balancer applies at most STATUS_FRAMES_PER_SECOND frames from us; changes closer
-        # together than that are sent as one, the newest (see paddler.balancer.frame_budget).
+        # together than that are sent as one, the newest (see paddler.balancer.management.frame_budget).
         gap = 1 / protocol.STATUS_FRAMES_PER_SECOND
         loop = asyncio.get_running_loop()
         sent_at = loop.time()

@@ -6,7 +6,7 @@ The shape (llama.cpp's and OpenAI's) is ``api_error.ApiError``.
 from __future__ import annotations
 
 from paddler.balancer.api_error import ApiError
-from paddler.balancer.request_buffer import (
+from paddler.balancer.fleet.request_buffer import (
     BufferFull,
     BufferRejection,
     BufferTimeout,

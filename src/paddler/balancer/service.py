@@ -19,29 +19,29 @@ from aiohttp import web
 from opentelemetry.trace import TracerProvider
 
 from paddler import __version__
-from paddler.balancer.agent_controller_pool import AgentControllerPool
-from paddler.balancer.agent_socket import AgentSocket
-from paddler.balancer.agent_verifier import AgentVerifier
-from paddler.balancer.agents_route import AgentsRoute
-from paddler.balancer.api_keys import ApiKeys
-from paddler.balancer.autoscaling import AutoscalingRoute
-from paddler.balancer.client_connections import ClientConnections, ClientConnectionsSite
-from paddler.balancer.fleet import LocalFleet
-from paddler.balancer.fleet_host import FleetHost
-from paddler.balancer.fleet_view import FleetView
-from paddler.balancer.management_app import ManagementApp
-from paddler.balancer.observers import Observers
-from paddler.balancer.prometheus_metrics import PrometheusMetrics
-from paddler.balancer.proxy_port import ProxyPort
-from paddler.balancer.request_buffer import RequestBuffer
-from paddler.balancer.request_log import RequestLog
-from paddler.balancer.reverse_proxy import ReverseProxy
-from paddler.balancer.routing import make_policy
-from paddler.balancer.stats_history import StatsHistory
-from paddler.balancer.statsd_reporter import StatsdReporter
-from paddler.balancer.tracing import TracingObserver
-from paddler.balancer.traits_reader import TraitsReader
-from paddler.balancer.upstream import Upstream
+from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
+from paddler.balancer.fleet.fleet_host import FleetHost
+from paddler.balancer.fleet.fleet_view import FleetView
+from paddler.balancer.fleet.request_buffer import RequestBuffer
+from paddler.balancer.fleet.state import LocalFleet
+from paddler.balancer.management.agent_socket import AgentSocket
+from paddler.balancer.management.agent_verifier import AgentVerifier
+from paddler.balancer.management.agents_route import AgentsRoute
+from paddler.balancer.management.autoscaling import AutoscalingRoute
+from paddler.balancer.management.management_app import ManagementApp
+from paddler.balancer.observability.observers import Observers
+from paddler.balancer.observability.prometheus_metrics import PrometheusMetrics
+from paddler.balancer.observability.request_log import RequestLog
+from paddler.balancer.observability.stats_history import StatsHistory
+from paddler.balancer.observability.statsd_reporter import StatsdReporter
+from paddler.balancer.observability.tracing import TracingObserver
+from paddler.balancer.proxy.api_keys import ApiKeys
+from paddler.balancer.proxy.client_connections import ClientConnections, ClientConnectionsSite
+from paddler.balancer.proxy.proxy_port import ProxyPort
+from paddler.balancer.proxy.reverse_proxy import ReverseProxy
+from paddler.balancer.proxy.upstream import Upstream
+from paddler.balancer.routing.policies import make_policy
+from paddler.balancer.routing.traits_reader import TraitsReader
 from paddler.config import BalancerConfig, is_loopback
 from paddler.lifecycle import wait_or_shutdown
 from paddler.tls import server_context

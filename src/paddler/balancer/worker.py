@@ -25,16 +25,16 @@ from pathlib import Path
 from opentelemetry.trace import TracerProvider
 
 from paddler import __version__
-from paddler.balancer.api_keys import ApiKeys
-from paddler.balancer.forwarded_metrics import MetricsForwarder
-from paddler.balancer.observers import Observers
-from paddler.balancer.proxy_port import ProxyPort
-from paddler.balancer.remote_fleet import RemoteFleet
-from paddler.balancer.request_log import RequestLog
-from paddler.balancer.reverse_proxy import ReverseProxy
+from paddler.balancer.fleet.remote_fleet import RemoteFleet
+from paddler.balancer.observability.forwarded_metrics import MetricsForwarder
+from paddler.balancer.observability.observers import Observers
+from paddler.balancer.observability.request_log import RequestLog
+from paddler.balancer.observability.tracing import TracingObserver
+from paddler.balancer.proxy.api_keys import ApiKeys
+from paddler.balancer.proxy.proxy_port import ProxyPort
+from paddler.balancer.proxy.reverse_proxy import ReverseProxy
+from paddler.balancer.routing.traits_reader import TraitsReader
 from paddler.balancer.service import listen_proxy, server_tls, upstream_for
-from paddler.balancer.tracing import TracingObserver
-from paddler.balancer.traits_reader import TraitsReader
 from paddler.config import BalancerConfig
 
 log = logging.getLogger(__name__)

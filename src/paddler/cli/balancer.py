@@ -285,7 +285,7 @@ def balancer(
 ) -> None:
     """Proxy clients to llama.cpp servers with a free slot, buffering when none is free."""
     configure_logging(log_level, log_format)
-    from paddler.balancer.api_keys import ApiKeyError, ApiKeys
+    from paddler.balancer.proxy.api_keys import ApiKeyError, ApiKeys
     from paddler.balancer.service import Balancer, ListenFailed, server_tls
     from paddler.tls import TlsError
 

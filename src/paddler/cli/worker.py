@@ -24,8 +24,8 @@ def main() -> None:
     arguments = pickle.load(sys.stdin.buffer)
     assert isinstance(arguments, WorkerArguments)
     configure_logging(arguments.log_level, arguments.log_format, tag=f"worker {arguments.index}")
-    from paddler.balancer.api_keys import ApiKeys
-    from paddler.balancer.remote_fleet import HostGone
+    from paddler.balancer.fleet.remote_fleet import HostGone
+    from paddler.balancer.proxy.api_keys import ApiKeys
     from paddler.balancer.service import ListenFailed
     from paddler.balancer.worker import BalancerWorker
     from paddler.telemetry import provider_from_environment

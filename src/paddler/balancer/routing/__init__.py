@@ -1,0 +1,1 @@
+"""Where a request goes: the routing policies, the prefix index and what they read from a request."""
