@@ -56,10 +56,10 @@ async def main(count: int) -> None:
     join(pool, "a", Address("http", "127.0.0.1", 1), Status(state=LlamaCppState.OK, slots_idle=256))
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "fleet.sock"
-        host = FleetHost(pool, buffer, Observers([]), path, workers=1)
+        host = FleetHost(pool, buffer, pool.policy, Observers([]), path, workers=1)
         await host.start()
         remote = await RemoteFleet.connect(path, 5.0, 1)
-        local = LocalFleet(pool, buffer)
+        local = LocalFleet(pool, buffer, pool.policy)
         forwarder = MetricsForwarder(remote.send)
         for at_once in (1, 64):
             await rounds(remote, forwarder, count // 10, at_once)  # warm-up

@@ -63,7 +63,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Host]:
     buffer = RequestBuffer(pool, size=10, timeout=5)
     finished = Finished()
     path = tmp_path / "fleet.sock"
-    host = FleetHost(pool, buffer, Observers([finished]), path, workers=2)
+    host = FleetHost(pool, buffer, pool.policy, Observers([finished]), path, workers=2)
     await host.start()
     try:
         yield Host(pool, buffer, host, finished, path)

@@ -24,7 +24,8 @@ from tests.support.prometheus import sample
 
 
 def metrics_for(pool: AgentControllerPool) -> PrometheusMetrics:
-    return PrometheusMetrics(FleetView(pool), pool, RequestBuffer(pool, size=4, timeout=1.0))
+    buffer = RequestBuffer(pool, size=4, timeout=1.0)
+    return PrometheusMetrics(FleetView(pool), pool, buffer, pool.policy)
 
 
 def record(route: str = "/completion") -> RequestRecord:

@@ -84,16 +84,22 @@ class Balancer:
             api_keys if api_keys is not None else ApiKeys(config.api_keys, config.api_keys_file)
         )
         self._proxy_tls, self._management_tls = server_tls(config)
+        # One policy, passed to each part that asks it something (none reaches it through
+        # another).
+        self.policy = make_policy(config.routing, config.prefix_index_memory)
         self.pool = AgentControllerPool(
             settle_timeout=config.slot_settle_timeout,
             circuit_cooldown=config.circuit_breaker_cooldown,
             failure_threshold=config.circuit_breaker_failure_threshold,
             max_agents=config.max_agents,
-            policy=make_policy(config.routing, config.prefix_index_memory),
+            policy=self.policy,
             allow_unknown_models=config.allow_unknown_models,
         )
         self.buffer = RequestBuffer(
-            self.pool, size=config.request_buffer_size, timeout=config.request_buffer_timeout
+            self.pool,
+            policy=self.policy,
+            size=config.request_buffer_size,
+            timeout=config.request_buffer_timeout,
         )
         self.fleet_view = FleetView(self.pool)
         self.stats_history = StatsHistory(self.fleet_view, self.buffer)
@@ -101,7 +107,7 @@ class Balancer:
         if tracer_provider is not None:
             tracer = tracer_provider.get_tracer("paddler.balancer", __version__)
             self.observers.add(TracingObserver(tracer))
-        self.prometheus = PrometheusMetrics(self.fleet_view, self.pool, self.buffer)
+        self.prometheus = PrometheusMetrics(self.fleet_view, self.pool, self.buffer, self.policy)
         self.observers.add(self.prometheus)
         self._on_listening = on_listening
         self.management_port: int | None = None
@@ -115,6 +121,7 @@ class Balancer:
             else FleetHost(
                 self.pool,
                 self.buffer,
+                self.policy,
                 Observers([self.stats_history, self.prometheus]),
                 fleet_socket,
                 config.workers,
@@ -169,7 +176,7 @@ class Balancer:
             # The proxy port is served here, or by the workers (``--workers``).
             reverse_proxy = ReverseProxy(
                 config,
-                LocalFleet(self.pool, self.buffer),
+                LocalFleet(self.pool, self.buffer, self.policy),
                 upstream,
                 self.observers,
                 traits,

@@ -36,7 +36,7 @@ from paddler.balancer.fleet.state import health_of, model_listing
 from paddler.balancer.observability.forwarded_metrics import replay
 from paddler.balancer.observability.observers import Observers
 from paddler.balancer.routing.cache_report import CacheReport
-from paddler.balancer.routing.policies import Demand
+from paddler.balancer.routing.policies import Demand, RoutingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,16 @@ class FleetHost:
         self,
         pool: AgentControllerPool,
         buffer: RequestBuffer,
+        policy: RoutingPolicy,
         observers: Observers,
         path: Path,
         workers: int,
     ) -> None:
-        """``observers``: what counts the workers' request summaries (metrics, history)."""
+        """``policy``: what learns from the workers' cache reports; ``observers``: what counts
+        their request summaries (metrics, history)."""
         self._pool = pool
         self._buffer = buffer
+        self._policy = policy
         self._observers = observers
         self._path = path
         self._workers = workers
@@ -81,7 +84,8 @@ class FleetHost:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(
-            lambda: _WorkerLink(self, self._pool, self._buffer, self._observers), str(self._path)
+            lambda: _WorkerLink(self, self._pool, self._buffer, self._policy, self._observers),
+            str(self._path),
         )
 
     async def drained(self, timeout: float) -> None:
@@ -128,12 +132,14 @@ class _WorkerLink(LineProtocol):
         host: FleetHost,
         pool: AgentControllerPool,
         buffer: RequestBuffer,
+        policy: RoutingPolicy,
         observers: Observers,
     ) -> None:
         super().__init__()
         self._host = host
         self._pool = pool
         self._buffer = buffer
+        self._policy = policy
         self._observers = observers
         self.index: int | None = None
         self._guards: dict[int, SlotGuard] = {}
@@ -263,7 +269,7 @@ class _WorkerLink(LineProtocol):
         guard, demand = self._guards.get(int(rid)), self._demands.get(int(rid))
         if guard is not None and demand is not None:
             report = CacheReport(int(cached), int(computed), float(seconds))
-            self._pool.policy.learn(guard.agent, demand, report)
+            self._policy.learn(guard.agent, demand, report)
 
     def _progress(self, message: list[Any]) -> None:
         for rid, total in message[1]:

@@ -22,7 +22,7 @@ from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
 from paddler.balancer.fleet.request_buffer import RequestBuffer
 from paddler.balancer.fleet.slot_guard import SlotGuard
 from paddler.balancer.routing.cache_report import CacheReport
-from paddler.balancer.routing.policies import Demand
+from paddler.balancer.routing.policies import Demand, RoutingPolicy
 
 
 class FleetHealth(NamedTuple):
@@ -96,11 +96,14 @@ class Fleet(Protocol):
 
 
 class LocalFleet:
-    """The pool and buffer of this process."""
+    """The pool and buffer of this process, and the routing policy that learns from answers."""
 
-    def __init__(self, pool: AgentControllerPool, buffer: RequestBuffer) -> None:
+    def __init__(
+        self, pool: AgentControllerPool, buffer: RequestBuffer, policy: RoutingPolicy
+    ) -> None:
         self.pool = pool
         self.buffer = buffer
+        self._policy = policy
 
     @property
     def buffer_timeout(self) -> float:
@@ -144,7 +147,7 @@ class LocalFleet:
         self.pool.offers_route(agent, route)
 
     def learn(self, guard: SlotGuard, demand: Demand, report: CacheReport) -> None:
-        self.pool.policy.learn(guard.agent, demand, report)
+        self._policy.learn(guard.agent, demand, report)
 
     async def health(self) -> FleetHealth:
         return health_of(self.pool, self.buffer)

@@ -35,7 +35,7 @@ from paddler.balancer.observability.observers import Observer, Outcome, RequestR
 from paddler.balancer.observability.prometheus_fleet import Encoder, Families, FleetGauges
 from paddler.balancer.observability.request_counts import RequestCounter, RequestHistogram
 from paddler.balancer.proxy.routes import route_label
-from paddler.balancer.routing.policies import PrefixPolicy, RoutingPolicy
+from paddler.balancer.routing.policies import RoutingPolicy
 
 _EOF = b"# EOF\n"
 
@@ -49,11 +49,11 @@ _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 class RoutingCollector:
     """What routing decided, what llama.cpp found in its prompt cache, and the prefix index."""
 
-    def __init__(self, pool: AgentControllerPool) -> None:
-        self._pool = pool
+    def __init__(self, policy: RoutingPolicy) -> None:
+        self._policy = policy
 
     def collect(self) -> Iterator[Metric]:
-        policy: RoutingPolicy = self._pool.policy
+        policy = self._policy
         stats = policy.stats
         decisions = CounterMetricFamily(
             "paddler_routing_decisions",
@@ -89,8 +89,8 @@ class RoutingCollector:
         ratio.add_metric(["actual"], actual)
         ratio.add_metric(["predicted"], predicted)
         yield ratio
-        if isinstance(policy, PrefixPolicy):
-            index = policy.index
+        index = policy.index
+        if index is not None:
             yield _gauge(
                 "paddler_prefix_index_bytes",
                 "Estimated memory held by the prefix index.",
@@ -116,9 +116,15 @@ class RoutingCollector:
 class PrometheusMetrics(Observer):
     """The balancer's metrics registry: fleet gauges, request counters and histograms."""
 
-    def __init__(self, view: FleetView, pool: AgentControllerPool, buffer: RequestBuffer) -> None:
+    def __init__(
+        self,
+        view: FleetView,
+        pool: AgentControllerPool,
+        buffer: RequestBuffer,
+        policy: RoutingPolicy,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(RoutingCollector(pool))
+        self.registry.register(RoutingCollector(policy))
         self._fleet = FleetGauges(view, buffer)
         registry = self.registry
         # Counted for every request: plain numbers, read at scrape time (``request_counts``).

@@ -107,6 +107,12 @@ class Demand:
 class RoutingPolicy(Protocol):
     stats: RoutingStats
 
+    @property
+    def index(self) -> PrefixIndex | None:
+        """The prefix index the policy routes by, if it routes by one (its gauges in
+        ``/metrics``)."""
+        ...
+
     def tie_break(self, agent: AgentController) -> int:
         """What orders agents with as many free and busy slots (lower first; see
         ``capacity_index``). It may change only when the agent is dispatched to or
@@ -187,6 +193,7 @@ class SlotsPolicy:
 
     def __init__(self) -> None:
         self.stats = RoutingStats()
+        self.index: PrefixIndex | None = None
 
     def tie_break(self, agent: AgentController) -> int:
         return 0
