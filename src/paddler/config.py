@@ -196,6 +196,9 @@ class AgentConfig:
     external: Address
     management_host: str = "127.0.0.1"
     management_port: int = 8085
+    management_addresses: tuple[tuple[str, int], ...] = ()
+    """Balancers to link to, one at a time, in this order (``--management-addr``, repeatable);
+    empty: ``management_host`` and ``management_port`` alone."""
     management_scheme: str = "http"
     """``https``: the agent speaks TLS to the balancer's management port (wss://)."""
     management_token: str | None = None
@@ -214,5 +217,23 @@ class AgentConfig:
     """Which event loop the process runs on (``--event-loop``); the CLI makes it."""
 
     @property
+    def balancers(self) -> tuple[tuple[str, int], ...]:
+        """The management addresses to link to, in order of preference."""
+        return self.management_addresses or ((self.management_host, self.management_port),)
+
+    @property
     def management_url(self) -> str:
         return Address(self.management_scheme, self.management_host, self.management_port).url
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as a host and a port; ValueError if malformed."""
+    host, separator, port_text = text.strip().rpartition(":")
+    if not separator or not host or not port_text.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT, such as 127.0.0.1:8085")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"{port} is not a port between 1 and 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port

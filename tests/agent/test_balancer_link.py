@@ -192,3 +192,57 @@ async def test_link_never_sends_faster_than_the_balancers_frame_budget() -> None
     assert changes > 100
     assert len(statuses) <= protocol.STATUS_FRAMES_PER_SECOND * elapsed + 2
     assert statuses[-1] == newest
+
+
+async def test_link_goes_to_the_next_balancer_when_the_one_it_reports_to_goes_away() -> None:
+    """With two balancers, the agent links to the first; when that one stops, it registers with
+    the second at once (no backoff), with its latest status."""
+    board = board_with(IDLE)
+    async with running_fake_balancer() as second, contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(running_fake_balancer())
+        config = agent_config(
+            first.port,
+            management_addresses=(("127.0.0.1", first.port), ("127.0.0.1", second.port)),
+        )
+        async with linked(config, board):
+            _, message = await first.next_message()
+            assert isinstance(message, protocol.Register)
+            board.publish(BUSY)
+            await first.next_message()
+            await stack.aclose()  # the first balancer is gone for good
+            _, message = await second.next_message()
+    assert message == protocol.Register(name="agent-one", host="10.0.0.7", port=9001, status=BUSY)
+
+
+async def test_link_skips_a_balancer_that_is_down_and_stays_with_the_one_that_answered() -> None:
+    """The first address refuses connections: the agent registers with the second, and stays
+    there (a single connection) while that link holds."""
+    dead = closed_port()
+    async with running_fake_balancer() as alive:
+        config = agent_config(
+            dead, management_addresses=(("127.0.0.1", dead), ("127.0.0.1", alive.port))
+        )
+        async with linked(config, board_with(IDLE)):
+            _, message = await alive.next_message()
+            assert isinstance(message, protocol.Register)
+            await asyncio.sleep(0.5)  # long enough for any wrongful reconnection to show
+            assert len(alive.connections) == 1
+
+
+async def test_link_waits_only_after_every_balancer_failed_and_logs_each_outage_once() -> None:
+    """Two balancers down: each failure is logged once per balancer, the attempts alternate
+    between them, and the link registers with whichever comes up."""
+    ports = closed_port(), closed_port()
+    config = agent_config(ports[0], management_addresses=tuple(("127.0.0.1", p) for p in ports))
+    with watching(LINK_LOGGER) as log:
+        async with linked(config, board_with(IDLE)):
+            await log.wait_for(logging.DEBUG, count=4)  # both tried three times
+            async with running_fake_balancer(ports[1]) as balancer:
+                _, message = await balancer.next_message()
+                assert isinstance(message, protocol.Register)
+                warnings = log.messages(logging.WARNING)
+    assert warnings == [
+        f"cannot connect to the balancer at ws://127.0.0.1:{port}{protocol.AGENT_SOCKET_PATH}: "
+        "Connection refused; retrying until it works"
+        for port in ports
+    ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from paddler.dashboard.config import DashboardConfig, parse_host_port
+from paddler.config import parse_host_port
+from paddler.dashboard.config import DashboardConfig
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import click
@@ -226,3 +227,75 @@ def test_the_cluster_takes_the_balancers_routing_and_model_flags() -> None:
     for name in ("balancer", "cluster"):
         command = cli.commands[name]  # type: ignore[attr-defined]
         assert shared <= {opt for parameter in command.params for opt in parameter.opts}
+
+
+def _agent_configs(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The configs ``paddler agent`` builds, with nothing run."""
+    # The module, not the command that paddler.cli names the same.
+    agent_command = importlib.import_module("paddler.cli.agent")
+    built: list[object] = []
+    build = agent_command._agent_config
+
+    def recording(*args: object) -> object:
+        built.append(build(*args))  # type: ignore[arg-type]
+        return built[-1]
+
+    monkeypatch.setattr(agent_command, "_agent_config", recording)
+    monkeypatch.setattr(agent_command, "run_until_signalled", lambda *args, **kwargs: None)
+    return built
+
+
+def test_agent_takes_several_balancers_in_the_order_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--management-addr`` repeats (IPv6 in brackets, a repeated address once); the first is
+    also the one ``--management-host`` and ``--management-port`` would have named."""
+    built = _agent_configs(monkeypatch)
+    arguments = ["agent", "--management-addr", "10.0.0.1:8085", "--management-addr", "[::1]:9000"]
+    result = CliRunner().invoke(cli, [*arguments, "--management-addr", "10.0.0.1:8085"])
+    assert result.exit_code == 0, result.output
+    config = built[0]
+    assert config.balancers == (("10.0.0.1", 8085), ("::1", 9000))  # type: ignore[attr-defined]
+    assert (config.management_host, config.management_port) == ("10.0.0.1", 8085)  # type: ignore[attr-defined]
+
+
+def test_agent_reads_several_balancers_from_its_environment_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``PADDLER_MANAGEMENT_ADDR`` takes the addresses separated by spaces."""
+    built = _agent_configs(monkeypatch)
+    runner = CliRunner(env={"PADDLER_MANAGEMENT_ADDR": "10.0.0.1:8085 10.0.0.2:8085"})
+    result = runner.invoke(cli, ["agent"])
+    assert result.exit_code == 0, result.output
+    assert built[0].balancers == (("10.0.0.1", 8085), ("10.0.0.2", 8085))  # type: ignore[attr-defined]
+
+
+def test_agent_without_management_addr_links_to_management_host_and_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The original's two flags still name the one balancer."""
+    built = _agent_configs(monkeypatch)
+    result = CliRunner().invoke(
+        cli, ["agent", "--management-host", "10.0.0.9", "--management-port", "9085"]
+    )
+    assert result.exit_code == 0, result.output
+    assert built[0].balancers == (("10.0.0.9", 9085),)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "complaint"),
+    [
+        (["--management-addr", "10.0.0.1"], "is not HOST:PORT"),
+        (["--management-addr", "10.0.0.1:0"], "is not a port between 1 and 65535"),
+        (
+            ["--management-addr", "10.0.0.1:8085", "--management-port", "9085"],
+            "give --management-addr or --management-port, not both",
+        ),
+    ],
+)
+def test_agent_refuses_a_management_addr_it_cannot_use(
+    monkeypatch: pytest.MonkeyPatch, arguments: list[str], complaint: str
+) -> None:
+    """A malformed address, or one beside the flags it replaces, is a usage error."""
+    _agent_configs(monkeypatch)
+    result = CliRunner().invoke(cli, ["agent", *arguments])
+    assert result.exit_code == 2
+    assert complaint in result.output

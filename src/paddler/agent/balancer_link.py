@@ -3,7 +3,8 @@
 Contract (see ``paddler.protocol`` for the messages):
 
 - It connects to ``ws://{management_host}:{management_port}/api/v1/agents/socket`` (``wss://``
-  with ``--management-scheme https``), with
+  with ``--management-scheme https``), or to the first of ``--management-addr``'s balancers that
+  answers, with
   ``Authorization: Bearer <management_token>`` when a token is set, once the status board has a
   first observation.
 - Over ``wss://`` it verifies the balancer's certificate and host name against
@@ -18,8 +19,11 @@ Contract (see ``paddler.protocol`` for the messages):
   ``reporting_interval`` otherwise; never more than ``protocol.STATUS_FRAMES_PER_SECOND`` (changes
   closer together go as one, the newest), which is the balancer's budget.
 - When the socket cannot be opened or drops, it reconnects after a jittered backoff that starts
-  at 0.2 s and doubles up to ``reconnect_backoff_max``. Each outage is logged once, and again
-  only if its reason changes; recovery is logged too.
+  at 0.2 s and doubles up to ``reconnect_backoff_max``. With several balancers, it tries the next
+  one at once, and waits only once each has failed since the last link: a balancer that dies
+  costs its agents no more than a reconnection to another (docs/ha.md). It stays with the one it
+  is linked to while that link holds. Each outage is logged once per balancer, and again only if
+  its reason changes; recovery is logged too.
 - On shutdown it sends ``deregister`` and closes the socket, within ``goodbye_timeout``.
 """
 
@@ -79,35 +83,43 @@ class BalancerLink:
         self._handshake_timeout = handshake_timeout
         self._goodbye_timeout = goodbye_timeout
         websocket_scheme = "wss" if config.management_scheme == "https" else "ws"
-        self._url = (
-            Address(websocket_scheme, config.management_host, config.management_port).url
-            + protocol.AGENT_SOCKET_PATH
-        )
+        self._balancers = config.balancers
+        self._urls = [
+            Address(websocket_scheme, host, port).url + protocol.AGENT_SOCKET_PATH
+            for host, port in self._balancers
+        ]
+        self._current = 0
+        """The balancer linked to, or tried next (an index of ``_balancers``)."""
         self._ssl = client_context(config.management_ca_file) if websocket_scheme == "wss" else True
         token = config.management_token
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._outage: str | None = None
+        """What broke the last link, or kept it from being made (None while linked)."""
+        self._outages: dict[int, str] = {}
+        """What was last logged of each balancer that could not be linked to."""
         self.agent_id: str | None = None
         """The id the balancer gave us on the current socket, None while not registered."""
 
     async def run(self, shutdown: asyncio.Event) -> None:
         backoff = Backoff(_INITIAL_BACKOFF, max(self._config.reconnect_backoff_max, 0.2))
         config = self._config
-        if (
-            config.management_token
-            and config.management_scheme != "https"
-            and not is_loopback(config.management_host)
-        ):
-            logger.warning(
-                "sending the management token to %s in clear text (ws://); use "
-                "--management-scheme https with a balancer that has --management-tls-cert",
-                config.management_host,
-            )
+        if config.management_token and config.management_scheme != "https":
+            for host, _ in self._balancers:
+                if not is_loopback(host):
+                    logger.warning(
+                        "sending the management token to %s in clear text (ws://); use "
+                        "--management-scheme https with a balancer that has "
+                        "--management-tls-cert",
+                        host,
+                    )
         if await unless_shutdown(self._board.newer_than(0), shutdown) is None:
             return
+        failed = 0
+        """Balancers that failed in a row since the last link."""
         while not shutdown.is_set():
+            linked = False
             try:
-                await self._connect_and_report(shutdown, backoff)
+                linked = await self._connect_and_report(shutdown, backoff)
             except BalancerRefused as refusal:
                 self._report_outage(f"the balancer at {self._url} refused us: {refusal}", True)
             except BalancerUntrusted as untrusted:
@@ -118,24 +130,38 @@ class BalancerLink:
                 reason = str(error) or type(error).__name__
                 self._report_outage(f"link to the balancer at {self._url} failed: {reason}", False)
             finally:
+                linked = linked or self.agent_id is not None
                 self.agent_id = None
             if shutdown.is_set():
                 return
+            failed = 1 if linked else failed + 1
+            if len(self._urls) > 1:
+                self._current = (self._current + 1) % len(self._urls)
+                if failed < len(self._urls):
+                    continue  # the next balancer at once: this one may be gone for good
+                failed = 0
             if await wait_or_shutdown(shutdown, backoff.next_delay()):
                 return
 
-    async def _connect_and_report(self, shutdown: asyncio.Event, backoff: Backoff) -> None:
+    @property
+    def _url(self) -> str:
+        return self._urls[self._current]
+
+    async def _connect_and_report(self, shutdown: asyncio.Event, backoff: Backoff) -> bool:
+        """Link and report until shutdown or a failure (raised); whether it got registered."""
         ws = await unless_shutdown(self._connect(), shutdown)
         if ws is None:
-            return
+            return False
         try:
             version, status = self._board.current()
             await ws.send_str(protocol.encode(self._registration(status)))
             agent_id = await unless_shutdown(self._await_registered(ws), shutdown)
-            if agent_id is not None:
-                self._registered(agent_id)
-                backoff.reset()
-                await self._report(ws, version, shutdown)
+            if agent_id is None:
+                return False
+            self._registered(agent_id)
+            backoff.reset()
+            await self._report(ws, version, shutdown)
+            return True
         finally:
             await self._say_goodbye(ws, deregister=shutdown.is_set())
 
@@ -176,7 +202,7 @@ class BalancerLink:
             raise BalancerUntrusted(
                 f"refusing the balancer at {self._url}: its TLS certificate is not trusted "
                 f"({reason}); it must be signed by a CA of {trusted} and name the host "
-                f"{self._config.management_host}"
+                f"{self._balancers[self._current][0]}"
             ) from None
         except aiohttp.ClientConnectorSSLError as error:
             raise LinkLost(
@@ -302,12 +328,14 @@ class BalancerLink:
                 self._outage,
             )
         self._outage = None
+        self._outages.clear()  # an outage from now on is a new one, logged again
 
     def _report_outage(self, reason: str, refused: bool) -> None:
-        if reason == self._outage:
+        self._outage = reason
+        if reason == self._outages.get(self._current):
             logger.debug("still cannot link to the balancer: %s", reason)
             return
-        self._outage = reason
+        self._outages[self._current] = reason
         level = logging.ERROR if refused else logging.WARNING
         logger.log(level, "%s; retrying until it works", reason)
 

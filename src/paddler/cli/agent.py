@@ -18,7 +18,7 @@ from paddler.cli.options import (
     option,
 )
 from paddler.cli.process import configure_logging, resolve_host, run_until_signalled
-from paddler.config import Address, AgentConfig, LlamaCppLaunch
+from paddler.config import Address, AgentConfig, LlamaCppLaunch, parse_host_port
 
 
 @click.command()
@@ -61,6 +61,16 @@ from paddler.config import Address, AgentConfig, LlamaCppLaunch
 )
 @option("--management-host", default="127.0.0.1", help="Host of the balancer's management port.")
 @option("--management-port", type=PORT, default=8085, help="The balancer's management port.")
+@option(
+    "--management-addr",
+    "management_addrs",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A balancer's management address ([HOST]:PORT for IPv6), instead of "
+    "--management-host and --management-port; repeat it for several balancers: the agent links "
+    "to one at a time, the first that answers, and to the next when that link breaks "
+    "(docs/ha.md). The environment variable takes them separated by spaces.",
+)
 @option(
     "--management-scheme",
     type=click.Choice(["http", "https"]),
@@ -162,9 +172,34 @@ def agent(
     run_until_signalled(main, fatal=(LlamaCppGaveUp,), event_loop=config.event_loop)
 
 
+def _balancers(texts: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """``--management-addr``'s values, parsed and resolved; refused alongside
+    ``--management-host`` or ``--management-port``."""
+    if not texts:
+        return ()
+    context = click.get_current_context()
+    for name in ("management_host", "management_port"):
+        source = context.get_parameter_source(name)
+        if source not in (None, click.core.ParameterSource.DEFAULT):
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"give --management-addr or {flag}, not both")
+    balancers = []
+    for text in texts:
+        try:
+            host, port = parse_host_port(text)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--management-addr") from None
+        if (address := (resolve_host(host), port)) not in balancers:
+            balancers.append(address)
+    return tuple(balancers)
+
+
 def _agent_config(options: dict[str, Any], launch: LlamaCppLaunch | None) -> AgentConfig:
     for key in ("local_llamacpp_host", "external_llamacpp_host", "management_host"):
         options[key] = resolve_host(options[key])
+    balancers = _balancers(options["management_addrs"])
+    if balancers:
+        options["management_host"], options["management_port"] = balancers[0]
     local_port = options["local_llamacpp_port"]
     external_port = options["external_llamacpp_port"]
     if external_port is None:
@@ -187,6 +222,7 @@ def _agent_config(options: dict[str, Any], launch: LlamaCppLaunch | None) -> Age
         ),
         management_host=options["management_host"],
         management_port=options["management_port"],
+        management_addresses=balancers,
         management_scheme=options["management_scheme"],
         management_token=options["management_token"],
         management_ca_file=options["management_ca_file"],

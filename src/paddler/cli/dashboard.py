@@ -11,7 +11,7 @@ from paddler.cli.process import require, resolve_host
 
 
 def _host_port(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
-    from paddler.dashboard.config import parse_host_port
+    from paddler.config import parse_host_port
 
     try:
         host, port = parse_host_port(value)

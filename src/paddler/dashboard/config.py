@@ -30,16 +30,3 @@ class DashboardConfig:
     def request_timeout(self) -> float:
         """How long one request may take before the balancer counts as unreachable."""
         return max(2.0, 2 * self.refresh_interval)
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as a host and a port; ValueError if malformed."""
-    host, separator, port_text = text.strip().rpartition(":")
-    if not separator or not host or not port_text.isdigit():
-        raise ValueError(f"{text!r} is not HOST:PORT, such as 127.0.0.1:8085")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"{port} is not a port between 1 and 65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, port
