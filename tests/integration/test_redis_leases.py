@@ -1,5 +1,6 @@
 """Slot leases in a real Redis (``fleet/redis_leases``): exact across replicas, given back once,
-expiring when not renewed, and still there after Redis forgets its scripts."""
+expiring when not renewed, still there after Redis forgets its scripts; and the fleet-wide queue
+of waiting requests, served in arrival order whichever replica they came to."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisLeases
     """Two balancers' views of one fleet, each through a client of its own."""
     first, second = Redis.from_url(redis_server.url), Redis.from_url(redis_server.url)
     try:
-        yield RedisLeases(first, "fleet"), RedisLeases(second, "fleet")
+        yield RedisLeases(first, "fleet", replica="a"), RedisLeases(second, "fleet", replica="b")
     finally:
         await first.aclose()
         await second.aclose()
@@ -37,7 +38,7 @@ async def test_a_server_is_never_reserved_beyond_its_slots_whichever_replica_ask
 ) -> None:
     """200 reservations at once from two replicas on a server with 8 free slots: 8 are taken."""
     a, b = replicas
-    assert await a.report("s1", slots_total=8, slots_processing=0, usable=True) == 8
+    assert (await a.report("s1", slots_total=8, slots_processing=0, usable=True)).free == 8
     taken = await asyncio.gather(
         *((a if n % 2 else b).reserve(["s1"], f"lease-{n}") for n in range(200))
     )
@@ -54,9 +55,9 @@ async def test_a_report_counts_what_is_busy_beyond_the_leases_as_foreign(
     await a.report("s1", slots_total=8, slots_processing=0, usable=True)
     assert await a.reserve(["s1"], "a-1") == "s1"
     assert await b.reserve(["s1"], "b-1") == "s1"
-    assert await a.report("s1", slots_total=8, slots_processing=5, usable=True) == 3
+    assert (await a.report("s1", slots_total=8, slots_processing=5, usable=True)).free == 3
     assert await b.slots("s1") == (3, 2)
-    assert await b.report("s1", slots_total=8, slots_processing=2, usable=True) == 6
+    assert (await b.report("s1", slots_total=8, slots_processing=2, usable=True)).free == 6
 
 
 async def test_a_lease_is_given_back_exactly_once(
@@ -67,8 +68,8 @@ async def test_a_lease_is_given_back_exactly_once(
     await a.report("s1", slots_total=2, slots_processing=0, usable=True)
     assert await a.reserve(["s1"], "a-1") == "s1"
     assert await a.reserve(["s1"], "a-2") == "s1"
-    assert await a.release("s1", "a-1") is True
-    assert await b.release("s1", "a-1") is False
+    assert (await a.release("s1", "a-1")).held is True
+    assert (await b.release("s1", "a-1")).held is False
     assert await a.slots("s1") == (1, 1)
 
 
@@ -80,10 +81,10 @@ async def test_a_slot_released_as_abandoned_stays_busy_until_the_next_report(
     a, _ = replicas
     await a.report("s1", slots_total=1, slots_processing=0, usable=True)
     assert await a.reserve(["s1"], "a-1") == "s1"
-    assert await a.release("s1", "a-1", settle_for=60.0) is True
+    assert (await a.release("s1", "a-1", settle_for=60.0)).held is True
     assert await a.slots("s1") == (0, 0)
     assert await a.reserve(["s1"], "a-2") is None
-    assert await a.report("s1", slots_total=1, slots_processing=0, usable=True) == 1
+    assert (await a.report("s1", slots_total=1, slots_processing=0, usable=True)).free == 1
     assert await a.reserve(["s1"], "a-2") == "s1"
 
 
@@ -218,7 +219,159 @@ async def test_random_operations_from_two_replicas_agree_with_a_model_of_one_poo
         elif held[name]:
             lease = rng.choice(sorted(held[name]))
             held[name].discard(lease)
-            assert await leases.release(name, lease) is True
+            assert (await leases.release(name, lease)).held is True
         free, count = await leases.slots(name)
         assert count == len(held[name])
         assert free == max(0, total[name] - len(held[name]) - foreign[name])
+
+
+async def test_waiting_requests_are_served_in_arrival_order_whichever_replica_they_came_to(
+    redis_server: RedisServer, replicas: tuple[RedisLeases, RedisLeases]
+) -> None:
+    """Four requests wait at two replicas in turn for one slot: each release gives it to the
+    oldest, and wakes that one's replica, by an event on its channel."""
+    a, b = replicas
+    listener = Redis.from_url(redis_server.url)
+    channels = listener.pubsub()
+    try:
+        await channels.subscribe(a.wake_channel, b.wake_channel)
+        for _ in range(2):
+            await channels.get_message(timeout=1.0)  # the subscriptions' confirmations
+        await a.report("s1", slots_total=1, slots_processing=0, usable=True)
+        assert await a.reserve(["s1"], "running") == "s1"
+        for number, replica in enumerate((a, b, a, b), start=1):
+            assert await replica.reserve_or_wait(["s1"], f"t{number}") is None
+        served, woken = [], []
+        lease = "running"
+        for _ in range(4):
+            released = await (a if lease in ("running", "t1", "t3") else b).release("s1", lease)
+            assert released.held is True
+            (lease,) = released.handed
+            served.append(lease)
+            message = await channels.get_message(ignore_subscribe_messages=True, timeout=2.0)
+            assert message is not None
+            woken.append((message["channel"].decode(), message["data"].decode()))
+        assert served == ["t1", "t2", "t3", "t4"]
+        assert woken == [
+            (a.wake_channel, "t1 s1"),
+            (b.wake_channel, "t2 s1"),
+            (a.wake_channel, "t3 s1"),
+            (b.wake_channel, "t4 s1"),
+        ]
+        assert await a.slots("s1") == (0, 1)
+    finally:
+        await channels.aclose()
+        await listener.aclose()
+
+
+async def test_an_arrival_waits_behind_requests_for_its_model_and_not_behind_others(
+    replicas: tuple[RedisLeases, RedisLeases],
+) -> None:
+    """A free slot that no waiter could be given (its server's models were not named) is not
+    taken by a new request for a model that has waiters, but is by one for another."""
+    a, b = replicas
+    await a.report("s1", slots_total=1, slots_processing=1, usable=True)
+    assert await a.reserve_or_wait(["s1"], "waiting", model="m") is None
+    await a.report("s1", slots_total=1, slots_processing=0, usable=True)  # models not named
+    assert await b.reserve(["s1"], "late", model="m") is None
+    assert await b.reserve(["s1"], "other", model="n") == "s1"
+
+
+async def test_a_freed_slot_goes_only_to_requests_its_server_can_serve(
+    replicas: tuple[RedisLeases, RedisLeases],
+) -> None:
+    """A server of model m1 gives its slot to the waiter for m1 (or for any model), never to
+    the older waiter for m2."""
+    a, b = replicas
+    await a.report("s1", slots_total=1, slots_processing=0, usable=True, models=["m1"])
+    assert await a.reserve(["s1"], "running", model="m1") == "s1"
+    assert await a.reserve_or_wait(["s1"], "for-m2", model="m2") is None
+    assert await b.reserve_or_wait(["s1"], "for-m1", model="m1") is None
+    released = await a.release("s1", "running", models=["m1"])
+    assert released.handed == ["for-m1"]
+
+
+async def test_a_report_that_frees_slots_gives_them_to_the_waiters(
+    replicas: tuple[RedisLeases, RedisLeases],
+) -> None:
+    """Slots freed outside the balancers (foreign traffic ending) go to the oldest waiters."""
+    a, b = replicas
+    await a.report("s1", slots_total=2, slots_processing=2, usable=True)
+    for ticket in ("t1", "t2", "t3"):
+        assert await b.reserve_or_wait(["s1"], ticket) is None
+    reported = await a.report("s1", slots_total=2, slots_processing=0, usable=True)
+    assert reported == (0, ["t1", "t2"])
+
+
+async def test_a_request_that_left_is_not_given_a_slot(
+    replicas: tuple[RedisLeases, RedisLeases],
+) -> None:
+    """A waiter that timed out (or whose client left) leaves its queue: the slot goes to the
+    next one."""
+    a, b = replicas
+    await a.report("s1", slots_total=1, slots_processing=0, usable=True)
+    await a.reserve(["s1"], "running")
+    await a.reserve_or_wait(["s1"], "t1")
+    await b.reserve_or_wait(["s1"], "t2")
+    assert await a.leave("t1") is True
+    assert (await a.release("s1", "running")).handed == ["t2"]
+
+
+async def test_a_waiter_given_a_slot_as_it_left_is_told_so_and_holds_the_lease(
+    replicas: tuple[RedisLeases, RedisLeases],
+) -> None:
+    """The hand-off and the leaving crossed: leaving says the ticket was not waiting any more,
+    and its lease is held until the caller releases it (no slot is lost)."""
+    a, _ = replicas
+    await a.report("s1", slots_total=1, slots_processing=0, usable=True)
+    await a.reserve(["s1"], "running")
+    await a.reserve_or_wait(["s1"], "t1")
+    assert (await a.release("s1", "running")).handed == ["t1"]
+    assert await a.leave("t1") is False
+    assert await a.slots("s1") == (0, 1)
+    assert (await a.release("s1", "t1")).held is True
+    assert await a.slots("s1") == (1, 0)
+
+
+async def test_a_dead_replicas_waiters_are_dropped_and_the_slot_goes_to_a_live_one(
+    redis_server: RedisServer,
+) -> None:
+    """A ticket its replica stopped renewing is dropped when it reaches the head of the queue;
+    a renewed one behind it is served."""
+    clients = [Redis.from_url(redis_server.url) for _ in range(2)]
+    try:
+        dead, alive = (
+            RedisLeases(client, "fleet", replica=name, lease_timeout=0.3)
+            for client, name in zip(clients, ("dead", "alive"), strict=True)
+        )
+        await alive.report("s1", slots_total=1, slots_processing=0, usable=True)
+        await alive.reserve(["s1"], "running")
+        assert await dead.reserve_or_wait(["s1"], "dead-1") is None
+        assert await alive.reserve_or_wait(["s1"], "alive-1") is None
+        for _ in range(4):
+            await asyncio.sleep(0.1)
+            assert await alive.renew("s1", ["running"]) == 1
+            assert await alive.renew_tickets(["alive-1"]) == 1
+        assert (await alive.release("s1", "running")).handed == ["alive-1"]
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_a_freed_slot_goes_to_the_oldest_waiter_among_its_servers_models(
+    replicas: tuple[RedisLeases, RedisLeases],
+) -> None:
+    """Waiters for m1 and for any model, arriving in turn at two replicas, are served by a
+    server of m1 in the order they arrived, across the two queues."""
+    a, b = replicas
+    await a.report("s1", slots_total=1, slots_processing=0, usable=True, models=["m1"])
+    assert await a.reserve(["s1"], "running") == "s1"
+    arrivals = [("t1", "m1"), ("t2", None), ("t3", None), ("t4", "m1"), ("t5", None)]
+    for number, (ticket, model) in enumerate(arrivals):
+        waiting = await (a, b)[number % 2].reserve_or_wait(["s1"], ticket, model=model)
+        assert waiting is None
+    served, lease = [], "running"
+    for _ in arrivals:
+        (lease,) = (await a.release("s1", lease, models=["m1"])).handed
+        served.append(lease)
+    assert served == ["t1", "t2", "t3", "t4", "t5"]
