@@ -260,7 +260,7 @@ async def test_waiting_requests_are_served_in_arrival_order_whichever_replica_th
         ]
         assert await a.slots("s1") == (0, 1)
     finally:
-        await channels.aclose()
+        await channels.aclose()  # type: ignore[no-untyped-call]
         await listener.aclose()
 
 
