@@ -375,3 +375,19 @@ async def test_a_freed_slot_goes_to_the_oldest_waiter_among_its_servers_models(
         (lease,) = (await a.release("s1", lease, models=["m1"])).handed
         served.append(lease)
     assert served == ["t1", "t2", "t3", "t4", "t5"]
+
+
+async def test_a_reservation_may_take_the_server_with_the_most_free_slots_fleet_wide(
+    replicas: tuple[RedisLeases, RedisLeases],
+) -> None:
+    """With ``most_free``, the candidate with the most free slots whichever replica holds the
+    others' leases: reservations from two replicas spread evenly."""
+    a, b = replicas
+    for name in ("s1", "s2"):
+        await a.report(name, slots_total=4, slots_processing=0, usable=True)
+    assert await a.reserve(["s1", "s2"], "first") == "s1"
+    chosen = [
+        await (a, b)[n % 2].reserve(["s1", "s2"], f"lease-{n}", most_free=True) for n in range(7)
+    ]
+    assert chosen == ["s2", "s1", "s2", "s1", "s2", "s1", "s2"]
+    assert await a.reserve(["s1", "s2"], "full", most_free=True) is None

@@ -126,12 +126,21 @@ _RESERVE = (
     + """
 local queue, tickets, owners, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lease, ttl, wait, replica = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4]
+local most_free = ARGV[5] == '1'
 if head_of(queue, tickets, owners) == nil then
+  local chosen, most = nil, 0
   for i = 5, #KEYS, 3 do
-    if free_of(KEYS[i], KEYS[i + 1], KEYS[i + 2]) > 0 then
-      redis.call('ZADD', KEYS[i + 1], now + ttl, lease)
-      return (i - 2) / 3
+    local free = free_of(KEYS[i], KEYS[i + 1], KEYS[i + 2])
+    if free > most then
+      chosen, most = i, free
+      if not most_free then
+        break
+      end
     end
+  end
+  if chosen then
+    redis.call('ZADD', KEYS[chosen + 1], now + ttl, lease)
+    return (chosen - 2) / 3
   end
 end
 if wait then
@@ -145,7 +154,8 @@ return 0
 )
 """KEYS: the demand's queue, tickets, owners, seq, then the agent, leases and settling keys of
 each candidate, best first; ARGV: the lease (and ticket) id, its timeout (ms), whether to wait
-(1: join the queue when no candidate can take it), the replica. Returns the chosen candidate's
+(1: join the queue when no candidate can take it), the replica, whether to take the candidate
+with the most free slots (1) rather than the first with one. Returns the chosen candidate's
 position (1-based), -1 when it joined the queue, 0 otherwise. A request whose model has others
 waiting takes no slot: it waits behind them (or gets 0)."""
 
@@ -311,29 +321,50 @@ class RedisLeases:
         return Reported(int(free), _texts(handed))
 
     async def reserve(
-        self, candidates: Sequence[str], lease_id: str, *, model: str | None = None
+        self,
+        candidates: Sequence[str],
+        lease_id: str,
+        *,
+        model: str | None = None,
+        most_free: bool = False,
     ) -> str | None:
         """Take a lease named ``lease_id`` on the first of ``candidates`` (agent ids, best first)
-        that is usable and has a free slot, unless requests for ``model`` are waiting (they
-        come first); which server, or None."""
-        chosen = await self._reserve_or_wait(candidates, lease_id, model, wait=False)
+        that is usable and has a free slot (``most_free``: on the one with the most), unless
+        requests for ``model`` are waiting (they come first); which server, or None."""
+        chosen = await self._reserve_or_wait(candidates, lease_id, model, False, most_free)
         return None if chosen is None or chosen == "" else chosen
 
     async def reserve_or_wait(
-        self, candidates: Sequence[str], ticket: str, *, model: str | None = None
+        self,
+        candidates: Sequence[str],
+        ticket: str,
+        *,
+        model: str | None = None,
+        most_free: bool = False,
     ) -> str | None:
         """As ``reserve``; None: no candidate could take it, and ``ticket`` now waits in its
         model's queue, until a freed slot is given to it (announced on the owner's wake channel:
         listen before calling) or it ``leave``s."""
-        chosen = await self._reserve_or_wait(candidates, ticket, model, wait=True)
+        chosen = await self._reserve_or_wait(candidates, ticket, model, True, most_free)
         return chosen or None
 
     async def _reserve_or_wait(
-        self, candidates: Sequence[str], lease_id: str, model: str | None, *, wait: bool
+        self,
+        candidates: Sequence[str],
+        lease_id: str,
+        model: str | None,
+        wait: bool,
+        most_free: bool,
     ) -> str | None:
         keys = [self._queue(model), self._tickets, self._owners, self._seq]
         keys += [key for agent_id in candidates for key in self._keys(agent_id)]
-        args: list[str | int] = [lease_id, self._ttl_ms, 1 if wait else 0, self._replica]
+        args: list[str | int] = [
+            lease_id,
+            self._ttl_ms,
+            1 if wait else 0,
+            self._replica,
+            1 if most_free else 0,
+        ]
         chosen = int(await self._reserve(keys=keys, args=args))
         if chosen > 0:
             return candidates[chosen - 1]
