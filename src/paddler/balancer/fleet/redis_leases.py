@@ -231,6 +231,15 @@ return {math.max(0, free_of(KEYS[1], KEYS[2], KEYS[3])), redis.call('ZCARD', KEY
 """KEYS: agent, leases, settling. Returns the free slots and the leases held."""
 
 
+_WAITING = (
+    _PRELUDE
+    + """
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"""
+)
+"""KEYS: tickets. Returns how many are live (waiting, their replica renewing them)."""
+
+
 class Released(NamedTuple):
     held: bool
     """Whether the lease was still held (False: released already, or expired)."""
@@ -277,6 +286,7 @@ class RedisLeases:
         self._leave = client.register_script(_LEAVE)
         self._renew = client.register_script(_RENEW)
         self._slots = client.register_script(_SLOTS)
+        self._waiting = client.register_script(_WAITING)
 
     @property
     def wake_channel(self) -> str:
@@ -409,6 +419,10 @@ class RedisLeases:
         """The server's free slots and the leases held on it, now."""
         free, held = await self._slots(keys=self._keys(agent_id))
         return int(free), int(held)
+
+    async def waiting(self) -> int:
+        """The requests waiting fleet-wide, at every replica."""
+        return int(await self._waiting(keys=[self._tickets]))
 
 
 def _texts(values: Any) -> list[str]:

@@ -208,7 +208,12 @@ class RedisRegistry:
         channels = self._client.pubsub()
         try:
             await channels.subscribe(self.channel)
-            for record in (await self.snapshot()).values():
+            snapshot = await self.snapshot()
+            for gone in set(self.agents) - set(snapshot):
+                # Removed while this replica was not following (it lost Redis).
+                del self.agents[gone]
+                on_change((gone, self._versions.get(gone, 0)))
+            for record in snapshot.values():
                 if self.apply(record):
                     on_change(record)
             if ready is not None:
