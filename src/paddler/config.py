@@ -53,6 +53,11 @@ class Address:
 MAX_WORKERS = 256
 
 
+MEMORY_STATE = "memory://"
+STATE_SCHEMES = ("redis", "rediss", "unix")
+"""What ``--state`` takes beside ``memory://``: redis-py's URLs (``unix://`` for a socket)."""
+
+
 @dataclass(frozen=True)
 class BalancerConfig:
     management_host: str = "127.0.0.1"
@@ -110,6 +115,15 @@ class BalancerConfig:
     workers: int = 1
     """Processes that serve the proxy port (``--workers``); with more than 1, this process
     holds the fleet and serves them (``paddler.balancer.fleet.fleet_host``)."""
+    state: str = "memory://"
+    """Where the fleet's state lives (``--state``): in this process, or a Redis URL shared by
+    several balancers (docs/ha.md)."""
+    lease_timeout: float = 10.0
+    """With a shared state: how long a reservation outlives the balancer that made it."""
+
+    @property
+    def shared_state(self) -> bool:
+        return self.state != MEMORY_STATE
 
     @property
     def reverseproxy_scheme(self) -> str:
@@ -140,6 +154,19 @@ class BalancerConfig:
                 "reaches it could register a backend. Set --management-token "
                 "(PADDLER_MANAGEMENT_TOKEN), or pass --management-insecure to accept that."
             )
+        scheme = self.state.partition("://")[0]
+        if self.state != MEMORY_STATE and scheme not in STATE_SCHEMES:
+            raise ValueError(
+                f"--state must be {MEMORY_STATE} or a Redis URL "
+                f"({', '.join(f'{name}://' for name in STATE_SCHEMES)}), not {self.state!r}"
+            )
+        if self.shared_state and self.workers > 1:
+            raise ValueError(
+                "--workers and a shared --state do not go together yet: run one balancer per "
+                "core on the shared state instead"
+            )
+        if self.lease_timeout <= 0:
+            raise ValueError("--lease-timeout must be positive")
         if self.request_buffer_size < 0:
             raise ValueError("--request-buffer-size must be 0 or more")
         if self.request_buffer_timeout <= 0:

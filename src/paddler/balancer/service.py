@@ -23,6 +23,7 @@ from paddler.balancer.fleet.agent_controller_pool import AgentControllerPool
 from paddler.balancer.fleet.fleet_host import FleetHost
 from paddler.balancer.fleet.fleet_view import FleetView
 from paddler.balancer.fleet.request_buffer import RequestBuffer
+from paddler.balancer.fleet.shared_state import SharedFleet, redacted, running_shared_fleet
 from paddler.balancer.fleet.state import LocalFleet
 from paddler.balancer.management.agent_socket import AgentSocket
 from paddler.balancer.management.agent_verifier import AgentVerifier
@@ -115,6 +116,8 @@ class Balancer:
         self.ready = asyncio.Event()
         self.proxy_port_bound = asyncio.Event()
         self._port_reservation: socket.socket | None = None
+        self._shared: SharedFleet | None = None
+        """With a shared ``--state``: the fleet the proxy asks (see ``shared_state``)."""
         self.fleet_host = (
             None
             if fleet_socket is None
@@ -129,6 +132,19 @@ class Balancer:
         )
 
     async def run(self, shutdown: asyncio.Event) -> None:
+        if not self.config.shared_state:
+            await self._run(shutdown)
+            return
+        async with running_shared_fleet(self.config, self.pool) as shared:
+            self._shared = shared
+            log.info(
+                "fleet state shared on %s as replica %s",
+                redacted(self.config.state),
+                shared.replica,
+            )
+            await self._run(shutdown)
+
+    async def _run(self, shutdown: asyncio.Event) -> None:
         config = self.config
         async with (
             upstream_for(config, self.api_keys) as upstream,
@@ -176,7 +192,9 @@ class Balancer:
             # The proxy port is served here, or by the workers (``--workers``).
             reverse_proxy = ReverseProxy(
                 config,
-                LocalFleet(self.pool, self.buffer, self.policy),
+                self._shared.fleet
+                if self._shared is not None
+                else LocalFleet(self.pool, self.buffer, self.policy),
                 upstream,
                 self.observers,
                 traits,
@@ -256,6 +274,8 @@ class Balancer:
             self._port_reservation.close()
 
     async def _close_buffer(self) -> None:
+        if self._shared is not None:
+            self._shared.fleet.close()
         waiting = self.buffer.waiting
         self.buffer.close()
         if waiting:

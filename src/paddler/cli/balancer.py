@@ -272,6 +272,22 @@ from paddler.config import MAX_WORKERS, PROXY_SERVERS, UPSTREAM_CLIENTS, Balance
     "socket, so slot accounting stays exact; --max-client-connections and "
     "--request-body-memory are shared out among them.",
 )
+@option(
+    "--state",
+    default="memory://",
+    metavar="URL",
+    help="Where the fleet's state lives: memory:// keeps it in this process; a Redis URL "
+    "(redis://HOST:PORT/DB, rediss:// for TLS, unix:///PATH) shares one fleet between every "
+    "balancer given the same URL: reservations, the buffer's queue and the fleet's members "
+    "(docs/ha.md). Put credentials in the environment variable, not on the command line.",
+)
+@option(
+    "--lease-timeout",
+    type=DURATION,
+    default="10s",
+    help="With a Redis --state: how long a balancer's reservations outlive it (kill -9, a "
+    "network cut) before their slots return to the fleet.",
+)
 @routing_options
 @event_loop_option
 @logging_options
@@ -285,6 +301,7 @@ def balancer(
 ) -> None:
     """Proxy clients to llama.cpp servers with a free slot, buffering when none is free."""
     configure_logging(log_level, log_format)
+    from paddler.balancer.fleet.shared_state import StateUnavailable
     from paddler.balancer.proxy.api_keys import ApiKeyError, ApiKeys
     from paddler.balancer.service import Balancer, ListenFailed, server_tls
     from paddler.tls import TlsError
@@ -371,7 +388,7 @@ def balancer(
     try:
         run_until_signalled(
             main,
-            fatal=(ListenFailed, WorkersFailed),
+            fatal=(ListenFailed, WorkersFailed, StateUnavailable),
             on_hangup=hang_up if config.api_keys_file is not None or processes else None,
             event_loop=config.event_loop,
         )

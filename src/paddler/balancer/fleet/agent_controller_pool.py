@@ -108,6 +108,7 @@ class AgentControllerPool:
         self._next_session = 0
         self._silent = SilentServers()
         self._capacity_listeners: list[Callable[[AgentController | None], None]] = []
+        self._change_listeners: list[Callable[[AgentController], None]] = []
         self._index = CapacityIndex(self.policy.tie_break)
         self._by_cache_key: dict[int, AgentController] = {}
         self._settling: set[AgentController] = set()
@@ -169,6 +170,14 @@ class AgentControllerPool:
     def _changed(self, agent: AgentController) -> None:
         """Move ``agent`` where its numbers put it now in the capacity index."""
         self._index.update(agent)
+        for listener in self._change_listeners:
+            listener(agent)
+
+    def on_change(self, listener: Callable[[AgentController], None]) -> None:
+        """Call ``listener(agent)`` whenever an agent registers, reports something new, is
+        verified, tripped or removed (``agent.removed``): not at reservations (``--state
+        redis``'s publisher of this balancer's agents)."""
+        self._change_listeners.append(listener)
 
     def changed(self, agent: AgentController) -> None:
         """Say that ``agent``'s numbers were changed from outside the pool (tests do)."""
@@ -304,6 +313,8 @@ class AgentControllerPool:
         self._by_cache_key.pop(agent.cache_key, None)
         self.policy.forget(agent.cache_key)
         self._index_models()
+        for listener in self._change_listeners:
+            listener(agent)
         # A removal can let a waiter through: a model only this server named is, in a fleet
         # left with one model, served by any server (see the module docstring).
         self._capacity_changed(None)
