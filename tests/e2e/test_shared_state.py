@@ -77,7 +77,7 @@ async def test_two_balancers_on_one_redis_never_oversubscribe_llamacpp(
                     f"{balancer.proxy_url}/completion",
                     json={
                         "prompt": f"request {number}.{turn}",
-                        "n_predict": 64,
+                        "n_predict": 128,
                         "ignore_eos": True,
                         "stream": (number + turn) % 2 == 0,
                     },
@@ -92,7 +92,7 @@ async def test_two_balancers_on_one_redis_never_oversubscribe_llamacpp(
         urls = [server.url for server in cluster.servers]
         async with watching_llamacpp(session, urls) as watch:
             predicted = await asyncio.gather(*(generate(n) for n in range(12)))
-        assert predicted == [2 * 64] * 12
+        assert predicted == [2 * 128] * 12
         # Each balancer sent requests to both servers, its own agent's and the other's.
         assert served_by == {(0, "agent-0"), (0, "agent-1"), (1, "agent-0"), (1, "agent-1")}
         assert len(watch.deferred) > 20

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from paddler.balancer.fleet.redis_fleet import RedisFleet
 from paddler.balancer.fleet.redis_leases import RedisLeases
@@ -252,8 +253,12 @@ async def test_a_dead_replicas_slots_come_back_within_the_lease_timeout(
             await until(lambda: a.accepts("qwen") and b.accepts("qwen"))
             await a.acquire(GENERATION, deadline())  # never released: the replica dies
             a._held.clear()  # as kill -9 would: nothing renews or releases it
-        waiting = asyncio.create_task(b.acquire(GENERATION, deadline()))
-        await until(lambda: bool(b._waiting))
+            waiting = asyncio.create_task(b.acquire(GENERATION, deadline()))
+            async with asyncio.timeout(5):  # queued in Redis while the lease still holds
+                while True:
+                    if await owner.leases.waiting() == 1:
+                        break
+                    await asyncio.sleep(0.01)
         await asyncio.sleep(0.4)  # the lease timeout itself is what is tested
         assert not waiting.done()
         await owner.serve(replace(SERVER, slots_total=1), processing=0)
@@ -293,4 +298,27 @@ async def test_stopping_answers_the_waiting_requests_and_empties_the_queue(
             await waiting
         await until(lambda: not a._releases)
         assert (await b.health()).requests_buffered == 0
+        held.release()
+
+
+async def test_a_request_waiting_when_redis_restarts_empty_is_queued_again_and_served(
+    redis_server: RedisServer, owner: Owner
+) -> None:
+    """Redis forgets the queue: the replica, once its channel is back, queues its waiter again,
+    and the owner's next report (it writes its agents again) gives it the slot."""
+    await owner.serve(replace(SERVER, slots_total=1))
+    async with replica(redis_server, "a") as a:
+        await until(lambda: a.accepts("qwen"))
+        held = await a.acquire(GENERATION, deadline())
+        waiting = asyncio.create_task(a.acquire(GENERATION, deadline(30)))
+        await until(lambda: bool(a._queued))
+        await redis_server.restart()
+        async with asyncio.timeout(15):
+            while not waiting.done():
+                with contextlib.suppress(RedisError, OSError):
+                    await owner.serve(replace(SERVER, slots_total=1))
+                await asyncio.sleep(0.2)
+        guard = waiting.result()
+        assert guard.agent.id == SERVER.id
+        guard.release()
         held.release()

@@ -39,12 +39,18 @@ from paddler.balancer.fleet.agent_controller_pool import Naming, accepts
 from paddler.balancer.fleet.agent_mirror import AgentMirrors
 from paddler.balancer.fleet.model_names import model_id, names_of
 from paddler.balancer.fleet.redis_leases import RedisLeases
-from paddler.balancer.fleet.redis_registry import AgentRecord, Change, RedisRegistry
+from paddler.balancer.fleet.redis_registry import (
+    LISTEN_TIMEOUT,
+    AgentRecord,
+    Change,
+    RedisRegistry,
+)
 from paddler.balancer.fleet.request_buffer import BufferTimeout, NoCandidates, ShuttingDown
 from paddler.balancer.fleet.slot_guard import SlotGuard
 from paddler.balancer.fleet.state import FleetHealth
 from paddler.balancer.routing.cache_report import CacheReport
 from paddler.balancer.routing.policies import Demand
+from paddler.lifecycle import wait_or_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +88,19 @@ class RedisFleet:
         allow_unknown_models: bool = False,
         failure_threshold: int = 3,
         circuit_cooldown: float = 10.0,
+        subscriber: Redis | None = None,
     ) -> None:
+        """``subscriber``: the client to subscribe with (by default ``client``): one without a
+        read timeout (see ``shared_state``)."""
         self._client = client
+        self._subscriber = subscriber or client
         self._replica = replica
         self._buffer_timeout = buffer_timeout
         self._lease_timeout = lease_timeout
         self._leases = RedisLeases(client, fleet, replica=replica, lease_timeout=lease_timeout)
-        self._registry = RedisRegistry(client, fleet, replica=replica, stale_after=stale_after)
+        self._registry = RedisRegistry(
+            client, fleet, replica=replica, stale_after=stale_after, subscriber=self._subscriber
+        )
         self._loop = asyncio.get_running_loop()
         self._mirrors = AgentMirrors()
         self._names: dict[str, frozenset[str]] = {}
@@ -105,6 +117,13 @@ class RedisFleet:
         self._tickets = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[str]] = {}
         """This replica's waiting requests, by ticket: the server a hand-off gave each."""
+        self._queue_of: dict[str, str | None] = {}
+        """The queue (model) each waiting ticket is in."""
+        self._queued: set[str] = set()
+        """The tickets Redis said it queued (the others' scripts have not answered yet)."""
+        self._recovered: set[str] = set()
+        """Tickets whose hand-off was found after a broken channel: their message, if it still
+        comes, is not news."""
         self._held: dict[str, dict[str, RedisGuard]] = {}
         """This replica's leases, by server and lease id."""
         self._releases: set[asyncio.Task[None]] = set()
@@ -112,6 +131,7 @@ class RedisFleet:
         """Set (and cleared) at each membership change: what a request that needs no slot and
         found no server waits for."""
         self._closed = False
+        self._stop = asyncio.Event()
         self.followed = asyncio.Event()
         """Set once the membership has been read whole (the replica's fleet is complete)."""
 
@@ -127,19 +147,25 @@ class RedisFleet:
         try:
             await shutdown.wait()
         finally:
+            # Cancelled, and told to stop: a cancellation that lands inside redis-py's read can
+            # be lost in it, and each loop looks at the flag at least every LISTEN_TIMEOUT.
+            self._stop.set()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, running = await asyncio.wait(tasks, timeout=2 * LISTEN_TIMEOUT)
+            for task in running:
+                log.warning("%s did not stop", task.get_name())
+            await asyncio.gather(*(task for task in tasks if task.done()), return_exceptions=True)
             if self._releases:
                 await asyncio.gather(*self._releases, return_exceptions=True)
 
     async def _follow(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
-                await self._registry.follow(self._membership_changed, self.followed)
+                await self._registry.follow(self._membership_changed, self.followed, self._stop)
             except (RedisError, OSError) as error:
                 log.warning("lost the fleet's membership on Redis (%s); following again", error)
-                await asyncio.sleep(_RETRY_DELAY)
+                await wait_or_shutdown(self._stop, _RETRY_DELAY)
 
     def _membership_changed(self, change: Change) -> None:
         if isinstance(change, AgentRecord):
@@ -167,34 +193,65 @@ class RedisFleet:
         self._changed.clear()
 
     async def _listen(self) -> None:
-        while True:
-            channels = self._client.pubsub()
+        first = True
+        while not self._stop.is_set():
+            channels = self._subscriber.pubsub()
             try:
                 await channels.subscribe(self._leases.wake_channel)
-                async for message in channels.listen():
-                    if message.get("type") == "message":
+                if not first:
+                    await self._recover_waiters()
+                first = False
+                while not self._stop.is_set():
+                    message = await channels.get_message(
+                        ignore_subscribe_messages=True, timeout=LISTEN_TIMEOUT
+                    )
+                    if message is not None and message.get("type") == "message":
                         self._woken(message["data"])
             except (RedisError, OSError) as error:
                 log.warning("lost the hand-offs' channel on Redis (%s); listening again", error)
-                await asyncio.sleep(_RETRY_DELAY)
+                await wait_or_shutdown(self._stop, _RETRY_DELAY)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await channels.aclose()  # type: ignore[no-untyped-call]
 
+    async def _recover_waiters(self) -> None:
+        """After the channel broke: a waiter handed a slot meanwhile hears it now, and one that
+        Redis forgot (a restart) waits again, behind those already waiting."""
+        servers = list(self._registry.agents)
+        self._recovered.clear()  # the messages of an earlier break have come, or never will
+        for ticket, future in list(self._waiting.items()):
+            if future.done() or ticket not in self._queued:
+                continue  # answered, or its own script is still to answer
+            where = await self._leases.locate(ticket, servers)
+            if where is True:
+                continue
+            server = where or None
+            if server is None:
+                model = self._queue_of.get(ticket)
+                server = await self._leases.reserve_or_wait(
+                    self._candidates(model, ()), ticket, model=model, most_free=True
+                )
+            if server is not None and not future.done():
+                if where:
+                    self._recovered.add(ticket)
+                future.set_result(server)
+
     def _woken(self, data: bytes | str) -> None:
         text = data.decode() if isinstance(data, bytes) else data
         ticket, _, agent_id = text.partition(" ")
+        if ticket in self._recovered:
+            self._recovered.discard(ticket)
+            return  # found already, after a broken channel
         future = self._waiting.get(ticket)
         if future is not None and not future.done():
             future.set_result(agent_id)
-        elif agent_id:
+        elif agent_id and ticket not in self._held.get(agent_id, {}):
             # Its request went away as the slot was handed to it: the slot goes back.
             self._release_later(agent_id, ticket, abandoned=False)
 
     async def _renew(self) -> None:
         interval = self._lease_timeout / 3
-        while True:
-            await asyncio.sleep(interval)
+        while not await wait_or_shutdown(self._stop, interval):
             try:
                 for agent_id, leases in list(self._held.items()):
                     if leases:
@@ -237,11 +294,13 @@ class RedisFleet:
         ticket = f"{self._replica}:{next(self._tickets)}"
         future: asyncio.Future[str] = self._loop.create_future()
         self._waiting[ticket] = future
+        self._queue_of[ticket] = queue
         try:
             agent_id = await self._leases.reserve_or_wait(
                 candidates, ticket, model=queue, most_free=True
             )
             if agent_id is None:
+                self._queued.add(ticket)
                 agent_id = await self._await_hand_off(ticket, future, queue, deadline)
         except (asyncio.CancelledError, ShuttingDown):
             # The client went away while it waited (or the balancer is stopping): out of the
@@ -251,6 +310,8 @@ class RedisFleet:
             raise
         finally:
             self._waiting.pop(ticket, None)
+            self._queue_of.pop(ticket, None)
+            self._queued.discard(ticket)
         return self._guard(agent_id, ticket)
 
     async def _await_hand_off(

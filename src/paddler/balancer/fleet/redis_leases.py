@@ -231,6 +231,26 @@ return {math.max(0, free_of(KEYS[1], KEYS[2], KEYS[3])), redis.call('ZCARD', KEY
 """KEYS: agent, leases, settling. Returns the free slots and the leases held."""
 
 
+_LOCATE = (
+    _PRELUDE
+    + """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) > now then
+  return -1
+end
+for i = 2, #KEYS do
+  local expiry = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  if expiry and tonumber(expiry) > now then
+    return i - 1
+  end
+end
+return 0
+"""
+)
+"""KEYS: tickets, then the leases of each server; ARGV: a ticket. Returns -1 if it still waits,
+the position of the server whose slot it was handed (1-based), or 0 if Redis has neither (it
+restarted empty)."""
+
 _WAITING = (
     _PRELUDE
     + """
@@ -287,6 +307,7 @@ class RedisLeases:
         self._renew = client.register_script(_RENEW)
         self._slots = client.register_script(_SLOTS)
         self._waiting = client.register_script(_WAITING)
+        self._locate = client.register_script(_LOCATE)
 
     @property
     def wake_channel(self) -> str:
@@ -419,6 +440,16 @@ class RedisLeases:
         """The server's free slots and the leases held on it, now."""
         free, held = await self._slots(keys=self._keys(agent_id))
         return int(free), int(held)
+
+    async def locate(self, ticket: str, servers: Sequence[str]) -> str | bool:
+        """Where a ticket stands, for a replica that may have missed its hand-off (its channel
+        broke): True if it still waits, the server among ``servers`` whose slot it was
+        handed, or False if Redis knows neither (it restarted empty: wait again)."""
+        keys = [self._tickets, *(self._keys(server)[1] for server in servers)]
+        found = int(await self._locate(keys=keys, args=[ticket]))
+        if found < 0:
+            return True
+        return servers[found - 1] if found else False
 
     async def waiting(self) -> int:
         """The requests waiting fleet-wide, at every replica."""

@@ -39,6 +39,9 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
+LISTEN_TIMEOUT = 1.0
+"""How long a read of a channel waits before the connection's health is looked at again."""
+
 _NOW = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -144,9 +147,18 @@ class RedisRegistry:
     everyone's. ``stale_after``: how long a record lives unless written again."""
 
     def __init__(
-        self, client: Redis, fleet: str = "paddler", *, replica: str, stale_after: float
+        self,
+        client: Redis,
+        fleet: str = "paddler",
+        *,
+        replica: str,
+        stale_after: float,
+        subscriber: Redis | None = None,
     ) -> None:
+        """``subscriber``: the client ``follow`` subscribes with (by default ``client``): one
+        without a read timeout, since a channel may be quiet for long (see ``shared_state``)."""
         self._client = client
+        self._subscriber = subscriber or client
         tag = "{" + fleet + "}"
         self._keys = [f"{tag}:agents", f"{tag}:agents:seen", f"{tag}:agents:versions"]
         self.channel = f"{tag}:agents:changed"
@@ -201,11 +213,14 @@ class RedisRegistry:
         self,
         on_change: Callable[[Change], None],
         ready: asyncio.Event | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
-        """Keep ``agents`` up to date until cancelled, calling ``on_change`` with each change
-        applied: subscribe, then read the snapshot (so that no change falls between the two),
-        then the changes as they come. ``ready`` is set once the snapshot is in."""
-        channels = self._client.pubsub()
+        """Keep ``agents`` up to date until ``stop`` is set (within ``LISTEN_TIMEOUT``) or the
+        task is cancelled, calling ``on_change`` with each change applied: subscribe, then read
+        the snapshot (so that no change falls between the two), then the changes as they come.
+        ``ready`` is set once the snapshot is in. (A stop flag as well as cancellation: a
+        cancellation that lands inside redis-py's read can be lost in it.)"""
+        channels = self._subscriber.pubsub()
         try:
             await channels.subscribe(self.channel)
             snapshot = await self.snapshot()
@@ -218,8 +233,14 @@ class RedisRegistry:
                     on_change(record)
             if ready is not None:
                 ready.set()
-            async for message in channels.listen():
-                if message.get("type") != "message":
+            while stop is None or not stop.is_set():
+                # A read that returns now and then, so that the client checks the connection's
+                # health (a PING when it has been quiet): a Redis cut off without a close is
+                # noticed, not waited for.
+                message = await channels.get_message(
+                    ignore_subscribe_messages=True, timeout=LISTEN_TIMEOUT
+                )
+                if message is None or message.get("type") != "message":
                     continue
                 change = _change_of(message["data"])
                 if change is not None and self.apply(change):

@@ -36,6 +36,8 @@ COMMAND_TIMEOUT = 5.0
 """A Redis that stops answering fails a request's reservation after this long (a 503), rather
 than holding it."""
 
+HEALTH_CHECK_INTERVAL = 5.0
+
 FOLLOW_TIMEOUT = 10.0
 """How long the start waits for the fleet's membership to be read whole."""
 
@@ -73,6 +75,13 @@ async def running_shared_fleet(
     client = Redis.from_url(
         config.state, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT
     )
+    # Subscriptions wait for messages as long as there are none: no read timeout, but a PING
+    # when a connection has been quiet this long, so that a Redis gone silent is noticed.
+    subscriber = Redis.from_url(
+        config.state,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        health_check_interval=HEALTH_CHECK_INTERVAL,
+    )
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -95,6 +104,7 @@ async def running_shared_fleet(
             allow_unknown_models=config.allow_unknown_models,
             failure_threshold=config.circuit_breaker_failure_threshold,
             circuit_cooldown=config.circuit_breaker_cooldown,
+            subscriber=subscriber,
         )
         registry = RedisRegistry(
             client, FLEET, replica=replica, stale_after=config.agent_stale_after
@@ -118,3 +128,4 @@ async def running_shared_fleet(
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await client.aclose()
+        await subscriber.aclose()
