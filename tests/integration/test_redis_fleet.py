@@ -12,7 +12,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from paddler.balancer.fleet.redis_fleet import RedisFleet
+from paddler.balancer import errors
+from paddler.balancer.fleet.redis_fleet import RedisFleet, StateUnreachable
 from paddler.balancer.fleet.redis_leases import RedisLeases
 from paddler.balancer.fleet.redis_registry import AgentRecord, RedisRegistry
 from paddler.balancer.fleet.request_buffer import BufferTimeout, NoCandidates, ShuttingDown
@@ -322,3 +323,20 @@ async def test_a_request_waiting_when_redis_restarts_empty_is_queued_again_and_s
         assert guard.agent.id == SERVER.id
         guard.release()
         held.release()
+
+
+async def test_without_redis_a_request_gets_a_503_and_health_counts_nothing(
+    redis_server: RedisServer, owner: Owner
+) -> None:
+    """Redis gone: a reservation is refused as unreachable (the proxy answers 503, Retry-After)
+    rather than given a slot nobody counts, and /health's figures are all 0 (a 503, out of the
+    load balancer's rotation)."""
+    await owner.serve(SERVER)
+    async with replica(redis_server, "a") as a:
+        await until(lambda: a.accepts("qwen"))
+        await redis_server.stop()
+        with pytest.raises(StateUnreachable) as refused:
+            await a.acquire(GENERATION, deadline())
+        assert errors.from_buffer(refused.value).status == 503
+        assert await a.health() == (0, 0, 0, 0)
+        await redis_server.start()

@@ -45,7 +45,12 @@ from paddler.balancer.fleet.redis_registry import (
     Change,
     RedisRegistry,
 )
-from paddler.balancer.fleet.request_buffer import BufferTimeout, NoCandidates, ShuttingDown
+from paddler.balancer.fleet.request_buffer import (
+    BufferRejection,
+    BufferTimeout,
+    NoCandidates,
+    ShuttingDown,
+)
 from paddler.balancer.fleet.slot_guard import SlotGuard
 from paddler.balancer.fleet.state import FleetHealth
 from paddler.balancer.routing.cache_report import CacheReport
@@ -63,6 +68,11 @@ server (it was published before the ticket's removal failed)."""
 
 _RETRY_DELAY = 1.0
 """How long to wait before following Redis again after losing it."""
+
+
+class StateUnreachable(BufferRejection):
+    """Redis did not answer a reservation: the request gets a 503 (with Retry-After), as when
+    the buffer is full, rather than a slot nobody counted."""
 
 
 class RedisGuard(SlotGuard):
@@ -308,6 +318,12 @@ class RedisFleet:
             # may be being cancelled).
             self._abandon_later(ticket, future, queue)
             raise
+        except (RedisError, OSError) as error:
+            self._abandon_later(ticket, future, queue)
+            log.warning("no reservation: Redis did not answer (%s)", error)
+            raise StateUnreachable(
+                "the balancer cannot reach the fleet's shared state; retry shortly"
+            ) from None
         finally:
             self._waiting.pop(ticket, None)
             self._queue_of.pop(ticket, None)
@@ -452,7 +468,16 @@ class RedisFleet:
         """The prefix index is not shared yet (routing by slots alone)."""
 
     async def health(self) -> FleetHealth:
-        """The fleet's figures from Redis: the same from every replica."""
+        """The fleet's figures from Redis: the same from every replica. A replica that cannot
+        reach Redis counts nothing usable (``/health`` answers 503: out of its load balancer's
+        rotation until Redis is back)."""
+        try:
+            return await self._health()
+        except (RedisError, OSError) as error:
+            log.warning("/health: Redis did not answer (%s)", error)
+            return FleetHealth(0, 0, 0, 0)
+
+    async def _health(self) -> FleetHealth:
         records = [record for record in self._records() if record.state == "ok"]
         idle = processing = 0
         for record in records:
@@ -463,6 +488,13 @@ class RedisFleet:
         return FleetHealth(usable, idle, processing, await self._leases.waiting())
 
     async def model_listing(self) -> list[dict[str, Any]]:
+        try:
+            return await self._model_listing()
+        except (RedisError, OSError) as error:
+            log.warning("the model list: Redis did not answer (%s)", error)
+            return []
+
+    async def _model_listing(self) -> list[dict[str, Any]]:
         served: dict[str, list[AgentRecord]] = {}
         for record in self._records():
             for model in dict.fromkeys(model_id(name) for name in record.models):
