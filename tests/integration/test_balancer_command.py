@@ -81,3 +81,23 @@ async def test_the_balancer_tells_its_supervisor_when_it_listens(tmp_path: Path)
             assert stopping == b"STOPPING=1"
         finally:
             await stop_process(process)
+
+
+async def test_a_balancer_whose_redis_cannot_be_reached_ends_with_one_clear_line() -> None:
+    """``--state`` names a Redis nobody listens at: no traceback, the address (without its
+    password), exit code 1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await paddler_process(
+        "balancer",
+        "--management-port=0",
+        "--reverseproxy-port=0",
+        f"--state=redis://:s3cret@127.0.0.1:{port}/0",
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    text = stderr.decode()
+    assert "Traceback" not in text and "s3cret" not in text
+    (error,) = [line for line in text.splitlines() if " ERROR " in line]
+    assert f"cannot reach the shared state at redis://:***@127.0.0.1:{port}/0" in error

@@ -299,3 +299,21 @@ def test_agent_refuses_a_management_addr_it_cannot_use(
     result = CliRunner().invoke(cli, ["agent", *arguments])
     assert result.exit_code == 2
     assert complaint in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "complaint"),
+    [
+        (["--state", "postgres://db/0"], "--state must be memory:// or a Redis URL"),
+        (
+            ["--state", "redis://127.0.0.1:6379/0", "--workers", "2"],
+            "--workers and a shared --state do not go together yet",
+        ),
+        (["--state", "redis://127.0.0.1:6379/0", "--lease-timeout", "0s"], "must be positive"),
+    ],
+)
+def test_balancer_refuses_a_state_it_cannot_use(arguments: list[str], complaint: str) -> None:
+    """A state that is not a Redis URL, or one beside --workers, is a usage error."""
+    result = CliRunner().invoke(cli, ["balancer", *arguments])
+    assert result.exit_code == 2
+    assert complaint in " ".join(result.output.split())
