@@ -21,7 +21,7 @@ from tests.support.balancer import running_balancer, wait_until
 from tests.support.fleet import Fleet
 from tests.support.fleet import fleet as shared_fleet
 from tests.support.llamacpp import running_llamacpp
-from tests.support.metrics import llamacpp_metrics, watching_llamacpp
+from tests.support.metrics import llamacpp_metrics, tokens_predicted, watching_llamacpp
 
 TOKEN = "e2e-secret-token"
 
@@ -91,8 +91,7 @@ async def test_three_times_more_requests_than_slots_never_queue_inside_llamacpp(
                 ) as response:
                     assert response.status == 200, await response.text()
                     text = await response.text()
-                final = text if text.startswith("{") else text.strip().split("\n\n")[-1][6:]
-                predicted += int(json.loads(final)["tokens_predicted"])
+                predicted += tokens_predicted(text)
             return predicted
 
         urls = [server.url for server in cluster.servers]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import aiohttp
 from tests.support.agent import running_agent
 from tests.support.balancer import RunningBalancer, running_balancer, wait_until
 from tests.support.llamacpp import LlamaCppServer, running_llamacpp
-from tests.support.metrics import watching_llamacpp
+from tests.support.metrics import tokens_predicted, watching_llamacpp
 from tests.support.redis_server import RedisServer, running_redis
 
 
@@ -85,8 +84,7 @@ async def test_two_balancers_on_one_redis_never_oversubscribe_llamacpp(
                     assert response.status == 200, await response.text()
                     served_by.add((number % 2, response.headers["X-Paddler-Agent"]))
                     text = await response.text()
-                final = text if text.startswith("{") else text.strip().split("\n\n")[-1][6:]
-                predicted += int(json.loads(final)["tokens_predicted"])
+                predicted += tokens_predicted(text)
             return predicted
 
         urls = [server.url for server in cluster.servers]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ import aiohttp
 from tests.support.balancer import wait_until
 from tests.support.fleet import Fleet
 from tests.support.fleet import fleet as shared_fleet
-from tests.support.metrics import llamacpp_metrics, watching_llamacpp
+from tests.support.metrics import llamacpp_metrics, tokens_predicted, watching_llamacpp
 
 TOKEN = "e2e-workers-token"
 
@@ -62,8 +61,7 @@ async def test_two_workers_never_oversubscribe_llamacpp_and_count_every_request(
                 ):
                     assert response.status == 200, await response.text()
                     text = await response.text()
-                final = text if text.startswith("{") else text.strip().split("\n\n")[-1][6:]
-                predicted += int(json.loads(final)["tokens_predicted"])
+                predicted += tokens_predicted(text)
             return predicted
 
         urls = [server.url for server in cluster.servers]

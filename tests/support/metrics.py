@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -54,3 +55,10 @@ async def watching_llamacpp(
     finally:
         done.set()
         await sampler
+
+
+def tokens_predicted(text: str) -> int:
+    """``tokens_predicted`` of a completion's answer: a whole JSON body, or an event stream's
+    last event."""
+    final = text if text.startswith("{") else text.strip().split("\n\n")[-1][6:]
+    return int(json.loads(final)["tokens_predicted"])

@@ -480,8 +480,8 @@ class RedisFleet:
     async def _health(self) -> FleetHealth:
         records = [record for record in self._records() if record.state == "ok"]
         idle = processing = 0
-        for record in records:
-            free, _ = await self._leases.slots(record.id)
+        slots = await self._leases.slots_of([record.id for record in records])
+        for record, (free, _) in zip(records, slots, strict=True):
             idle += free
             processing += record.slots_total - free
         usable = sum(1 for record in records if record.slots_total > 0)
@@ -499,6 +499,11 @@ class RedisFleet:
         for record in self._records():
             for model in dict.fromkeys(model_id(name) for name in record.models):
                 served.setdefault(model, []).append(record)
+        ok = [record.id for record in self._records() if record.state == "ok"]
+        free = {
+            agent_id: slots[0]
+            for agent_id, slots in zip(ok, await self._leases.slots_of(ok), strict=True)
+        }
         data = []
         for model, records in sorted(served.items()):
             usable = [record for record in records if record.state == "ok"]
@@ -512,9 +517,7 @@ class RedisFleet:
                     )
                 )
             )
-            idle = 0
-            for record in usable:
-                idle += (await self._leases.slots(record.id))[0]
+            idle = sum(free[record.id] for record in usable)
             data.append(
                 {
                     "id": model,

@@ -225,10 +225,16 @@ many were still held (or waiting)."""
 _SLOTS = (
     _PRELUDE
     + """
-return {math.max(0, free_of(KEYS[1], KEYS[2], KEYS[3])), redis.call('ZCARD', KEYS[2])}
+local counts = {}
+for i = 1, #KEYS, 3 do
+  table.insert(counts, math.max(0, free_of(KEYS[i], KEYS[i + 1], KEYS[i + 2])))
+  table.insert(counts, redis.call('ZCARD', KEYS[i + 1]))
+end
+return counts
 """
 )
-"""KEYS: agent, leases, settling. Returns the free slots and the leases held."""
+"""KEYS: the agent, leases and settling keys of each server. Returns each one's free slots and
+leases held, in turn."""
 
 
 _LOCATE = (
@@ -438,8 +444,15 @@ class RedisLeases:
 
     async def slots(self, agent_id: str) -> tuple[int, int]:
         """The server's free slots and the leases held on it, now."""
-        free, held = await self._slots(keys=self._keys(agent_id))
-        return int(free), int(held)
+        return (await self.slots_of([agent_id]))[0]
+
+    async def slots_of(self, agent_ids: Sequence[str]) -> list[tuple[int, int]]:
+        """``slots`` of each server, in one round trip (``/health`` reads the whole fleet)."""
+        if not agent_ids:
+            return []
+        keys = [key for agent_id in agent_ids for key in self._keys(agent_id)]
+        counts = [int(count) for count in await self._slots(keys=keys)]
+        return list(zip(counts[::2], counts[1::2], strict=True))
 
     async def locate(self, ticket: str, servers: Sequence[str]) -> str | bool:
         """Where a ticket stands, for a replica that may have missed its hand-off (its channel
